@@ -1,0 +1,15 @@
+"""st3: trim visual tokens of vision-language models at inference time, with no retraining.
+
+    import st3
+    method = st3.ST3()
+    with method(model):
+        out = model.generate(**inputs, max_new_tokens=64)
+    print(method.trace.summary())
+"""
+
+from st3.adapters import supported_models
+from st3.methods import ST3, Method, get, methods, register
+from st3.trace import Trace
+
+__all__ = ["ST3", "Method", "Trace", "get", "methods", "register", "supported_models"]
+__version__ = "0.1.0"

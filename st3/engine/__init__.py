@@ -1,0 +1,1 @@
+"""The integration with transformers: the language-model loop, the prunable cache, scoring, sessions."""

@@ -1,0 +1,260 @@
+"""The language-model loop that removes visual tokens for real.
+
+It replaces the decoder stack's `forward` while a method is applied. Compared with the stock loop it:
+- builds each layer's attention mask from that layer's own cache (layers hold different tokens);
+- computes rotary embeddings once from true positions and gathers them with the surviving rows, so every
+  survivor keeps its original position (cached keys carry their rotation already);
+- at the layers the method names, ranks the visual tokens by re-projected attention and gathers the
+  surviving rows of the hidden states (prefill), or drops entries from a layer's KV cache (decode).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from st3.adapters.base import Adapter
+from st3.engine.cache import PrunableLayer, gather, pack_index
+from st3.engine.scoring import attention_received
+from st3.methods.base import Method
+from st3.trace import Trace
+
+_UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
+
+
+class Engine:
+    """Runs the decoder stack of one model under one method, and keeps the method's trace."""
+
+    def __init__(self, adapter: Adapter, method: Method):
+        self.adapter = adapter
+        self.method = method
+        self.input_ids: torch.Tensor | None = None
+        self.trace: Trace | None = None
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def capture_inputs(self, module, args, kwargs) -> None:
+        """Forward pre-hook on the top-level model: remember `input_ids` to locate visual tokens."""
+        self.input_ids = kwargs.get("input_ids", args[0] if args else None)
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.shape.num_layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Drop-in replacement for the decoder stack's forward (same arguments, same output type)."""
+        lm = self.adapter.language_model
+        for name in _UNSUPPORTED_OUTPUTS:
+            if kwargs.pop(name, None):
+                raise ValueError(f"{name}=True is not supported while a token-trimming method is applied")
+        kwargs.pop("return_dict", None)
+        if inputs_embeds is None:
+            inputs_embeds = lm.embed_tokens(input_ids)
+        if use_cache is None:
+            use_cache = lm.config.use_cache
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"st3 needs a 2-D padding mask [batch, tokens]; got a {attention_mask.dim()}-D one")
+
+        cache = past_key_values if past_key_values is not None else DynamicCache(config=lm.config)
+        if not isinstance(cache, DynamicCache):
+            raise TypeError(f"st3 needs a DynamicCache (the default of generate), got {type(cache).__name__}")
+        if cache.get_seq_length() == 0 and not isinstance(cache.layers[0], PrunableLayer):
+            hidden = self._prefill(inputs_embeds, attention_mask, position_ids, cache, kwargs)
+        elif isinstance(cache.layers[0], PrunableLayer):
+            hidden = self._decode(inputs_embeds, attention_mask, position_ids, cache, kwargs)
+        else:
+            raise ValueError(
+                "this KV cache was filled without st3; run the prompt inside the `with method(model):` block"
+            )
+        return BaseModelOutputWithPast(last_hidden_state=lm.norm(hidden), past_key_values=cache if use_cache else None)
+
+    def _layer(self, index: int, hidden, valid, cos, sin, cache, kwargs) -> torch.Tensor:
+        """Run decoder layer `index` on `hidden`, masking by the layer's own cache and `valid` [B, S+q]."""
+        mask = create_causal_mask(
+            config=self.adapter.language_model.config,
+            inputs_embeds=hidden,
+            attention_mask=valid,
+            past_key_values=cache,
+            layer_idx=index,
+        )
+        return self.adapter.layers[index](
+            hidden,
+            attention_mask=mask,
+            position_embeddings=(cos, sin),
+            past_key_values=cache,
+            use_cache=True,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------------- prefill
+    def _prefill(self, embeds, attention_mask, position_ids, cache: DynamicCache, kwargs) -> torch.Tensor:
+        batch, length = embeds.shape[:2]
+        device = embeds.device
+        valid = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones(batch, length, dtype=torch.bool, device=device)
+        )
+        if not valid[:, -1].all():
+            raise ValueError("st3 needs left padding (the last prompt token must be real): set padding_side='left'")
+        visual, note = self._visual_mask(batch, length, device)
+        visual &= valid
+        columns = torch.arange(length, device=device).expand(batch, length)
+        if position_ids is None:
+            position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = position_ids.expand(*position_ids.shape[:-2], batch, length)
+        cos, sin = (t.expand(batch, -1, -1) for t in self.adapter.rotary(embeds, position_ids))
+
+        trace = self._new_trace(batch, length, valid, visual, embeds.dtype, note)
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            raise TypeError("st3 supports full-attention DynamicCache layers only (no sliding window or offloading)")
+        cache.layers[:] = [PrunableLayer() for _ in range(self.num_layers)]
+
+        hidden, previous = embeds, None
+        for index in range(self.num_layers):
+            held = visual.sum(-1)
+            keep = self.method.prefill_keep(index, self.num_layers, held)
+            if keep is not None and bool((keep < held).any()):
+                scores = None
+                if self.method.needs_scores:
+                    scores = self._prefill_scores(index, hidden, previous, cos, sin, columns, valid, visual, cache)
+                selected = self.method.select(scores, visual, keep)
+                rows, filled = pack_index((valid & ~visual) | selected)
+                hidden, cos, sin = gather(hidden, rows, 1), gather(cos, rows, 1), gather(sin, rows, 1)
+                position_ids = gather(position_ids, rows, -1)
+                columns, visual = gather(columns, rows, 1), gather(visual, rows, 1) & filled
+                valid = gather(valid, rows, 1) & filled
+            previous = hidden
+            hidden = self._layer(index, hidden, valid, cos, sin, cache, kwargs)
+            layer = cache.layers[index]
+            layer.record(columns, valid, visual)
+            layer.visual_after_prefill = layer.visual_held
+            layer.next_column, layer.steps = length, 0
+            trace.prefill_rows.append(valid.sum(-1).tolist())
+            trace.prefill_visual_positions.append([c[m] for c, m in zip(columns, visual)])
+        self._measure_kv(cache)
+        return hidden
+
+    def _visual_mask(self, batch: int, length: int, device) -> tuple[torch.Tensor, str]:
+        ids = self.input_ids
+        if ids is None or tuple(ids.shape) != (batch, length):
+            empty = torch.zeros(batch, length, dtype=torch.bool, device=device)
+            return empty, "no input_ids reached the model: visual tokens cannot be located, nothing was pruned"
+        visual = self.adapter.visual_mask(ids).to(device)
+        return visual, "" if visual.any() else "the input has no visual tokens: nothing to prune"
+
+    def _new_trace(self, batch, length, valid, visual, dtype, note) -> Trace:
+        self.trace = Trace(
+            method=self.method.name,
+            shape=self.adapter.shape,
+            batch_size=batch,
+            prompt_columns=length,
+            prompt_tokens=valid.sum(-1).tolist(),
+            visual_tokens=visual.sum(-1).tolist(),
+            dtype_bytes=torch.finfo(dtype).bits // 8,
+            note=note,
+            decode_visual_positions=[] if self.method.record_positions else None,
+        )
+        self.method._trace = self.trace
+        return self.trace
+
+    def _query_rows(self, columns, valid, visual) -> torch.Tensor:
+        """BoolTensor [B, S]: the rows whose attention ranks the visual tokens."""
+        last = torch.zeros_like(valid)
+        last[:, -1] = True
+        mode = self.method.query_rows
+        if mode == "last":
+            return last
+        if mode == "all":
+            return valid
+        image_end = torch.where(visual, columns, -1).amax(-1, keepdim=True)
+        text = valid & ~visual & (columns > image_end)
+        return torch.where(text.any(-1, keepdim=True), text, last)
+
+    def _prefill_scores(self, index, hidden, previous, cos, sin, columns, valid, visual, cache) -> torch.Tensor:
+        """Attention each current row received at layer index - 1 (at layer 0: its own attention)."""
+        scored = max(index - 1, 0)
+        source = previous if index > 0 else hidden
+        if index > 0:
+            keys = cache.layers[scored].keys
+        else:
+            keys = self.adapter.project_keys(0, hidden, cos, sin)
+        rows, row_valid = pack_index(self._query_rows(columns, valid, visual))
+        row_columns = gather(columns, rows, 1)
+        queries = self.adapter.project_queries(
+            scored, gather(source, rows, 1), gather(cos, rows, 1), gather(sin, rows, 1)
+        )
+        visible = valid[:, None, :] & (columns[:, None, :] <= row_columns[:, :, None])
+        return attention_received(queries, keys, self.adapter.attention_scaling(scored), visible, row_valid)
+
+    # -------------------------------------------------------------------------------------- decode
+    def _decode(self, embeds, attention_mask, position_ids, cache: DynamicCache, kwargs) -> torch.Tensor:
+        batch, length = embeds.shape[:2]
+        if length != 1:
+            raise NotImplementedError(
+                "st3 decodes one token per forward; continuing a pruned cache with several tokens "
+                "(chunked prefill, assisted decoding) is not supported"
+            )
+        if self.trace is None:
+            raise ValueError("this KV cache was pruned under another application of the method; run the prompt again")
+        device = embeds.device
+        first = cache.layers[0]
+        step = first.steps
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = attention_mask.long().sum(-1, keepdim=True) - 1
+            else:
+                position_ids = torch.full((batch, 1), first.next_column, device=device)
+        cos, sin = self.adapter.rotary(embeds, position_ids)
+        column = torch.full((batch, 1), first.next_column, device=device)
+        new_valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        new_visual = torch.zeros_like(new_valid)
+
+        counts, keys, positions = [], [], []
+        hidden = embeds
+        for index in range(self.num_layers):
+            layer = cache.layers[index]
+            layer_input = hidden
+            hidden = self._layer(index, hidden, torch.cat([layer.valid, new_valid], -1), cos, sin, cache, kwargs)
+            layer.record(column, new_valid, new_visual)
+            layer.next_column, layer.steps = layer.next_column + 1, step + 1
+            counts.append(layer.visual_held.tolist())
+            keys.append(layer.valid.sum(-1).tolist())
+            if self.method.record_positions:
+                positions.append([c[m] for c, m in zip(layer.columns, layer.valid & layer.visual)])
+            budget = self.method.decode_budget(index, step + 1, layer.visual_after_prefill)
+            if budget is not None and bool((layer.visual_held > budget).any()):
+                self._evict(index, layer, layer_input, cos, sin, budget)
+        self.trace.decode_visual_counts.append(counts)
+        self.trace.decode_keys.append(keys)
+        if self.method.record_positions:
+            self.trace.decode_visual_positions.append(positions)
+        self._measure_kv(cache)
+        return hidden
+
+    def _evict(self, index: int, layer: PrunableLayer, layer_input, cos, sin, budget: torch.Tensor) -> None:
+        """Drop from `layer`'s cache the visual entries beyond `budget`, ranked by the current token."""
+        candidates = layer.valid & layer.visual
+        scores = None
+        if self.method.needs_scores:
+            queries = self.adapter.project_queries(index, layer_input, cos, sin)
+            row = torch.ones(layer.valid.shape[0], 1, device=layer.valid.device)
+            scores = attention_received(
+                queries, layer.keys, self.adapter.attention_scaling(index), layer.valid[:, None, :], row
+            )
+        layer.keep((layer.valid & ~layer.visual) | self.method.select(scores, candidates, budget))
+
+    def _measure_kv(self, cache: DynamicCache) -> None:
+        size = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+        self.trace.kv_bytes = size
+        self.trace.kv_bytes_peak = max(self.trace.kv_bytes_peak, size)

@@ -1,0 +1,109 @@
+"""ST3: Spatial-Temporal visual token Trimming (Zhuang et al., AAAI 2025, arXiv 2412.20105).
+
+The paper's constants are not public in our sources; this is the definition st3 ships.
+
+PVTP, progressive visual token pruning (space: depth). Pruning layers are start_layer, start_layer +
+stride, ... When a sample holding n visual tokens enters a pruning layer l, it keeps
+k = max(min_keep, ceil((1 - ratio) * n)) of them (never more than n): those that received the most
+attention at layer l - 1 from the query rows (`query`: the last prompt token, or the mean over the text
+tokens after the image), averaged over heads. The others leave the hidden states and the KV cache of
+layer l and of every later layer; survivors keep their original positions. (At layer 0 there is no
+earlier layer: its own attention is used.)
+
+VTA, visual token annealing (time: decoding). With n_l the visual tokens layer l holds after prefill,
+its budget for the t-th decode forward (t = 0, 1, ...) is B(l, t) = max(min_keep, round(n_l * a(t))),
+where a falls from a(0) = 1 to `anneal_final` over `anneal_steps` generated tokens along
+`anneal_curve`. Every `anneal_every` steps, after a decode forward, a layer holding more than its next
+budget evicts from its KV cache the visual tokens that the current token attended to least at that layer
+(the current step's attention, not accumulated: the token being written is what decides what is still
+looked at).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from st3.methods.base import QUERY_ROWS, Method, check, register
+
+CURVES = ("linear", "cosine", "exponential")
+
+
+def anneal(curve: str, final: float, steps: int, t: int) -> float:
+    """a(t): 1 at t = 0, `final` from t = steps on, non-increasing in between."""
+    x = min(t / steps, 1.0)
+    if curve == "linear":
+        return 1.0 - (1.0 - final) * x
+    if curve == "cosine":
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * x))
+    return final**x  # exponential: a constant factor per step
+
+
+def keep_fraction(n: torch.Tensor, ratio: float, min_keep: int) -> torch.Tensor:
+    """max(min_keep, ceil((1 - ratio) * n)), never above n (the epsilon absorbs float error in (1-ratio)*n)."""
+    k = torch.ceil((1.0 - ratio) * n.double() - 1e-9).long()
+    return torch.minimum(k.clamp(min=min_keep), n)
+
+
+@register("st3")
+@dataclass
+class ST3(Method):
+    """Progressive visual token pruning over depth + visual token annealing over decoding steps."""
+
+    start_layer: int = 2
+    """l0: first pruning layer. FastV's finding: layers 0-1 attend to the image broadly, later ones sparsely."""
+    stride: int = 3
+    """S: layers between pruning layers."""
+    ratio: float = 0.3
+    """R: share of the held visual tokens removed at each pruning layer."""
+    min_keep: int = 4
+    """Visual tokens a layer keeps at least (prefill and decode)."""
+    query: str = "last"
+    """Rows whose attention ranks tokens at prefill: 'last' prompt token or 'text' after the image."""
+    anneal_curve: str = "cosine"
+    """Shape of a(t): 'cosine' (default: gentle first, when the answer's first words are chosen), 'linear', 'exponential'."""
+    anneal_final: float = 0.4
+    """a_final: share of its post-prefill visual tokens a layer keeps once annealing is over (1 disables VTA)."""
+    anneal_steps: int = 32
+    """Generated tokens over which a(t) falls from 1 to anneal_final."""
+    anneal_every: int = 4
+    """Re-evaluate budgets (and evict) every this many decode steps."""
+
+    def validate(self) -> None:
+        check(self.start_layer >= 0, "start_layer", f"must be >= 0, got {self.start_layer}")
+        check(self.stride >= 1, "stride", f"must be >= 1, got {self.stride}")
+        check(0.0 <= self.ratio < 1.0, "ratio", f"must be in [0, 1), got {self.ratio}")
+        check(self.min_keep >= 0, "min_keep", f"must be >= 0, got {self.min_keep}")
+        check(self.query in QUERY_ROWS[:2], "query", f"must be 'last' or 'text', got {self.query!r}")
+        check(self.anneal_curve in CURVES, "anneal_curve", f"must be one of {CURVES}, got {self.anneal_curve!r}")
+        check(0.0 < self.anneal_final <= 1.0, "anneal_final", f"must be in (0, 1], got {self.anneal_final}")
+        check(self.anneal_steps >= 1, "anneal_steps", f"must be >= 1, got {self.anneal_steps}")
+        check(self.anneal_every >= 1, "anneal_every", f"must be >= 1, got {self.anneal_every}")
+
+    def validate_for(self, num_layers: int) -> None:
+        check(
+            self.start_layer < num_layers,
+            "start_layer",
+            f"{self.start_layer} is beyond the model's last layer ({num_layers - 1})",
+        )
+
+    @property
+    def query_rows(self) -> str:
+        return self.query
+
+    def is_pruning_layer(self, layer: int) -> bool:
+        return layer >= self.start_layer and (layer - self.start_layer) % self.stride == 0
+
+    def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
+        if not self.is_pruning_layer(layer) or self.ratio == 0.0:
+            return None
+        return keep_fraction(visual, self.ratio, self.min_keep)
+
+    def decode_budget(self, layer: int, step: int, visual_after_prefill: torch.Tensor) -> torch.Tensor | None:
+        if self.anneal_final == 1.0 or step % self.anneal_every:
+            return None
+        a = anneal(self.anneal_curve, self.anneal_final, self.anneal_steps, step)
+        budget = torch.round(visual_after_prefill.double() * a).long().clamp(min=self.min_keep)
+        return torch.minimum(budget, visual_after_prefill)

@@ -1,0 +1,122 @@
+"""What a method did during the last forward or generate call: kept tokens, KV bytes and FLOPs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from st3.accounting import Shape, decode_flops, prefill_flops
+
+
+@dataclass
+class Trace:
+    """A record of one prefill and the decode forwards that followed it.
+
+    Positions are column indices into the prompt's `input_ids` (padding included), so they can be mapped
+    back to image patches. Counts exclude padding slots.
+    """
+
+    method: str
+    shape: Shape
+    batch_size: int
+    prompt_columns: int
+    """Width of the (padded) prompt, in tokens."""
+    prompt_tokens: list[int]
+    """Non-padding prompt tokens per sample."""
+    visual_tokens: list[int]
+    """Visual tokens per sample in the prompt."""
+    dtype_bytes: int
+    note: str = ""
+    """Why nothing was pruned, when nothing was."""
+    prefill_visual_positions: list[list[torch.Tensor]] = field(default_factory=list)
+    """[layer][sample]: sorted columns of the visual tokens whose key/value the layer holds after prefill."""
+    prefill_rows: list[list[int]] = field(default_factory=list)
+    """[layer][sample]: tokens the layer processed during prefill."""
+    decode_visual_counts: list[list[list[int]]] = field(default_factory=list)
+    """[step][layer][sample]: visual tokens the query of each decode forward attended to."""
+    decode_keys: list[list[list[int]]] = field(default_factory=list)
+    """[step][layer][sample]: keys (all kinds) the query of each decode forward attended to."""
+    decode_visual_positions: list[list[list[torch.Tensor]]] | None = None
+    """[step][layer][sample]: columns of those visual tokens (only with `record_positions=True`)."""
+    kv_bytes: int = 0
+    """Bytes held by the KV cache after the last forward, measured from the cache tensors."""
+    kv_bytes_peak: int = 0
+    """Largest `kv_bytes` seen after any forward of the call."""
+
+    # ----------------------------------------------------------------------------------------- derived
+    @property
+    def pruned(self) -> bool:
+        """Whether any layer ever held fewer visual tokens than the prompt had."""
+        full = self.visual_tokens
+        if any(count < n for layer in self.prefill_visual_positions for count, n in zip(map(len, layer), full)):
+            return True
+        return any(c < n for step in self.decode_visual_counts for layer in step for c, n in zip(layer, full))
+
+    @property
+    def decode_steps(self) -> int:
+        return len(self.decode_keys)
+
+    @property
+    def visual_per_layer(self) -> list[float]:
+        """Mean over samples of the visual tokens each layer holds after prefill."""
+        return [sum(map(len, layer)) / self.batch_size for layer in self.prefill_visual_positions]
+
+    @property
+    def visual_per_layer_final(self) -> list[float]:
+        """Mean over samples of the visual tokens each layer attended to at the last decode forward."""
+        if not self.decode_visual_counts:
+            return self.visual_per_layer
+        return [sum(layer) / self.batch_size for layer in self.decode_visual_counts[-1]]
+
+    def flops(self) -> dict[str, int]:
+        """Theoretical FLOPs of the run and of the same run unpruned, summed over samples."""
+        layers = range(self.shape.num_layers)
+        out = dict(prefill=0, decode=0, prefill_unpruned=0, decode_unpruned=0)
+        for b, tokens in enumerate(self.prompt_tokens):
+            out["prefill"] += prefill_flops(self.shape, [self.prefill_rows[layer][b] for layer in layers])
+            out["prefill_unpruned"] += prefill_flops(self.shape, [tokens] * self.shape.num_layers)
+            for t, step in enumerate(self.decode_keys):
+                out["decode"] += decode_flops(self.shape, [step[layer][b] for layer in layers])
+                out["decode_unpruned"] += decode_flops(self.shape, [tokens + t + 1] * self.shape.num_layers)
+        out["total"] = out["prefill"] + out["decode"]
+        out["total_unpruned"] = out["prefill_unpruned"] + out["decode_unpruned"]
+        return out
+
+    @property
+    def kv_bytes_unpruned(self) -> int:
+        """Bytes the unpruned model's cache would hold after the same forwards (same padded batch)."""
+        per_token = self.shape.kv_bytes_per_token(self.dtype_bytes)
+        tokens = self.prompt_columns + self.decode_steps
+        return self.shape.num_layers * self.batch_size * tokens * per_token
+
+    def summary(self) -> dict:
+        """A JSON-ready digest: counts per layer, FLOPs and KV bytes with their ratios to unpruned."""
+        flops = self.flops()
+        return {
+            "method": self.method,
+            "pruned": self.pruned,
+            "note": self.note,
+            "batch_size": self.batch_size,
+            "visual_tokens": self.visual_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "decode_steps": self.decode_steps,
+            "visual_per_layer": self.visual_per_layer,
+            "visual_per_layer_final": self.visual_per_layer_final,
+            "mean_visual_per_layer": _mean(self.visual_per_layer),
+            "flops": flops,
+            "prefill_flops_ratio": _ratio(flops["prefill"], flops["prefill_unpruned"]),
+            "total_flops_ratio": _ratio(flops["total"], flops["total_unpruned"]),
+            "kv_bytes": self.kv_bytes,
+            "kv_bytes_peak": self.kv_bytes_peak,
+            "kv_bytes_unpruned": self.kv_bytes_unpruned,
+            "kv_ratio": _ratio(self.kv_bytes, self.kv_bytes_unpruned),
+        }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 1.0
