@@ -1,10 +1,10 @@
 """st3: trim visual tokens of vision-language models at inference time, with no retraining.
 
-    import st3
-    method = st3.ST3()
-    with method(model):
-        out = model.generate(**inputs, max_new_tokens=64)
-    print(method.trace.summary())
+import st3
+method = st3.ST3()
+with method(model):
+    out = model.generate(**inputs, max_new_tokens=64)
+print(method.trace.summary())
 """
 
 from st3.adapters import supported_models

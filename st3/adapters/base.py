@@ -43,9 +43,7 @@ class Adapter(ABC):
         """(cos, sin), each [B, L, head_dim], for `position_ids`."""
 
     @abstractmethod
-    def project_queries(
-        self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    def project_queries(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotated query rows [B, heads, R, head_dim] of layer `layer` for its input rows `hidden` [B, R, H]."""
 
     @abstractmethod

@@ -42,9 +42,7 @@ class LlavaAdapter(Adapter):
         rows = getattr(attn, proj)(decoder_layer.input_layernorm(hidden))
         return rows.view(*hidden.shape[:2], -1, attn.head_dim).transpose(1, 2)
 
-    def project_queries(
-        self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    def project_queries(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return rotate(self._project(layer, "q_proj", hidden), cos, sin)
 
     def project_keys(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

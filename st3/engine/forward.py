@@ -185,10 +185,7 @@ class Engine:
         """Attention each current row received at layer index - 1 (at layer 0: its own attention)."""
         scored = max(index - 1, 0)
         source = previous if index > 0 else hidden
-        if index > 0:
-            keys = cache.layers[scored].keys
-        else:
-            keys = self.adapter.project_keys(0, hidden, cos, sin)
+        keys = cache.layers[scored].keys if index > 0 else self.adapter.project_keys(0, hidden, cos, sin)
         rows, row_valid = pack_index(self._query_rows(columns, valid, visual))
         row_columns = gather(columns, rows, 1)
         queries = self.adapter.project_queries(

@@ -63,7 +63,7 @@ class ST3(Method):
     query: str = "last"
     """Rows whose attention ranks tokens at prefill: 'last' prompt token or 'text' after the image."""
     anneal_curve: str = "cosine"
-    """Shape of a(t): 'cosine' (default: gentle first, when the answer's first words are chosen), 'linear', 'exponential'."""
+    """Shape of a(t): 'cosine' (gentle at first, while the answer's first words are chosen), 'linear', 'exponential'."""
     anneal_final: float = 0.4
     """a_final: share of its post-prefill visual tokens a layer keeps once annealing is over (1 disables VTA)."""
     anneal_steps: int = 32
