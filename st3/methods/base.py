@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 QUERY_ROWS = ("last", "text", "all")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Method:
     """Base class: apply with `with method(model): model.generate(...)`, then read `method.trace`."""
 

@@ -48,7 +48,7 @@ def keep_fraction(n: torch.Tensor, ratio: float, min_keep: int) -> torch.Tensor:
 
 
 @register("st3")
-@dataclass
+@dataclass(kw_only=True)
 class ST3(Method):
     """Progressive visual token pruning over depth + visual token annealing over decoding steps."""
 
@@ -56,7 +56,7 @@ class ST3(Method):
     """l0: first pruning layer. FastV's finding: layers 0-1 attend to the image broadly, later ones sparsely."""
     stride: int = 3
     """S: layers between pruning layers."""
-    ratio: float = 0.3
+    ratio: float = 0.2
     """R: share of the held visual tokens removed at each pruning layer."""
     min_keep: int = 4
     """Visual tokens a layer keeps at least (prefill and decode)."""
@@ -64,7 +64,7 @@ class ST3(Method):
     """Rows whose attention ranks tokens at prefill: 'last' prompt token or 'text' after the image."""
     anneal_curve: str = "cosine"
     """Shape of a(t): 'cosine' (gentle at first, while the answer's first words are chosen), 'linear', 'exponential'."""
-    anneal_final: float = 0.4
+    anneal_final: float = 0.3
     """a_final: share of its post-prefill visual tokens a layer keeps once annealing is over (1 disables VTA)."""
     anneal_steps: int = 32
     """Generated tokens over which a(t) falls from 1 to anneal_final."""
