@@ -1,0 +1,215 @@
+"""Timing and memory of one `generate` call, with or without a token-trimming method applied.
+
+One call gives all three times: a LogitsProcessor stamps the clock each time generate has fresh logits,
+i.e. after every forward. The first stamp ends the prefill (image encoding, the prompt's forward, the
+first token), the last one the final decode forward, so
+
+    prefill  = first stamp - start
+    decode   = (last stamp - first stamp) / (N - 1)   per generated token after the first
+    end to end = return of generate - start
+
+No separate forward is needed, and the three figures come from the same run. On CUDA the clock
+synchronises the device before each stamp.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from st3.accounting import Shape, decode_flops, prefill_flops
+from st3.methods.base import Method
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+class StepClock(LogitsProcessor):
+    """Records `time.perf_counter()` every time generate processes logits (once per forward)."""
+
+    def __init__(self, sync: bool = False):
+        self.sync = sync
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.sync:
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+# ------------------------------------------------------------------------------------------- memory
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) so it covers one run; False where Linux won't."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process: VmHWM (since the last reset) or getrusage's lifetime peak."""
+    try:
+        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
+        if match:
+            return int(match.group(1)) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def rss_bytes() -> int:
+    """Current resident memory of this process."""
+    try:
+        match = re.search(r"VmRSS:\s+(\d+) kB", _STATUS.read_text())
+        if match:
+            return int(match.group(1)) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
+def cache_bytes_per_layer(cache) -> list[int]:
+    """Bytes of each layer's key and value tensors in a transformers cache, read from the tensors."""
+    sizes = []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        sizes.append(sum(t.nbytes for t in (keys, values) if isinstance(t, torch.Tensor)))
+    return sizes
+
+
+# ------------------------------------------------------------------------------------------- one run
+@dataclass
+class Sample:
+    """What one timed generate call measured."""
+
+    prefill_s: float
+    decode_s_per_token: float
+    e2e_s: float
+    new_tokens: int
+    batch_size: int
+    rss_peak_bytes: int
+    """Process RSS high-water mark during the run (weights included)."""
+    rss_before_bytes: int
+    """RSS when the run started: the peak minus this is the run's working memory."""
+    rss_scope: str
+    """'run' when the high-water mark was reset before the run, 'process' when it covers the process."""
+    device_peak_bytes: int | None
+    """torch.cuda.max_memory_allocated during the run, on CUDA."""
+    kv_bytes_final: int
+    """Sum of the key/value tensors' bytes in the cache generate returned."""
+    kv_bytes_per_layer: list[int]
+    kv_bytes_peak: int
+    """Largest cache size after any forward: from the method's trace, or the final size without a method
+    (an unpruned cache only grows)."""
+    trace: dict | None = field(default=None, repr=False)
+    """The method's trace summary, plus visual tokens per layer over decode steps."""
+
+    @property
+    def e2e_tokens_per_s(self) -> float:
+        return self.batch_size * self.new_tokens / self.e2e_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch_size / self.decode_s_per_token if self.decode_s_per_token else float("nan")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["e2e_tokens_per_s"] = self.e2e_tokens_per_s
+        out["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return out
+
+
+def generation_config(model, new_tokens: int):
+    """The model's generation config, greedy, with no end token: every run makes exactly `new_tokens`."""
+    config = copy.deepcopy(model.generation_config)
+    config.max_new_tokens = new_tokens
+    config.min_new_tokens = None
+    config.eos_token_id = None
+    config.do_sample = False
+    config.num_beams = 1
+    config.return_dict_in_generate = True
+    for name in ("temperature", "top_p", "top_k"):
+        setattr(config, name, None)
+    return config
+
+
+def timed_generate(model, inputs: dict, new_tokens: int, method: Method | None = None) -> Sample:
+    """Run `model.generate` once (under `method` when given) and measure time, memory and the KV cache."""
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be >= 2 to separate prefill from decode")
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    scoped = reset_peak_rss()
+    rss_before = rss_bytes()
+    clock = StepClock(sync=cuda)
+    config = generation_config(model, new_tokens)
+    with method(model) if method is not None else nullcontext(), torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList([clock]))
+        if cuda:
+            torch.cuda.synchronize()
+        end = time.perf_counter()
+    generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+    if generated != new_tokens or len(clock.stamps) != new_tokens:
+        raise RuntimeError(f"generate made {generated} tokens ({len(clock.stamps)} forwards), not {new_tokens}")
+    per_layer = cache_bytes_per_layer(out.past_key_values)
+    trace = trace_digest(method) if method is not None else None
+    return Sample(
+        prefill_s=clock.stamps[0] - start,
+        decode_s_per_token=(clock.stamps[-1] - clock.stamps[0]) / (new_tokens - 1),
+        e2e_s=end - start,
+        new_tokens=new_tokens,
+        batch_size=inputs["input_ids"].shape[0],
+        rss_peak_bytes=peak_rss_bytes(),
+        rss_before_bytes=rss_before,
+        rss_scope="run" if scoped else "process",
+        device_peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+        kv_bytes_final=sum(per_layer),
+        kv_bytes_per_layer=per_layer,
+        kv_bytes_peak=trace["kv_bytes_peak"] if trace else sum(per_layer),
+        trace=trace,
+    )
+
+
+def trace_digest(method: Method) -> dict:
+    """The trace summary plus [step][layer] visual tokens (mean over samples), row 0 after prefill."""
+    trace = method.trace
+    summary = trace.summary()
+    steps = [trace.visual_per_layer]
+    for step in trace.decode_visual_counts:
+        steps.append([sum(layer) / trace.batch_size for layer in step])
+    summary["visual_over_steps"] = steps
+    return summary
+
+
+# -------------------------------------------------------------------------------------------- FLOPs
+def unpruned_flops(shape: Shape, prompt_tokens: list[int], new_tokens: int) -> dict[str, int]:
+    """Theoretical FLOPs of the vanilla model for the same prompts and generated tokens (as Trace counts:
+    N tokens take one prefill and N - 1 decode forwards, the t-th attending to prompt + t + 1 keys)."""
+    layers = shape.num_layers
+    prefill = sum(prefill_flops(shape, [tokens] * layers) for tokens in prompt_tokens)
+    decode = sum(
+        decode_flops(shape, [tokens + t + 1] * layers) for tokens in prompt_tokens for t in range(new_tokens - 1)
+    )
+    return {"prefill": prefill, "decode": decode, "total": prefill + decode}
+
+
+# ------------------------------------------------------------------------------------------ summaries
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min, max and quartiles of repeated measurements (quartiles equal the median for n < 2)."""
+    median = statistics.median(values)
+    q1, q3 = (statistics.quantiles(values, n=4, method="inclusive")[::2]) if len(values) > 1 else (median, median)
+    return {"median": median, "min": min(values), "max": max(values), "q1": q1, "q3": q3, "n": len(values)}

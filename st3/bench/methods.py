@@ -1,0 +1,152 @@
+"""Which methods a benchmark runs: parsing `--method` specs, defaults, and matching peers at equal cost.
+
+A spec is `name`, `name:knob=value,knob=value`, or `name:match` (set the method's main knob so that its
+theoretical FLOPs equal the first unmatched method's, usually ST3 at its defaults). Names come from the
+registry, so any method registered with `st3.register` works; a default peer that is not registered
+(yet) is skipped with a note instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+
+from st3.accounting import Shape
+from st3.methods.base import Method, get, methods
+from st3.plan import plan
+
+DEFAULT_METHODS = ("st3", "fastv:match", "pyramiddrop:match")
+"""ST3 at its defaults, and its two best-known peers at the same theoretical cost."""
+
+MATCH_KNOBS = ("ratio", "keep_ratio", "prune_ratio", "drop_ratio", "lambda_", "lam", "rate")
+"""Knob names tried, in order, when a method does not name its own cost knob (`cost_knob` class attribute)."""
+
+
+@dataclass
+class Choice:
+    """One parsed `--method` spec."""
+
+    name: str
+    knobs: dict = field(default_factory=dict)
+    match: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.match:
+            return f"{self.name} (matched)"
+        if not self.knobs:
+            return self.name
+        return f"{self.name}(" + ", ".join(f"{k}={v}" for k, v in self.knobs.items()) + ")"
+
+
+def parse(spec: str) -> Choice:
+    """'name', 'name:match' or 'name:k=v,k=v' (values parsed as Python literals, else kept as strings)."""
+    name, _, rest = spec.strip().partition(":")
+    choice = Choice(name.strip().lower())
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        if item == "match":
+            choice.match = True
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"method spec {spec!r}: expected knob=value, got {item!r}")
+        try:
+            choice.knobs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            choice.knobs[key.strip()] = value.strip()
+    return choice
+
+
+@dataclass
+class Resolved:
+    """A method ready to run, or the reason it is skipped."""
+
+    label: str
+    name: str
+    method: Method | None
+    knobs: dict
+    note: str = ""
+
+
+def resolve(
+    specs: list[str] | None, shape: Shape, visual: int, text: int, new_tokens: int
+) -> tuple[list[Resolved], list[str]]:
+    """Build the methods to run; return them and notes about the ones skipped or matched."""
+    explicit = specs is not None
+    choices = [parse(s) for s in (specs if explicit else DEFAULT_METHODS)]
+    notes: list[str] = []
+    out: list[Resolved] = []
+    target: float | None = None
+    for choice in choices:
+        if choice.name not in methods():
+            note = f"method {choice.name!r} is not registered (available: {', '.join(methods())}); skipped"
+            if explicit:
+                raise ValueError(note)
+            notes.append(note)
+            continue
+        try:
+            if choice.match:
+                if target is None:
+                    target = plan(get("st3"), shape, visual, text, new_tokens).total_flops_ratio
+                method, knobs, note = match_cost(choice, target, shape, visual, text, new_tokens)
+            else:
+                method, knobs, note = get(choice.name, **choice.knobs), dict(choice.knobs), ""
+                method.validate_for(shape.num_layers)
+                if target is None:
+                    target = plan(method, shape, visual, text, new_tokens).total_flops_ratio
+        except (ValueError, TypeError) as error:
+            notes.append(f"{choice.label}: cannot run at this shape ({error}); skipped")
+            continue
+        if note:
+            notes.append(f"{choice.label}: {note}")
+        out.append(Resolved(choice.label, choice.name, method, knobs, note))
+    return out, notes
+
+
+def match_cost(
+    choice: Choice, target: float, shape: Shape, visual: int, text: int, new_tokens: int
+) -> tuple[Method, dict, str]:
+    """Set the method's cost knob so its planned total-FLOPs ratio is closest to `target`.
+
+    The knob is searched over [0, 1] with the model-free planner (the method's own decisions priced by
+    the trace's formulas): a coarse grid, then bisection around the best point.
+    """
+    cls = type(get(choice.name, **choice.knobs))
+    knob = _cost_knob(cls)
+    if knob is None:
+        method = get(choice.name, **choice.knobs)
+        method.validate_for(shape.num_layers)
+        return method, dict(choice.knobs), "no float knob in [0, 1] to match cost with; ran at its defaults"
+
+    def cost(value: float) -> float | None:
+        try:
+            method = get(choice.name, **{**choice.knobs, knob: value})
+            return plan(method, shape, visual, text, new_tokens).total_flops_ratio
+        except (ValueError, TypeError):
+            return None
+
+    grid = [i / 20 for i in range(21)]
+    costs = [(v, c) for v in grid if (c := cost(v)) is not None]
+    if not costs:
+        raise ValueError(f"no valid value of {knob} in [0, 1]")
+    best = min(costs, key=lambda vc: abs(vc[1] - target))
+    step = 0.05
+    for _ in range(10):  # pattern search: halve the step around the best point
+        step /= 2
+        near = [(v, c) for v in (best[0] - step, best[0] + step) if 0 <= v <= 1 and (c := cost(v)) is not None]
+        best = min([best, *near], key=lambda vc: abs(vc[1] - target))
+    value = round(best[0], 4)
+    knobs = {**choice.knobs, knob: value}
+    method = get(choice.name, **knobs)
+    note = f"{knob}={value} gives total FLOPs ratio {best[1]:.3f} (target {target:.3f}, ST3's)"
+    return method, knobs, note
+
+
+def _cost_knob(cls: type[Method]) -> str | None:
+    """The method's declared `cost_knob`, else the first float field named like a ratio."""
+    declared = getattr(cls, "cost_knob", None)
+    if declared:
+        return declared
+    floats = {f.name for f in dataclasses.fields(cls) if f.type in (float, "float")}
+    return next((name for name in MATCH_KNOBS if name in floats), None)

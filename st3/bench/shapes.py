@@ -1,0 +1,248 @@
+"""Models at real shapes with random weights, built in seconds, and prompts that fit them.
+
+Speed does not depend on weight values, so the benchmark builds a `LlavaForConditionalGeneration` whose
+language model and projector have a real model's dimensions and fills them with cheap random numbers.
+The vision tower is not what is measured: it is one CLIP layer of the real width (1024, so the projector
+has its real shape) instead of 24, with an image size chosen so it yields the real number of visual
+tokens. Its cost (well under 1% of the language model's prefill at 7B shape) is paid identically by
+every method, which makes the measured speed-ups slightly conservative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN = 32000
+"""LLaVA-1.5's `<image>` id; every built model uses it (it must be < vocab)."""
+PAD_TOKEN = 0
+FILL_STD = 0.02
+"""Standard deviation of the random weights: small enough that activations stay finite in bf16."""
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The dimensions that decide a LLaVA model's inference cost."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    image_size: int
+    """Tiny tower input size; (image_size / patch_size)^2 visual tokens enter the language model."""
+    patch_size: int = 14
+    vision_hidden: int = 1024
+    """CLIP-L's width: the projector's input dimension."""
+    vision_layers: int = 1
+    note: str = ""
+
+    @property
+    def visual_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("llava-1.5-7b", 4096, 32, 32, 32, 11008, 32064, image_size=336),
+        ModelSpec("llava-1.5-13b", 5120, 40, 40, 40, 13824, 32064, image_size=336),
+        ModelSpec(
+            "llava-next-7b",
+            4096,
+            32,
+            32,
+            32,
+            11008,
+            32064,
+            image_size=756,
+            note=(
+                "LLaVA-NeXT-7B's language model with 2916 (54x54) visual tokens through the LLaVA-1.5 class: "
+                "NeXT's 672x672 anyres image gives 2880 features (+48 newline tokens = 2928); a square grid "
+                "cannot give 2880, and 2916 lies between the two"
+            ),
+        ),
+        ModelSpec(
+            "tiny",
+            64,
+            4,
+            4,
+            2,
+            128,
+            128,
+            image_size=48,
+            patch_size=8,
+            vision_hidden=32,
+            note="for tests and smoke runs",
+        ),
+    )
+}
+
+
+def spec_for(name: str, layers: int | None = None) -> ModelSpec:
+    """The named shape, optionally truncated to its first `layers` decoder layers."""
+    try:
+        spec = SPECS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown model shape {name!r}; available: {', '.join(SPECS)}") from None
+    if layers is not None:
+        if not 1 <= layers <= spec.layers:
+            raise ValueError(f"--layers must be in [1, {spec.layers}] for {spec.name}, got {layers}")
+        spec = replace(spec, layers=layers)
+    return spec
+
+
+def llava_config(spec: ModelSpec) -> LlavaConfig:
+    """A LlavaConfig with the spec's language model, real projector width and a one-layer vision tower."""
+    image_token = IMAGE_TOKEN if spec.vocab > IMAGE_TOKEN else 3
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=spec.vision_hidden,
+            intermediate_size=4 * spec.vision_hidden,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=max(1, spec.vision_hidden // 64),
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=spec.hidden,
+            intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads,
+            vocab_size=spec.vocab,
+            max_position_embeddings=4096,
+            pad_token_id=PAD_TOKEN,
+            tie_word_embeddings=False,
+        ),
+        image_token_index=image_token,
+        image_seq_length=spec.visual_tokens,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+
+
+def build_model(
+    spec: ModelSpec, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", attn: str = "sdpa"
+) -> LlavaForConditionalGeneration:
+    """Build the model on the meta device, then give it real (uninitialised) storage and a cheap random fill.
+
+    The normal constructor's per-module random init takes about 35 s per 8 layers at 7B shape; this takes a
+    few seconds for the whole model. Buffers (rotary frequencies, position ids) are built for real, since
+    `init_empty_weights` leaves them alone, and keep their own dtype.
+    """
+    with init_empty_weights(include_buffers=False):
+        model = LlavaForConditionalGeneration(llava_config(spec))
+    materialize(model, dtype, torch.device(device))
+    fill_random(model)
+    return prepare(model, attn)
+
+
+def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Replace every meta parameter by an empty one of `dtype` on `device` (`to_empty`, parameters only).
+
+    `Module.to_empty` would also wipe the buffers, which hold computed values. Shared (tied) parameters
+    stay shared.
+    """
+    done: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            if id(param) not in done:
+                empty = torch.empty(param.shape, dtype=dtype, device=device)
+                done[id(param)] = nn.Parameter(empty, requires_grad=False)
+            module._parameters[name] = done[id(param)]
+    model.to(device)  # buffers only: parameters are there already
+
+
+@torch.no_grad()
+def fill_random(model: nn.Module) -> None:
+    """Norm scales 1, biases 0, everything else N(0, FILL_STD^2): finite activations, no slow init."""
+    for name, param in model.named_parameters():
+        if param.dim() == 1 and "norm" in name and name.endswith("weight"):
+            param.fill_(1.0)
+        elif param.dim() == 1 and name.endswith("bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, FILL_STD)
+
+
+def prepare(model: LlavaForConditionalGeneration, attn: str) -> LlavaForConditionalGeneration:
+    """Eval mode, the attention backend, and a generation config that always runs to max_new_tokens."""
+    model.eval()
+    model.requires_grad_(False)
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id or PAD_TOKEN
+    return model
+
+
+def load_model_dir(
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    layers: int | None = None,
+    attn: str = "sdpa",
+) -> LlavaForConditionalGeneration:
+    """A local LLaVA checkpoint, optionally truncated to its first `layers` decoder layers."""
+    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype).to(device)
+    if layers is not None:
+        truncate(model, layers)
+    return prepare(model, attn)
+
+
+def truncate(model: LlavaForConditionalGeneration, layers: int) -> None:
+    """Keep the first `layers` decoder layers (weights of the others are freed)."""
+    lm = model.model.language_model
+    total = len(lm.layers)
+    if not 1 <= layers <= total:
+        raise ValueError(f"--layers must be in [1, {total}], got {layers}")
+    lm.layers = lm.layers[:layers]
+    for config in (lm.config, model.config.text_config):
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
+
+
+def shape_name(model: LlavaForConditionalGeneration) -> str:
+    """A short description of a loaded model's decoder shape."""
+    cfg = model.config.text_config
+    return (
+        f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads "
+        f"({cfg.num_key_value_heads} kv), MLP {cfg.intermediate_size}, vocab {cfg.vocab_size}"
+    )
+
+
+def bench_inputs(
+    model: LlavaForConditionalGeneration, batch_size: int, text_before: int = 35, text_after: int = 40, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A batch of identical-length prompts: text, the image tokens, text (LLaVA-1.5's chat template puts
+    about 35 system/user tokens before the image), with random pixel values. No padding, so every sample
+    costs the same and tokens per second is well defined."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    vocab = config.text_config.vocab_size
+    image_token = config.image_token_id
+    low = 1
+    text = torch.randint(low, vocab, (batch_size, text_before + text_after), generator=generator)
+    text[text == image_token] = low  # random text must not contain extra image tokens
+    image = torch.full((batch_size, config.image_seq_length), image_token)
+    input_ids = torch.cat([text[:, :text_before], image, text[:, text_before:]], dim=1)
+    size = config.vision_config.image_size
+    device, dtype = model.device, model.dtype
+    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator).to(device, dtype)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids, device=device),
+        "pixel_values": pixel_values,
+    }
