@@ -7,9 +7,14 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Trim visual tokens of vision-language models.")
 
 
+@app.callback()
+def main() -> None:
+    """st3: spatial-temporal visual token trimming for vision-language models."""
+
+
 @app.command()
 def demo(
-    max_new_tokens: int = typer.Option(24, help="Tokens to generate per run."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate per run."),
     json_out: str = typer.Option("", "--json", help="Also write the comparison as JSON to this path."),
 ) -> None:
     """Generate with and without ST3 on the embedded default model and compare cost side by side."""
@@ -53,6 +58,69 @@ def bench(
         threads=threads or None,
     )
     main(config, json_path=json_out or None, plot_path=plot or None)
+
+
+def parse_knobs(knobs: list[str]) -> dict:
+    """`["ratio=0.3", "query=text"]` -> {"ratio": 0.3, "query": "text"} (values parsed as JSON when they can be)."""
+    import json
+
+    parsed = {}
+    for item in knobs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KNOB=VALUE, got {item!r}", param_hint="--knob")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+@app.command()
+def plan(
+    method: str = typer.Option("st3", help="Registered method name (see `st3 methods`)."),
+    knob: list[str] = typer.Option([], help="Method knob as KNOB=VALUE; repeatable."),
+    shape: str = typer.Option("llava-1.5-7b", help="Decoder shape: llava-1.5-7b or llava-1.5-13b."),
+    visual: int = typer.Option(576, help="Visual tokens in the prompt."),
+    text: int = typer.Option(60, help="Other prompt tokens."),
+    new_tokens: int = typer.Option(64, help="Generated tokens."),
+    json_out: str = typer.Option("", "--json", help="Write the plan as JSON to this path."),
+) -> None:
+    """Print what a method does at a model shape, and what it costs, without running a model."""
+    import dataclasses
+    import json
+
+    import st3
+    from st3.plan import SHAPES
+    from st3.plan import plan as make_plan
+
+    if shape not in SHAPES:
+        raise typer.BadParameter(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}", param_hint="--shape")
+    try:
+        chosen = st3.get(method, **parse_knobs(knob))
+        result = make_plan(chosen, SHAPES[shape], visual=visual, text=text, new_tokens=new_tokens)
+    except (TypeError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from None
+    typer.echo(f"{chosen!r} on {shape}: {visual} visual + {text} text tokens, {new_tokens} generated")
+    typer.echo("visual tokens per layer after prefill: " + " ".join(map(str, result.prefill_visual)))
+    typer.echo("visual tokens per layer at the end:    " + " ".join(map(str, result.final_visual)))
+    typer.echo(f"mean visual tokens per layer (prefill): {result.mean_visual_per_layer:.1f}")
+    typer.echo(f"prefill FLOPs: {result.prefill_flops_ratio:.1%} of unpruned")
+    typer.echo(f"total FLOPs:   {result.total_flops_ratio:.1%} of unpruned")
+    typer.echo(f"KV cache at the end: {result.kv_ratio:.1%} of unpruned")
+    if json_out:
+        payload = dataclasses.asdict(result) | {"method": repr(chosen), "shape": shape}
+        with open(json_out, "w") as f:
+            json.dump(payload, f, indent=2)
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the registered methods."""
+    import st3
+
+    for name in st3.methods():
+        typer.echo(name)
 
 
 if __name__ == "__main__":

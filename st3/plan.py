@@ -20,6 +20,11 @@ LLAVA_15_7B = Shape(
     num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, head_dim=128
 )
 
+LLAVA_15_13B = Shape(
+    num_layers=40, hidden_size=5120, intermediate_size=13824, num_heads=40, num_kv_heads=40, head_dim=128
+)
+SHAPES = {"llava-1.5-7b": LLAVA_15_7B, "llava-1.5-13b": LLAVA_15_13B}
+
 
 @dataclass
 class Plan:

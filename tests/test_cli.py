@@ -1,0 +1,48 @@
+"""The command line: the main job, the planner, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from st3.cli import app
+
+runner = CliRunner()
+
+
+def test_demo_compares_unpruned_and_st3(tmp_path):
+    path = tmp_path / "demo.json"
+    result = runner.invoke(app, ["demo", "--max-new-tokens", "3", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "KV cache at the end" in result.output
+    report = json.loads(path.read_text())
+    assert report["st3"]["kv_bytes"] < report["unpruned"]["kv_bytes"]
+    assert report["st3"]["visual_per_layer"][:2] == [576, 576]
+
+
+def test_plan_prints_the_default_arithmetic(tmp_path):
+    path = tmp_path / "plan.json"
+    result = runner.invoke(app, ["plan", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "prefill FLOPs: 45.3% of unpruned" in result.output
+    assert "KV cache at the end: 27.5% of unpruned" in result.output
+    assert json.loads(path.read_text())["prefill_visual"][:3] == [576, 576, 461]
+
+
+def test_plan_rejects_bad_input_clearly():
+    for args, message in [
+        (["--knob", "ratio=2"], "ratio: must be in [0, 1)"),
+        (["--knob", "ratio"], "expected KNOB=VALUE"),
+        (["--method", "nope"], "unknown method"),
+        (["--shape", "gpt2"], "unknown shape"),
+        (["--knob", "colour=1"], "colour"),
+    ]:
+        result = runner.invoke(app, ["plan", *args])
+        assert result.exit_code == 2, args
+        assert message in " ".join(result.output.split()), result.output
+
+
+def test_methods_lists_st3():
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0 and "st3" in result.output.split()
