@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/st3 demo
 
 lint: install
-	$(BIN)/ruff check st3 tests benchmarks
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -8,8 +8,22 @@ print(method.trace.summary())
 """
 
 from st3.adapters import supported_models
-from st3.methods import ST3, Method, get, methods, register
+from st3.budget import match
+from st3.methods import ST3, VTW, FastV, Method, PyramidDrop, Random, Uniform, get, methods, register
 from st3.trace import Trace
 
-__all__ = ["ST3", "Method", "Trace", "get", "methods", "register", "supported_models"]
+__all__ = [
+    "ST3",
+    "FastV",
+    "PyramidDrop",
+    "VTW",
+    "Random",
+    "Uniform",
+    "Method",
+    "Trace",
+    "get",
+    "methods",
+    "register",
+    "supported_models",
+]
 __version__ = "0.1.0"

@@ -16,9 +16,15 @@ import st3
 
 NEW_TOKENS = 8
 
-#: Settings scaled to the tiny 6-layer model (36 visual tokens), so pruning and annealing both happen.
+#: Settings scaled to the tiny 6-layer model (36 visual tokens), so that every method prunes.
 METHODS = {
     "st3": lambda: st3.ST3(start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=6, anneal_every=2),
+    "fastv": lambda: st3.FastV(layer=2, ratio=0.5),
+    "fastv-all-rows": lambda: st3.FastV(layer=1, ratio=0.7, query="all"),
+    "pyramiddrop": lambda: st3.PyramidDrop(keep=0.5),
+    "vtw": lambda: st3.VTW(layer=3),
+    "random": lambda: st3.Random(keep=12, layer=1, seed=3),
+    "uniform": lambda: st3.Uniform(keep=10, layer=0),
     "st3-text-query": lambda: st3.ST3(start_layer=2, stride=1, ratio=0.3, min_keep=2, query="text", anneal_every=1),
     "st3-layer0": lambda: st3.ST3(start_layer=0, stride=3, ratio=0.6, min_keep=2, anneal_curve="linear"),
     "st3-exponential": lambda: st3.ST3(start_layer=1, stride=1, ratio=0.2, anneal_curve="exponential", anneal_every=1),
@@ -77,7 +83,7 @@ def test_decode_positions_are_recorded_only_on_request(model, inputs):
 
 
 # ------------------------------------------------------------------------------------- kept sets
-@pytest.mark.parametrize("name", ["st3", "st3-text-query"])
+@pytest.mark.parametrize("name", ["st3", "st3-text-query", "fastv", "fastv-all-rows", "pyramiddrop"])
 def test_prefill_keeps_the_top_k_of_previous_layer_attention(name, model, inputs):
     method = METHODS[name]()
     with torch.no_grad(), method(model):
@@ -94,8 +100,10 @@ def test_prefill_keeps_the_top_k_of_previous_layer_attention(name, model, inputs
             if len(after) == len(before):
                 continue
             probs = weights[layer - 1][b].mean(0)  # [rows, keys], mean over heads
-            if method.query == "last":
+            if method.query_rows == "last":
                 score = probs[-1]
+            elif method.query_rows == "all":
+                score = probs[inputs["attention_mask"][b].bool()].mean(0)
             else:
                 image_end = int(visual[b].nonzero().max())
                 rows = inputs["attention_mask"][b].bool() & ~visual[b]
@@ -186,7 +194,7 @@ def test_annealing_curves_fall_from_one_to_final(curve):
 
 
 # ----------------------------------------------------------------------------- batches and backends
-@pytest.mark.parametrize("name", ["st3", "st3-layer0"])
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_padded_batch_equals_its_samples_one_by_one(name, model, inputs):
     method = METHODS[name]()
     batch = generate(model, inputs, method)
@@ -208,9 +216,10 @@ def decode_counts(trace, sample: int) -> list[list[int]]:
     return [[layer[sample] for layer in step] for step in trace.decode_visual_counts]
 
 
-def test_eager_and_sdpa_agree(model, eager_model, inputs):
-    sdpa = generate(model, inputs, METHODS["st3"]())
-    eager = generate(eager_model, inputs, METHODS["st3"]())
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_eager_and_sdpa_agree(name, model, eager_model, inputs):
+    sdpa = generate(model, inputs, METHODS[name]())
+    eager = generate(eager_model, inputs, METHODS[name]())
     assert torch.equal(sdpa.sequences, eager.sequences)
     for a, b in zip(sdpa.logits, eager.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

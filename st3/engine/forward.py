@@ -24,6 +24,11 @@ from st3.trace import Trace
 _UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
 
 
+def patch_index(candidates: torch.Tensor) -> torch.Tensor:
+    """LongTensor [B, S]: each candidate's index among its sample's candidates (-1 elsewhere)."""
+    return torch.where(candidates, candidates.long().cumsum(-1) - 1, -1)
+
+
 class Engine:
     """Runs the decoder stack of one model under one method, and keeps the method's trace."""
 
@@ -128,7 +133,7 @@ class Engine:
                 scores = None
                 if self.method.needs_scores:
                     scores = self._prefill_scores(index, hidden, previous, cos, sin, columns, valid, visual, cache)
-                selected = self.method.select(scores, visual, keep)
+                selected = self.method.select(scores, visual, keep, patch_index(visual))
                 rows, filled = pack_index((valid & ~visual) | selected)
                 hidden, cos, sin = gather(hidden, rows, 1), gather(cos, rows, 1), gather(sin, rows, 1)
                 position_ids = gather(position_ids, rows, -1)
@@ -249,7 +254,8 @@ class Engine:
             scores = attention_received(
                 queries, layer.keys, self.adapter.attention_scaling(index), layer.valid[:, None, :], row
             )
-        layer.keep((layer.valid & ~layer.visual) | self.method.select(scores, candidates, budget))
+        selected = self.method.select(scores, candidates, budget, patch_index(candidates))
+        layer.keep((layer.valid & ~layer.visual) | selected)
 
     def _measure_kv(self, cache: DynamicCache) -> None:
         size = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)

@@ -1,6 +1,10 @@
 """Token-trimming methods: each a validated dataclass, all run by the same engine."""
 
 from st3.methods.base import Method, get, methods, register
+from st3.methods.controls import Random, Uniform
+from st3.methods.fastv import FastV
+from st3.methods.pyramiddrop import PyramidDrop
 from st3.methods.st3 import ST3
+from st3.methods.vtw import VTW
 
-__all__ = ["ST3", "Method", "get", "methods", "register"]
+__all__ = ["ST3", "FastV", "Method", "PyramidDrop", "Random", "Uniform", "VTW", "get", "methods", "register"]

@@ -30,6 +30,8 @@ class Method:
     name: ClassVar[str] = "method"
     #: Whether `select` needs attention scores (controls such as Random do not).
     needs_scores: ClassVar[bool] = True
+    #: The knob that sets how many tokens the method keeps (searched by `st3.match`).
+    budget_knob: ClassVar[str | None] = None
 
     record_positions: bool = False
     """Also record which visual columns each decode forward attended to, per layer (costs memory)."""
@@ -59,8 +61,14 @@ class Method:
         """Visual tokens layer `layer` may hold for decode forward `step` (0-based); None: no limit."""
         return None
 
-    def select(self, scores: torch.Tensor | None, candidates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """BoolTensor [B, S]: which of the candidate slots [B, S] to keep, keep[b] of them per sample."""
+    def select(
+        self, scores: torch.Tensor | None, candidates: torch.Tensor, keep: torch.Tensor, patches: torch.Tensor
+    ) -> torch.Tensor:
+        """BoolTensor [B, S]: which candidate slots [B, S] to keep, keep[b] of them per sample.
+
+        scores: attention received [B, S] (None when `needs_scores` is False); patches: each candidate's
+        index among the sample's candidates (its patch in raster order while nothing was dropped before).
+        """
         return top_k_mask(scores, candidates, keep)
 
     # ----------------------------------------------------------------------------------- the API

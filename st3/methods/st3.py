@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -51,6 +52,8 @@ def keep_fraction(n: torch.Tensor, ratio: float, min_keep: int) -> torch.Tensor:
 @dataclass(kw_only=True)
 class ST3(Method):
     """Progressive visual token pruning over depth + visual token annealing over decoding steps."""
+
+    budget_knob: ClassVar[str] = "ratio"
 
     start_layer: int = 2
     """l0: first pruning layer. FastV's finding: layers 0-1 attend to the image broadly, later ones sparsely."""

@@ -1,0 +1,85 @@
+"""Matched budgets: configure any method to a target cost, so comparisons at equal cost are one call.
+
+    fastv = st3.match("fastv", 192)                                  # 192 visual tokens per layer on average
+    pdrop = st3.match("pyramiddrop", 0.5, metric="prefill_flops_ratio")
+
+The method's `budget_knob` (FastV's `ratio`, PyramidDrop's `keep`, ...) is searched with the model-free
+planner, whose counts equal a real run's (tested). Every knob moves the cost monotonically, so bisection
+finds the closest achievable value. When that is further from the target than `tolerance` (default: one
+visual token per layer, or 0.01 of a FLOPs ratio) the call fails and says what is achievable: VTW's
+average moves in steps of n / num_layers tokens (one layer), and PyramidDrop's first stage keeps every
+token for a quarter of the layers unless its `stages` are moved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from st3.accounting import Shape
+from st3.methods.base import Method, get
+from st3.plan import LLAVA_15_7B, plan
+
+METRICS = ("visual_per_layer", "prefill_flops_ratio", "total_flops_ratio")
+
+
+def match(
+    method: Method | str,
+    target: float,
+    *,
+    metric: str = "visual_per_layer",
+    shape: Shape = LLAVA_15_7B,
+    visual: int = 576,
+    text: int = 60,
+    new_tokens: int = 64,
+    tolerance: float | None = None,
+    **knobs,
+) -> Method:
+    """A method whose planned `metric` is as close to `target` as its budget knob allows.
+
+    `method` is a registered name (with `knobs`) or an instance (its other knobs are kept). `metric` is the
+    mean visual tokens per layer after prefill, or a FLOPs ratio (prefill or total) to the unpruned model.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric: must be one of {METRICS}, got {metric!r}")
+    base = get(method, **knobs) if isinstance(method, str) else dataclasses.replace(method, **knobs)
+    knob = type(base).budget_knob
+    if knob is None:
+        raise ValueError(f"{type(base).__name__} has no budget knob to match a cost with")
+
+    steps = new_tokens if metric == "total_flops_ratio" else 1  # prefill metrics need no decoding
+
+    def cost(value) -> float | None:
+        try:
+            candidate = dataclasses.replace(base, **{knob: value})
+            result = plan(candidate, shape, visual=visual, text=text, new_tokens=steps)
+        except ValueError:  # outside the knob's valid range
+            return None
+        return result.mean_visual_per_layer if metric == "visual_per_layer" else getattr(result, metric)
+
+    integer = isinstance(getattr(base, knob), int) or getattr(base, knob) is None
+    low, high = (0, max(visual, shape.num_layers)) if integer else (0.0, 1.0)
+    while cost(high) is None:  # e.g. ST3's ratio must stay below 1
+        high = high - 1 if integer else high - 1e-6
+    best = _bisect(cost, low, high, target, integer)
+    achieved = cost(best)
+    tolerance = tolerance if tolerance is not None else (1.0 if metric == "visual_per_layer" else 0.01)
+    if abs(achieved - target) > tolerance:
+        raise ValueError(
+            f"{type(base).__name__} cannot reach {metric}={target} through {knob}: the closest is {achieved:.4g} "
+            f"({knob}={best!r}); pass tolerance= to accept it, or change its other knobs"
+        )
+    return dataclasses.replace(base, **{knob: best})
+
+
+def _bisect(cost, low, high, target: float, integer: bool):
+    """The value in [low, high] whose cost is closest to `target`, for a monotone `cost`."""
+    rising = cost(high) >= cost(low)
+    for _ in range(64):
+        if (high - low <= 1) if integer else (high - low <= 1e-9):
+            break
+        mid = (low + high) // 2 if integer else (low + high) / 2
+        if (cost(mid) < target) == rising:
+            low = mid
+        else:
+            high = mid
+    return min((low, high), key=lambda value: abs(cost(value) - target))

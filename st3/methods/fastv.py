@@ -1,0 +1,48 @@
+"""FastV (Chen et al., ECCV 2024, arXiv 2403.06764): "An image is worth 1/2 tokens after layer 2".
+
+Rule: when entering layer K, each sample keeps ceil((1 - R) * n) of its n visual tokens, those that
+received the most attention at layer K - 1, averaged over heads; the others leave the hidden states and
+the KV cache of layer K and every later layer. Nothing changes during decoding (the cache of layers >= K
+simply never had the dropped tokens). The official code scores from the last token's attention row;
+the paper's text averages over all query rows: both are selectable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from st3.methods.base import Method, check, register
+from st3.methods.st3 import keep_fraction
+
+
+@register("fastv")
+@dataclass(kw_only=True)
+class FastV(Method):
+    """Prune once, at layer K, by the attention the visual tokens received at layer K - 1."""
+
+    budget_knob: ClassVar[str] = "ratio"
+
+    layer: int = 2
+    """K: the layer from which on the dropped tokens are gone (paper default 2)."""
+    ratio: float = 0.5
+    """R: share of the visual tokens dropped (paper default 50%)."""
+    query: str = "last"
+    """'last': the last token's attention (official code); 'all': mean over all query rows (paper text)."""
+
+    def validate(self) -> None:
+        check(self.layer >= 0, "layer", f"must be >= 0, got {self.layer}")
+        check(0.0 <= self.ratio <= 1.0, "ratio", f"must be in [0, 1], got {self.ratio}")
+        check(self.query in ("last", "all"), "query", f"must be 'last' or 'all', got {self.query!r}")
+
+    def validate_for(self, num_layers: int) -> None:
+        check(self.layer < num_layers, "layer", f"{self.layer} is beyond the model's last layer ({num_layers - 1})")
+
+    @property
+    def query_rows(self) -> str:
+        return self.query
+
+    def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
+        return keep_fraction(visual, self.ratio, 0) if layer == self.layer else None
