@@ -9,7 +9,7 @@ print(method.trace.summary())
 
 from st3.adapters import supported_models
 from st3.budget import match
-from st3.methods import ST3, VTW, FastV, Method, PyramidDrop, Random, Uniform, get, methods, register
+from st3.methods import ST3, VTW, FastV, Method, PyramidDrop, Random, Uniform, VisionZip, get, methods, register
 from st3.trace import Trace
 
 __all__ = [
@@ -17,11 +17,13 @@ __all__ = [
     "FastV",
     "PyramidDrop",
     "VTW",
+    "VisionZip",
     "Random",
     "Uniform",
     "Method",
     "Trace",
     "get",
+    "match",
     "methods",
     "register",
     "supported_models",

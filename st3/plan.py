@@ -50,7 +50,7 @@ def plan(method: Method, shape: Shape, visual: int = 576, text: int = 60, new_to
     """Simulate `method` on one sample (as `generate(max_new_tokens=new_tokens)` would run it)."""
     layers = shape.num_layers
     method.validate_for(layers)
-    held, prefill_visual = visual, []
+    held, prefill_visual = method.tokens_before_decoder(visual), []
     for layer in range(layers):
         keep = method.prefill_keep(layer, layers, torch.tensor([held]))
         held = held if keep is None else min(held, int(keep[0]))

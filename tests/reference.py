@@ -30,9 +30,52 @@ def eager_copy(model):
     return model
 
 
-def reference_logits(model, inputs: dict, trace, fed: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits [B, L + T, V] of the masked reference; `fed` [B, T] are the tokens the decode forwards fed."""
-    return masked_forward(eager_copy(model), inputs, trace, fed)
+def reference_logits(model, inputs: dict, trace, fed: torch.Tensor | None = None, method=None) -> torch.Tensor:
+    """Logits [B, L + T, V] of the masked reference; `fed` [B, T] are the tokens the decode forwards fed.
+
+    For a method that merges tokens before the decoder (VisionZip), the merged embeddings are recomputed
+    independently (`visionzip_embeddings`) and the kept columns must equal the trace's.
+    """
+    model = eager_copy(model)
+    rewrite = None
+    if method is not None and method.compresses_vision:
+        kept, rewrite = visionzip_embeddings(model, inputs, method.dominant, method.contextual)
+        assert [k.tolist() for k in kept] == [p.tolist() for p in trace.prefill_visual_positions[0]]
+    return masked_forward(model, inputs, trace, fed, rewrite)
+
+
+@torch.no_grad()
+def visionzip_embeddings(model, inputs: dict, dominant: int, contextual: int):
+    """VisionZip done by hand: (kept columns per sample, a function that writes the merged rows)."""
+    layer = model.config.vision_feature_layer
+    tower = model.model.vision_tower
+    out = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+    saliency = out.attentions[layer][:, :, 0, 1:].mean(1)  # the [CLS] row, heads averaged
+    encoder_layer = tower.encoder.layers[layer]
+    keys = encoder_layer.self_attn.k_proj(encoder_layer.layer_norm1(out.hidden_states[layer - 1]))
+    keys = keys.view(*keys.shape[:2], encoder_layer.self_attn.num_heads, -1).mean(2)[:, 1:]
+    features = out.hidden_states[layer][:, 1:]
+    columns = [(row == model.config.image_token_id).nonzero().squeeze(-1) for row in inputs["input_ids"]]
+    kept, merged_rows = [], []
+    for image in range(features.shape[0]):
+        top = set(saliency[image].topk(dominant).indices.tolist())
+        rest = [p for p in range(features.shape[1]) if p not in top]
+        targets = rest[:: max(1, len(rest) // contextual)][:contextual]
+        groups = {t: [t] for t in targets}
+        for p in rest:
+            if p not in groups:
+                sims = [torch.cosine_similarity(keys[image, p], keys[image, t], dim=0) for t in targets]
+                groups[targets[int(torch.stack(sims).argmax())]].append(p)
+        for t, members in groups.items():
+            row = model.model.multi_modal_projector(features[image, members].mean(0)[None, None])[0, 0]
+            merged_rows.append((image, int(columns[image][t]), row))
+        kept.append(columns[image][sorted(top | set(targets))])
+
+    def rewrite(embeds: torch.Tensor) -> None:
+        for image, column, row in merged_rows:
+            embeds[image, column] = row
+
+    return kept, rewrite
 
 
 def attention_weights(model, inputs: dict, trace, fed: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -45,8 +88,8 @@ def attention_weights(model, inputs: dict, trace, fed: torch.Tensor | None = Non
     return captured
 
 
-def masked_forward(model, inputs: dict, trace, fed: torch.Tensor | None) -> torch.Tensor:
-    """The reference pass itself, on an eager `model`."""
+def masked_forward(model, inputs: dict, trace, fed: torch.Tensor | None, rewrite=None) -> torch.Tensor:
+    """The reference pass itself, on an eager `model`; `rewrite(embeds)` may replace rows first."""
     ids, attention = inputs["input_ids"], inputs["attention_mask"]
     batch, prompt_len = ids.shape
     steps = 0 if fed is None else fed.shape[1]
@@ -62,6 +105,8 @@ def masked_forward(model, inputs: dict, trace, fed: torch.Tensor | None) -> torc
     if visual.any():
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
         embeds[visual] = torch.cat(list(features)).to(embeds.dtype)
+    if rewrite is not None:
+        rewrite(embeds)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     cos, sin = lm.rotary_emb(embeds, positions)
 

@@ -25,6 +25,7 @@ METHODS = {
     "vtw": lambda: st3.VTW(layer=3),
     "random": lambda: st3.Random(keep=12, layer=1, seed=3),
     "uniform": lambda: st3.Uniform(keep=10, layer=0),
+    "visionzip": lambda: st3.VisionZip(dominant=7, contextual=4),
     "st3-text-query": lambda: st3.ST3(start_layer=2, stride=1, ratio=0.3, min_keep=2, query="text", anneal_every=1),
     "st3-layer0": lambda: st3.ST3(start_layer=0, stride=3, ratio=0.6, min_keep=2, anneal_curve="linear"),
     "st3-exponential": lambda: st3.ST3(start_layer=1, stride=1, ratio=0.2, anneal_curve="exponential", anneal_every=1),
@@ -68,7 +69,7 @@ def test_pruned_run_equals_masked_reference(name, attn, model, eager_model, inpu
     assert method.trace.pruned
     fed = new_tokens(out, inputs)[:, :-1]
     with torch.no_grad():
-        reference = reference_logits(model, inputs, method.trace, fed)
+        reference = reference_logits(model, inputs, method.trace, fed, method)
     start = inputs["input_ids"].shape[1] - 1
     for step, logits in enumerate(out.logits):
         torch.testing.assert_close(logits, reference[:, start + step], atol=1e-4, rtol=0)

@@ -19,7 +19,7 @@ def prefill(method, model, inputs):
 
 
 def test_the_registry_lists_every_method():
-    assert st3.methods() == ["fastv", "pyramiddrop", "random", "st3", "uniform", "vtw"]
+    assert st3.methods() == ["fastv", "pyramiddrop", "random", "st3", "uniform", "visionzip", "vtw"]
     for name in st3.methods():
         method = st3.get(name)
         assert method.name == name and method.__doc__
@@ -93,7 +93,7 @@ def test_peer_knobs_are_validated(knob, value, name):
         st3.get(name, **{knob: value})
 
 
-@pytest.mark.parametrize("name", ["st3", "fastv", "pyramiddrop", "random", "uniform"])
+@pytest.mark.parametrize("name", ["st3", "fastv", "pyramiddrop", "random", "uniform", "visionzip"])
 @pytest.mark.parametrize("target", [288, 192, 160])
 def test_matched_budgets_hit_the_target_within_one_token_per_layer(name, target):
     method = st3.match(name, target)

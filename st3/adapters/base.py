@@ -59,6 +59,19 @@ class Adapter(ABC):
     def shape(self) -> Shape:
         """Decoder dimensions, for FLOPs and KV accounting."""
 
+    # ----------------------------------------------------- vision side (methods that act before the decoder)
+    def capture_vision(self, store: dict) -> list:
+        """Register removable hooks that put the vision tower's saliency inputs in `store`; return the handles."""
+        raise NotImplementedError(f"{type(self).__name__} cannot compress visual tokens before the decoder")
+
+    def vision_saliency(self, store: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From a capture: ([CLS] attention [images, P], keys [images, P, d], projector inputs [images, P, d_v])."""
+        raise NotImplementedError(f"{type(self).__name__} cannot compress visual tokens before the decoder")
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features [images, P, d_v] -> decoder embeddings [images, P, H] (the multimodal projector)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot compress visual tokens before the decoder")
+
     @property
     def text_config(self):
         """The decoder's config."""

@@ -37,6 +37,9 @@ class Engine:
         self.method = method
         self.input_ids: torch.Tensor | None = None
         self.trace: Trace | None = None
+        # What the adapter's vision hooks captured. generate() encodes images before its first forward, so
+        # this is filled before the prefill that consumes (and clears) it.
+        self.vision: dict = {}
 
     # ------------------------------------------------------------------------------------ plumbing
     def capture_inputs(self, module, args, kwargs) -> None:
@@ -126,6 +129,13 @@ class Engine:
         cache.layers[:] = [PrunableLayer() for _ in range(self.num_layers)]
 
         hidden, previous = embeds, None
+        if self.method.compresses_vision and bool(visual.any()):
+            hidden, kept = self._compress_before_decoder(hidden, visual)
+            rows, filled = pack_index((valid & ~visual) | kept)
+            hidden, cos, sin = gather(hidden, rows, 1), gather(cos, rows, 1), gather(sin, rows, 1)
+            position_ids = gather(position_ids, rows, -1)
+            columns, visual = gather(columns, rows, 1), gather(visual, rows, 1) & filled
+            valid = gather(valid, rows, 1) & filled
         for index in range(self.num_layers):
             held = visual.sum(-1)
             keep = self.method.prefill_keep(index, self.num_layers, held)
@@ -149,6 +159,32 @@ class Engine:
             trace.prefill_visual_positions.append([c[m] for c, m in zip(columns, visual)])
         self._measure_kv(cache)
         return hidden
+
+    def _compress_before_decoder(self, hidden: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Let the method merge visual tokens from the vision tower's view; return new rows and the kept mask."""
+        if "features" not in self.vision:
+            raise ValueError(f"{type(self.method).__name__} needs the image itself: pass pixel_values to the model")
+        saliency, keys, features = self.adapter.vision_saliency(self.vision)
+        self.vision.clear()
+        keep, replaced, merged = self.method.compress(saliency, keys, features)
+        rows = visual.nonzero(as_tuple=True)  # row-major: the order LLaVA scatters image features in
+        repeats, rest = divmod(len(rows[0]), keep.numel())
+        if rest or (repeats > 1 and keep.shape[0] * repeats != visual.shape[0]):
+            raise ValueError(f"{len(rows[0])} visual tokens in the prompt but {keep.numel()} image patches")
+        if repeats > 1:  # generate() expanded one image per sample for beams / num_return_sequences
+            keep, replaced, merged = (t.repeat_interleave(repeats, dim=0) for t in (keep, replaced, merged))
+        hidden = hidden.clone()
+        flat = replaced.reshape(-1)
+        if bool(flat.any()):
+            projected = self.adapter.project_features(merged[replaced].unsqueeze(0))[0]
+            hidden[rows[0][flat], rows[1][flat]] = projected.to(hidden.dtype)
+        kept = torch.zeros_like(visual)
+        kept[rows] = keep.reshape(-1)
+        self.trace.note = (
+            f"{type(self.method).__name__} merged visual tokens before the decoder: {int(keep[0].sum())} of "
+            f"{keep.shape[1]} per image reach it ({int(replaced[0].sum())} of them merges of several patches)"
+        )
+        return hidden, kept
 
     def _visual_mask(self, batch: int, length: int, device) -> tuple[torch.Tensor, str]:
         ids = self.input_ids

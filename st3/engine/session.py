@@ -1,8 +1,9 @@
 """Applying a method to a model: install the engine on enter, restore the model exactly on exit.
 
-Two things change while a method is applied, both on this model instance only: the decoder stack's
-`forward` attribute (the engine's loop), and one forward pre-hook on the top-level model (to see
-`input_ids`). No class, module or global is patched.
+While a method is applied, on this model instance only: the decoder stack's `forward` attribute is the
+engine's loop, and removable hooks read inputs (a forward pre-hook on the top-level model for
+`input_ids`; for methods that compress before the decoder, pre-hooks on one vision encoder layer and the
+projector). No class, module or global is patched.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Session:
         method.validate_for(self.adapter.shape.num_layers)
         self.engine = Engine(self.adapter, method)
         self._saved_forward = _ABSENT
-        self._hook = None
+        self._hooks: list = []
 
     def __enter__(self) -> nn.Module:
         active = _ACTIVE.get(self.model)
@@ -45,20 +46,26 @@ class Session:
         self._saved_forward = lm.__dict__.get("forward", _ABSENT)
         lm.forward = self.engine.forward
         try:
-            self._hook = self.model.register_forward_pre_hook(self.engine.capture_inputs, with_kwargs=True)
+            self._hooks.append(self.model.register_forward_pre_hook(self.engine.capture_inputs, with_kwargs=True))
+            if self.method.compresses_vision:
+                self._hooks.extend(self.adapter.capture_vision(self.engine.vision))
         except BaseException:
+            self._remove_hooks()
             self._restore_forward()
             raise
         _ACTIVE[self.model] = self
         return self.model
 
     def __exit__(self, *exc_info) -> bool:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self._remove_hooks()
         self._restore_forward()
         _ACTIVE.pop(self.model, None)
         return False
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
 
     def _restore_forward(self) -> None:
         lm = self.adapter.language_model

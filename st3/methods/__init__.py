@@ -5,6 +5,19 @@ from st3.methods.controls import Random, Uniform
 from st3.methods.fastv import FastV
 from st3.methods.pyramiddrop import PyramidDrop
 from st3.methods.st3 import ST3
+from st3.methods.visionzip import VisionZip
 from st3.methods.vtw import VTW
 
-__all__ = ["ST3", "FastV", "Method", "PyramidDrop", "Random", "Uniform", "VTW", "get", "methods", "register"]
+__all__ = [
+    "ST3",
+    "FastV",
+    "Method",
+    "PyramidDrop",
+    "Random",
+    "Uniform",
+    "VTW",
+    "VisionZip",
+    "get",
+    "methods",
+    "register",
+]

@@ -32,6 +32,8 @@ class Method:
     needs_scores: ClassVar[bool] = True
     #: The knob that sets how many tokens the method keeps (searched by `st3.match`).
     budget_knob: ClassVar[str | None] = None
+    #: Whether the method merges visual tokens before the decoder (`compress`, from the vision tower).
+    compresses_vision: ClassVar[bool] = False
 
     record_positions: bool = False
     """Also record which visual columns each decode forward attended to, per layer (costs memory)."""
@@ -56,6 +58,20 @@ class Method:
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
         """Visual tokens to keep [B] when entering `layer`, given `visual` [B] held; None: keep all."""
         return None
+
+    def tokens_before_decoder(self, visual: int) -> int:
+        """Visual tokens per image that reach the decoder (methods that compress before it say fewer)."""
+        return visual
+
+    def compress(
+        self, saliency: torch.Tensor, keys: torch.Tensor, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Before the decoder: (kept [images, P], rewritten [images, P], features [images, P, d_v]).
+
+        saliency: the vision tower's [CLS] attention to each patch; keys: the patches' keys at that layer;
+        features: the projector's inputs. Only methods with `compresses_vision` implement it.
+        """
+        raise NotImplementedError
 
     def decode_budget(self, layer: int, step: int, visual_after_prefill: torch.Tensor) -> torch.Tensor | None:
         """Visual tokens layer `layer` may hold for decode forward `step` (0-based); None: no limit."""
