@@ -1,0 +1,113 @@
+"""The scenes LLaVA: a small CLIP-style vision tower, the LLaVA MLP projector and a small Llama decoder.
+
+`ModelSpec` holds the few numbers that shape it; `build_model(spec)` makes a randomly initialised
+`LlavaForConditionalGeneration` from stock transformers config classes, so a trained checkpoint loads with
+`LlavaForConditionalGeneration.from_pretrained(dir)` and no custom code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from st3.data.processor import BOS, EOS, IMAGE, PAD, PATCH_SIZE, vocabulary
+from st3.data.scenes import IMAGE_SIZE
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    image_size: int = IMAGE_SIZE
+    patch_size: int = PATCH_SIZE
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 256
+    text_layers: int = 4
+    text_heads: int = 8
+    text_kv_heads: int = 4
+    text_intermediate: int = 768
+    max_positions: int = 512
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def config(self) -> LlavaConfig:
+        vocab = {word: i for i, word in enumerate(vocabulary())}
+        return LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=self.vision_hidden,
+                intermediate_size=4 * self.vision_hidden,
+                num_hidden_layers=self.vision_layers,
+                num_attention_heads=self.vision_heads,
+                image_size=self.image_size,
+                patch_size=self.patch_size,
+                projection_dim=self.text_hidden,
+            ),
+            text_config=LlamaConfig(
+                hidden_size=self.text_hidden,
+                intermediate_size=self.text_intermediate,
+                num_hidden_layers=self.text_layers,
+                num_attention_heads=self.text_heads,
+                num_key_value_heads=self.text_kv_heads,
+                vocab_size=len(vocab),
+                max_position_embeddings=self.max_positions,
+                pad_token_id=vocab[PAD],
+                bos_token_id=vocab[BOS],
+                eos_token_id=vocab[EOS],
+                tie_word_embeddings=False,
+            ),
+            image_token_index=vocab[IMAGE],
+            image_seq_length=self.image_tokens,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            pad_token_id=vocab[PAD],
+        )
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """2-D sine-cosine position codes [grid*grid, dim] (half the channels for rows, half for columns)."""
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        angles = coord[:, None].double() * freqs[None]
+        parts += [angles.sin(), angles.cos()]
+    codes = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(codes, (0, dim - codes.shape[1])).float()
+
+
+def build_model(
+    spec: ModelSpec | None = None, seed: int = 0, attn: str = "sdpa", position_scale: float = 0.5
+) -> LlavaForConditionalGeneration:
+    """A randomly initialised scenes LLaVA (fp32), with generation set to stop at `</s>`.
+
+    The vision tower's learned position embeddings start from 2-D sine-cosine codes times `position_scale`
+    (0 keeps the stock random init): where a patch lies is what the questions are about, and a random start
+    leaves positions drowned by the patch embeddings for many steps.
+    """
+    spec = spec or ModelSpec()
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(spec.config())
+    if position_scale:
+        embedding = model.model.vision_tower.embeddings.position_embedding
+        grid = spec.image_size // spec.patch_size
+        with torch.no_grad():
+            embedding.weight[1:] = position_scale * sincos_2d(grid, spec.vision_hidden)
+    model.set_attn_implementation(attn)
+    vocab = {word: i for i, word in enumerate(vocabulary())}
+    model.generation_config.eos_token_id = vocab[EOS]
+    model.generation_config.pad_token_id = vocab[PAD]
+    model.generation_config.bos_token_id = vocab[BOS]
+    return model
+
+
+def spec_dict(spec: ModelSpec) -> dict:
+    return asdict(spec)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,245 @@
+"""Questions with one-word answers and a fixed-template caption about a scene, and the seed splits.
+
+Splits are disjoint seed ranges; the n-th example of a split is the scene of seed `start + n`:
+
+    train       seeds [0, 1_000_000)
+    validation  seeds [1_000_000, 1_010_000)
+    test        seeds [2_000_000, 2_010_000)
+
+`example(split, n)` is deterministic: the scene comes from the seed, the question from a `random.Random`
+seeded with a string built from the seed (the task, question kind and question are all drawn from it).
+
+Question kinds (every question has exactly one correct one-word answer; a question that names an object is
+only asked when the description picks out exactly one object):
+
+    colour_of_shape   what colour is the star?                  (the shape, or size + shape, is unique)
+    shape_of_colour   what shape is the red object?             (the colour is unique)
+    size_of           what size is the red star?                (colour + shape is unique) -> small / large
+    shape_at          what is at the top left?                  -> a shape, or "nothing" for an empty cell
+    colour_at         what colour is the object at the middle center?
+    count_colour      how many red objects are there?           -> zero ... six
+    count_shape       how many stars are there?
+    count_all         how many objects are there?
+    left_of / right_of / above / below
+                      what is left of the red star?             -> the shape of the nearest object in that
+                                                                   direction in the same row (column), or "nothing"
+    exists            is there a red star?                      -> yes / no (drawn half and half)
+    occupied          is there an object at the bottom right?   -> yes / no
+
+The caption lists every object in reading order (row by row, left to right) in one template:
+
+    large red star at top left, small blue circle at middle center, ...
+
+`parse_caption` reads it back into objects.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from st3.data.scenes import COLOURS, COLS, GRID, ROWS, SHAPES, SIZES, Scene, SceneObject, scene
+
+SPLITS: dict[str, tuple[int, int]] = {
+    "train": (0, 1_000_000),
+    "validation": (1_000_000, 1_010_000),
+    "test": (2_000_000, 2_010_000),
+}
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "star": "stars"}
+CAPTION_PROMPT = "describe the image."
+NOTHING = "nothing"
+DIRECTIONS = {"left_of": (0, -1), "right_of": (0, 1), "above": (-1, 0), "below": (1, 0)}
+DIRECTION_WORDS = {"left_of": "left of", "right_of": "right of", "above": "above", "below": "below"}
+KINDS = (
+    "colour_of_shape",
+    "shape_of_colour",
+    "size_of",
+    "shape_at",
+    "colour_at",
+    "count_colour",
+    "count_shape",
+    "count_all",
+    "left_of",
+    "right_of",
+    "above",
+    "below",
+    "exists",
+    "occupied",
+)
+CAPTION_FRACTION = 0.2  # share of captions among `example(split, n)` with task="mixed"
+
+
+@dataclass(frozen=True)
+class QA:
+    kind: str
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Example:
+    split: str
+    index: int
+    seed: int
+    task: str  # "qa" or "caption"
+    kind: str  # the question kind, or "caption"
+    question: str
+    answer: str
+    scene: Scene
+
+    @property
+    def image(self):
+        return self.scene.image
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def position(row: int, col: int) -> str:
+    return f"{ROWS[row]} {COLS[col]}"
+
+
+def describe(obj: SceneObject) -> str:
+    return f"{obj.size} {obj.colour} {obj.shape} at {obj.position}"
+
+
+def caption(scene_: Scene) -> str:
+    """Every object, in reading order, in the fixed template."""
+    return ", ".join(describe(o) for o in scene_.objects)
+
+
+_OBJECT = re.compile(
+    rf"^({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) at ({'|'.join(ROWS)}) ({'|'.join(COLS)})$"
+)
+
+
+def parse_caption(text: str) -> list[SceneObject] | None:
+    """The objects a caption lists, or None where it does not follow the template."""
+    objects = []
+    for part in text.strip().split(","):
+        match = _OBJECT.match(part.strip())
+        if match is None:
+            return None
+        size, colour, shape, row, col = match.groups()
+        objects.append(SceneObject(shape, colour, size, ROWS.index(row), COLS.index(col)))
+    return objects
+
+
+def _neighbour(scene_: Scene, obj: SceneObject, kind: str) -> SceneObject | None:
+    dr, dc = DIRECTIONS[kind]
+    r, c = obj.row + dr, obj.col + dc
+    while 0 <= r < GRID and 0 <= c < GRID:
+        found = scene_.at(r, c)
+        if found is not None:
+            return found
+        r, c = r + dr, c + dc
+    return None
+
+
+def candidates(scene_: Scene) -> dict[str, list[QA]]:
+    """Every question this module may ask about the scene, by kind (kinds with none are absent)."""
+    objs = scene_.objects
+    out: dict[str, list[QA]] = {k: [] for k in KINDS}
+
+    def add(kind: str, question: str, answer: str) -> None:
+        out[kind].append(QA(kind, question, answer))
+
+    def unique(pred) -> SceneObject | None:
+        hits = [o for o in objs if pred(o)]
+        return hits[0] if len(hits) == 1 else None
+
+    for shape in SHAPES:
+        if (o := unique(lambda o, s=shape: o.shape == s)) is not None:
+            add("colour_of_shape", f"what colour is the {shape}?", o.colour)
+        else:
+            for size in SIZES:
+                if (o := unique(lambda o, s=shape, z=size: o.shape == s and o.size == z)) is not None:
+                    add("colour_of_shape", f"what colour is the {size} {shape}?", o.colour)
+        add("count_shape", f"how many {PLURALS[shape]} are there?", NUMBERS[sum(o.shape == shape for o in objs)])
+    for colour in COLOURS:
+        if (o := unique(lambda o, c=colour: o.colour == c)) is not None:
+            add("shape_of_colour", f"what shape is the {colour} object?", o.shape)
+        add("count_colour", f"how many {colour} objects are there?", NUMBERS[sum(o.colour == colour for o in objs)])
+    add("count_all", "how many objects are there?", NUMBERS[len(objs)])
+    for row in range(GRID):
+        for col in range(GRID):
+            o = scene_.at(row, col)
+            add("shape_at", f"what is at the {position(row, col)}?", NOTHING if o is None else o.shape)
+            add("occupied", f"is there an object at the {position(row, col)}?", "no" if o is None else "yes")
+            if o is not None:
+                add("colour_at", f"what colour is the object at the {position(row, col)}?", o.colour)
+    for shape in SHAPES:
+        for colour in COLOURS:
+            o = unique(lambda o, s=shape, c=colour: o.shape == s and o.colour == c)
+            present = any(o2.shape == shape and o2.colour == colour for o2 in objs)
+            add("exists", f"is there {article(colour)} {colour} {shape}?", "yes" if present else "no")
+            if o is None:
+                continue
+            add("size_of", f"what size is the {colour} {shape}?", o.size)
+            for kind in DIRECTIONS:
+                n = _neighbour(scene_, o, kind)
+                add(kind, f"what is {DIRECTION_WORDS[kind]} the {colour} {shape}?", NOTHING if n is None else n.shape)
+    return {k: v for k, v in out.items() if v}
+
+
+def draw_qa(scene_: Scene, rng: random.Random) -> QA:
+    """One question: a kind uniformly among those the scene allows, then a question of that kind.
+
+    Yes/no kinds draw the answer first (half and half where both occur), so "no" does not dominate.
+    """
+    options = candidates(scene_)
+    kind = rng.choice(sorted(options))
+    pool = options[kind]
+    answers = sorted({qa.answer for qa in pool})
+    if kind in ("exists", "occupied", "shape_at", "left_of", "right_of", "above", "below") and len(answers) > 1:
+        # balance "nothing"/"no" against the rest so the common default answer does not dominate
+        default = "no" if kind in ("exists", "occupied") else NOTHING
+        if default in answers:
+            want_default = rng.random() < (0.5 if kind in ("exists", "occupied") else 0.25)
+            pool = [qa for qa in pool if (qa.answer == default) == want_default]
+    return rng.choice(pool)
+
+
+def split_seed(split: str, n: int) -> int:
+    start, end = SPLITS[split]
+    if not 0 <= n < end - start:
+        raise IndexError(f"{split} has {end - start} examples; asked for #{n}")
+    return start + n
+
+
+def example(split: str, n: int, task: str = "qa") -> Example:
+    """The n-th example of a split. task: "qa", "caption", or "mixed" (caption with CAPTION_FRACTION)."""
+    seed = split_seed(split, n)
+    rng = random.Random(f"question:{seed}")
+    if task == "mixed":
+        task = "caption" if rng.random() < CAPTION_FRACTION else "qa"
+    scene_ = scene(seed)
+    if task == "caption":
+        return Example(split, n, seed, "caption", "caption", CAPTION_PROMPT, caption(scene_), scene_)
+    if task != "qa":
+        raise ValueError(f"task must be qa, caption or mixed, not {task!r}")
+    qa = draw_qa(scene_, rng)
+    return Example(split, n, seed, "qa", qa.kind, qa.question, qa.answer, scene_)
+
+
+def words() -> list[str]:
+    """Every word and punctuation mark a question, answer or caption may contain (for the vocabulary)."""
+    vocab = set(SHAPES) | set(COLOURS) | set(SIZES) | set(ROWS) | set(COLS) | set(NUMBERS) | set(PLURALS.values())
+    vocab |= {NOTHING, "yes", "no", "?", ",", "."}
+    vocab |= set(re.findall(r"\w+|[^\w\s]", CAPTION_PROMPT))
+    for template in (
+        "what colour is the",
+        "what shape is the object",
+        "what size is the",
+        "what is at the",
+        "what colour is the object at the",
+        "how many objects are there",
+        "what is left of right of above below the",
+        "is there a an object at the",
+        "at",
+    ):
+        vocab |= set(template.split())
+    return sorted(vocab)

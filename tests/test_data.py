@@ -1,0 +1,256 @@
+"""The scenes data: generator, questions, captions, splits, processor and model config (fast, no weights)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+
+import pytest
+import torch
+
+from st3.data.processor import IMAGE, build_processor, pixel_values, prompt
+from st3.data.scenes import COLOURS, COLS, GRID, MAX_OBJECTS, MIN_OBJECTS, ROWS, SHAPES, SIZES, scene
+from st3.data.tasks import (
+    CAPTION_PROMPT,
+    KINDS,
+    NOTHING,
+    NUMBERS,
+    PLURALS,
+    SPLITS,
+    candidates,
+    caption,
+    draw_qa,
+    example,
+    parse_caption,
+    words,
+)
+
+
+def digest(sc) -> str:
+    return hashlib.sha256(sc.image.tobytes()).hexdigest()
+
+
+def test_scene_is_a_function_of_the_seed():
+    for seed in (0, 7, 1_000_123):
+        a, b = scene(seed), scene(seed)
+        assert a.objects == b.objects
+        assert digest(a) == digest(b)
+    assert digest(scene(1)) != digest(scene(2))
+
+
+def test_scene_contents():
+    for seed in range(200):
+        sc = scene(seed)
+        assert sc.image.mode == "RGB" and sc.image.size == (128, 128)
+        assert MIN_OBJECTS <= len(sc.objects) <= MAX_OBJECTS
+        cells = [(o.row, o.col) for o in sc.objects]
+        assert len(set(cells)) == len(cells), "one object per cell"
+        assert cells == sorted(cells), "reading order"
+        for o in sc.objects:
+            assert o.shape in SHAPES and o.colour in COLOURS and o.size in SIZES
+            assert 0 <= o.row < GRID and 0 <= o.col < GRID
+
+
+def test_background_is_not_flat():
+    sc = scene(3)
+    pixels = torch.tensor(list(sc.image.get_flattened_data()), dtype=torch.float32).view(128, 128, 3)
+    empty = [(r, c) for r in range(GRID) for c in range(GRID) if sc.at(r, c) is None]
+    assert empty
+    r, c = empty[0]
+    cell = pixels[r * 42 + 4 : r * 42 + 38, c * 42 + 4 : c * 42 + 38]
+    assert cell.std() > 3, "background patches carry texture and noise"
+
+
+def test_splits_are_disjoint_and_differ():
+    ranges = sorted(SPLITS.values())
+    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+        assert end <= start
+    seeds = {split: example(split, 0).seed for split in SPLITS}
+    assert len(set(seeds.values())) == len(SPLITS)
+    assert digest(example("train", 0).scene) != digest(example("test", 0).scene)
+    assert digest(example("validation", 5).scene) != digest(example("test", 5).scene)
+    with pytest.raises(IndexError):
+        example("validation", SPLITS["validation"][1] - SPLITS["validation"][0])
+
+
+def test_examples_are_deterministic():
+    for split in SPLITS:
+        for n in (0, 1, 17):
+            a, b = example(split, n, "mixed"), example(split, n, "mixed")
+            assert (a.seed, a.task, a.kind, a.question, a.answer) == (b.seed, b.task, b.kind, b.question, b.answer)
+
+
+def reference_answer(objects, question: str) -> str:
+    """An independent reading of each question template against the object list."""
+    pos = {f"{ROWS[r]} {COLS[c]}": (r, c) for r in range(GRID) for c in range(GRID)}
+    shape_of_plural = {v: k for k, v in PLURALS.items()}
+
+    def at(r, c):
+        hits = [o for o in objects if (o.row, o.col) == (r, c)]
+        assert len(hits) <= 1
+        return hits[0] if hits else None
+
+    def only(pred):
+        hits = [o for o in objects if pred(o)]
+        assert len(hits) == 1, f"{question!r} is ambiguous or about nothing"
+        return hits[0]
+
+    if m := re.fullmatch(r"what colour is the (small |large )?(\w+)\?", question):
+        size = m.group(1).strip() if m.group(1) else None
+        return only(lambda o: o.shape == m.group(2) and size in (None, o.size)).colour
+    if m := re.fullmatch(r"what shape is the (\w+) object\?", question):
+        return only(lambda o: o.colour == m.group(1)).shape
+    if m := re.fullmatch(r"what size is the (\w+) (\w+)\?", question):
+        return only(lambda o: (o.colour, o.shape) == m.groups()).size
+    if m := re.fullmatch(r"what is at the (\w+ \w+)\?", question):
+        o = at(*pos[m.group(1)])
+        return NOTHING if o is None else o.shape
+    if m := re.fullmatch(r"what colour is the object at the (\w+ \w+)\?", question):
+        return at(*pos[m.group(1)]).colour
+    if m := re.fullmatch(r"how many (\w+) objects are there\?", question):
+        return NUMBERS[sum(o.colour == m.group(1) for o in objects)]
+    if question == "how many objects are there?":
+        return NUMBERS[len(objects)]
+    if m := re.fullmatch(r"how many (\w+) are there\?", question):
+        return NUMBERS[sum(o.shape == shape_of_plural[m.group(1)] for o in objects)]
+    if m := re.fullmatch(r"what is (left of|right of|above|below) the (\w+) (\w+)\?", question):
+        ref = only(lambda o: (o.colour, o.shape) == m.group(2, 3))
+        dr, dc = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}[m.group(1)]
+        # every object in that direction, in the same row/column; the nearest one counts
+        line = [o for o in objects if (o.row - ref.row) * (1 - abs(dr)) == 0 and (o.col - ref.col) * (1 - abs(dc)) == 0]
+        ahead = [o for o in line if (o.row - ref.row) * dr + (o.col - ref.col) * dc > 0]
+        if not ahead:
+            return NOTHING
+        return min(ahead, key=lambda o: abs(o.row - ref.row) + abs(o.col - ref.col)).shape
+    if m := re.fullmatch(r"is there an? (\w+) (\w+)\?", question):
+        return "yes" if any((o.colour, o.shape) == m.groups() for o in objects) else "no"
+    if m := re.fullmatch(r"is there an object at the (\w+ \w+)\?", question):
+        return "no" if at(*pos[m.group(1)]) is None else "yes"
+    raise AssertionError(f"unknown question {question!r}")
+
+
+def test_every_candidate_question_is_answerable_from_the_objects():
+    for seed in range(150):
+        sc = scene(seed)
+        for kind, pool in candidates(sc).items():
+            assert kind in KINDS
+            for qa in pool:
+                assert reference_answer(sc.objects, qa.question) == qa.answer, (seed, qa)
+
+
+def test_drawn_questions_cover_kinds_and_balance_yes_no():
+    kinds, yes_no = set(), []
+    for n in range(600):
+        e = example("train", n)
+        kinds.add(e.kind)
+        assert reference_answer(e.scene.objects, e.question) == e.answer
+        assert len(e.answer.split()) == 1
+        if e.kind == "exists":
+            yes_no.append(e.answer == "yes")
+    assert kinds == set(KINDS)
+    assert 0.35 < sum(yes_no) / len(yes_no) < 0.65
+
+
+def test_caption_round_trip():
+    for seed in range(100):
+        sc = scene(seed)
+        text = caption(sc)
+        assert parse_caption(text) == list(sc.objects)
+    e = example("test", 3, "caption")
+    assert e.question == CAPTION_PROMPT and parse_caption(e.answer) == list(e.scene.objects)
+    assert parse_caption("large red star at top") is None
+
+
+def test_vocabulary_covers_every_text():
+    tokenizer = build_processor().tokenizer
+    vocab = set(words())
+    rng = random.Random(0)
+    for seed in range(100):
+        sc = scene(seed)
+        texts = [caption(sc), CAPTION_PROMPT] + [f"{qa.question} {qa.answer}" for qa in [draw_qa(sc, rng)] * 3]
+        for text in texts:
+            assert set(re.findall(r"\w+|[^\w\s]", text)) <= vocab
+            assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
+            assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+@pytest.fixture(scope="module")
+def saved_processor(tmp_path_factory):
+    from transformers import AutoProcessor
+
+    directory = tmp_path_factory.mktemp("processor")
+    build_processor().save_pretrained(directory)
+    return AutoProcessor.from_pretrained(directory)
+
+
+def test_processor_loads_expands_image_tokens_and_left_pads(saved_processor):
+    processor = saved_processor
+    assert type(processor).__name__ == "LlavaProcessor"
+    assert processor.tokenizer.padding_side == "left"
+    short, long = example("test", 0), example("test", 1, "caption")
+    batch = processor(
+        images=[short.image, long.image],
+        text=[prompt(short.question), prompt(long.question) + " " + long.answer],
+        return_tensors="pt",
+        padding=True,
+    )
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE)
+    assert (batch["input_ids"] == image_id).sum(1).tolist() == [256, 256]
+    assert batch["pixel_values"].shape == (2, 3, 128, 128)
+    mask = batch["attention_mask"]
+    assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1].all(), "left padding"
+    assert batch["input_ids"][0, 0] == processor.tokenizer.pad_token_id
+    first = int(mask[0].argmax())
+    assert batch["input_ids"][0, first] == processor.tokenizer.bos_token_id
+    prompt_tokens = int(mask[0].sum())
+    assert 256 / prompt_tokens >= 0.8, "visual tokens are at least 80% of a QA prompt"
+    # the training fast path makes the same pixels as the image processor
+    assert torch.allclose(pixel_values([short.image, long.image]), batch["pixel_values"], atol=1e-6)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": short.question}]}]
+    assert processor.apply_chat_template(chat, add_generation_prompt=True) == prompt(short.question)
+
+
+def test_tiny_model_round_trips_through_from_pretrained(tmp_path, saved_processor):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from st3.data.model import ModelSpec, build_model
+
+    spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
+                     text_heads=4, text_kv_heads=2, text_intermediate=64)  # fmt: skip
+    model = build_model(spec).eval()
+    model.save_pretrained(tmp_path)
+    build_processor().save_pretrained(tmp_path)
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.config.image_seq_length == 256 == spec.image_tokens
+    e = example("validation", 0)
+    inputs = processor(images=e.image, text=prompt(e.question), return_tensors="pt")
+    with torch.no_grad():
+        a = model(**inputs).logits
+        b = loaded(**inputs).logits
+    torch.testing.assert_close(a, b)
+    out = loaded.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] <= inputs["input_ids"].shape[1] + 2
+
+
+def test_shared_prefix_training_equals_separate_sequences():
+    from st3.data.model import ModelSpec, build_model
+    from st3.data.train import make_batch, shared_prefix_logits
+
+    spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
+                     text_heads=4, text_kv_heads=2, text_intermediate=64)  # fmt: skip
+    model = build_model(spec).eval()
+    tokenizer = build_processor().tokenizer
+    batch = make_batch(tokenizer, [11, 12], questions=2, caption_weight=2.0, image_tokens=spec.image_tokens)
+    with torch.no_grad():
+        shared = shared_prefix_logits(model, batch)
+        width = batch.prefix_ids.shape[1]
+        row = 0
+        for image, repeats in enumerate(batch.repeats.tolist()):
+            for _ in range(repeats):
+                n = int((batch.suffix_ids[row] != tokenizer.pad_token_id).sum())
+                ids = torch.cat([batch.prefix_ids[0], batch.suffix_ids[row, :n]])[None]
+                full = model(input_ids=ids, pixel_values=batch.pixel_values[image : image + 1]).logits[0, width:]
+                torch.testing.assert_close(shared[row, :n], full, atol=1e-5, rtol=1e-4)
+                row += 1
