@@ -29,14 +29,11 @@ class Trace:
     dtype_bytes: int
     note: str = ""
     """Why nothing was pruned, when nothing was."""
-    prefill_visual_positions: list[list[torch.Tensor]] = field(default_factory=list)
-    """[layer][sample]: sorted columns of the visual tokens whose key/value the layer holds after prefill."""
-    prefill_rows: list[list[int]] = field(default_factory=list)
-    """[layer][sample]: tokens the layer processed during prefill."""
-    decode_visual_counts: list[list[list[int]]] = field(default_factory=list)
-    """[step][layer][sample]: visual tokens the query of each decode forward attended to."""
-    decode_keys: list[list[list[int]]] = field(default_factory=list)
-    """[step][layer][sample]: keys (all kinds) the query of each decode forward attended to."""
+    # The engine logs tensors and never waits for the device; the lists below are built when read.
+    _prefill_log: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    """[layer]: (columns, valid, visual) of the rows the layer processed, each [B, S]."""
+    _decode_log: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    """[step]: (visual tokens attended, keys attended), each [layers, B]."""
     decode_visual_positions: list[list[list[torch.Tensor]]] | None = None
     """[step][layer][sample]: columns of those visual tokens (only with `record_positions=True`)."""
     kv_bytes: int = 0
@@ -44,39 +41,69 @@ class Trace:
     kv_bytes_peak: int = 0
     """Largest `kv_bytes` seen after any forward of the call."""
 
+    # ------------------------------------------------------------------------------------- the record
+    def log_prefill_layer(self, columns: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> None:
+        """Record the rows one layer processed during prefill, each [B, S] (kept as tensors)."""
+        self._prefill_log.append((columns, valid, visual))
+
+    def log_decode_step(self, visual: torch.Tensor, keys: torch.Tensor) -> None:
+        """Record the visual tokens and keys each layer attended to in one decode forward, each [layers, B]."""
+        self._decode_log.append((visual, keys))
+
+    @property
+    def prefill_visual_positions(self) -> list[list[torch.Tensor]]:
+        """[layer][sample]: sorted columns of the visual tokens whose key/value the layer holds after prefill."""
+        return [[c[m].cpu() for c, m in zip(cols, visual & valid)] for cols, valid, visual in self._prefill_log]
+
+    @property
+    def prefill_rows(self) -> list[list[int]]:
+        """[layer][sample]: tokens the layer processed during prefill (padding excluded)."""
+        return [valid.sum(-1).tolist() for _, valid, _ in self._prefill_log]
+
+    @property
+    def decode_visual_counts(self) -> list[list[list[int]]]:
+        """[step][layer][sample]: visual tokens the query of each decode forward attended to."""
+        return [visual.tolist() for visual, _ in self._decode_log]
+
+    @property
+    def decode_keys(self) -> list[list[list[int]]]:
+        """[step][layer][sample]: keys (all kinds) the query of each decode forward attended to."""
+        return [keys.tolist() for _, keys in self._decode_log]
+
     # ----------------------------------------------------------------------------------------- derived
     @property
     def pruned(self) -> bool:
         """Whether any layer ever held fewer visual tokens than the prompt had."""
-        full = self.visual_tokens
-        if any(count < n for layer in self.prefill_visual_positions for count, n in zip(map(len, layer), full)):
-            return True
-        return any(c < n for step in self.decode_visual_counts for layer in step for c, n in zip(layer, full))
+        full = torch.tensor(self.visual_tokens)
+        held = [(valid & visual).sum(-1).cpu() for _, valid, visual in self._prefill_log]
+        held += [visual.cpu() for visual, _ in self._decode_log]
+        return any(bool((counts < full).any()) for counts in held)
 
     @property
     def decode_steps(self) -> int:
-        return len(self.decode_keys)
+        return len(self._decode_log)
 
     @property
     def visual_per_layer(self) -> list[float]:
         """Mean over samples of the visual tokens each layer holds after prefill."""
-        return [sum(map(len, layer)) / self.batch_size for layer in self.prefill_visual_positions]
+        return [(valid & visual).sum().item() / self.batch_size for _, valid, visual in self._prefill_log]
 
     @property
     def visual_per_layer_final(self) -> list[float]:
         """Mean over samples of the visual tokens each layer attended to at the last decode forward."""
-        if not self.decode_visual_counts:
+        if not self._decode_log:
             return self.visual_per_layer
-        return [sum(layer) / self.batch_size for layer in self.decode_visual_counts[-1]]
+        return (self._decode_log[-1][0].sum(-1) / self.batch_size).tolist()
 
     def flops(self) -> dict[str, int]:
         """Theoretical FLOPs of the run and of the same run unpruned, summed over samples."""
         layers = range(self.shape.num_layers)
+        rows, decode_keys = self.prefill_rows, self.decode_keys
         out = dict(prefill=0, decode=0, prefill_unpruned=0, decode_unpruned=0)
         for b, tokens in enumerate(self.prompt_tokens):
-            out["prefill"] += prefill_flops(self.shape, [self.prefill_rows[layer][b] for layer in layers])
+            out["prefill"] += prefill_flops(self.shape, [rows[layer][b] for layer in layers])
             out["prefill_unpruned"] += prefill_flops(self.shape, [tokens] * self.shape.num_layers)
-            for t, step in enumerate(self.decode_keys):
+            for t, step in enumerate(decode_keys):
                 out["decode"] += decode_flops(self.shape, [step[layer][b] for layer in layers])
                 out["decode_unpruned"] += decode_flops(self.shape, [tokens + t + 1] * self.shape.num_layers)
         out["total"] = out["prefill"] + out["decode"]

@@ -44,12 +44,14 @@ class PrunableLayer(DynamicLayer):
         self.valid: torch.Tensor | None = None  # [B, S] False for padding slots
         self.visual: torch.Tensor | None = None  # [B, S] True for visual tokens
         self.visual_after_prefill: torch.Tensor | None = None  # [B] visual slots held when prefill ended
+        self.padded = False  # whether any slot is padding; kept on the host so masks need no device sync
 
     # ------------------------------------------------------------------------------------ bookkeeping
     def record(self, columns: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> None:
-        """Describe the slots the last `update` appended."""
+        """Describe the slots the last `update` appended (after prefill, only real tokens are appended)."""
         if self.columns is None:
             self.columns, self.valid, self.visual = columns, valid, visual
+            self.padded = not bool(valid.all())
         else:
             self.columns = torch.cat([self.columns, columns], dim=-1)
             self.valid = torch.cat([self.valid, valid], dim=-1)
@@ -68,6 +70,7 @@ class PrunableLayer(DynamicLayer):
         self.columns = gather(self.columns, index, dim=1)
         self.valid = gather(self.valid, index, dim=1) & valid
         self.visual = gather(self.visual, index, dim=1)
+        self.padded = not bool(self.valid.all())
 
     # ----------------------------------------------------------------- batch operations of generate()
     def _batch(self, fn) -> None:

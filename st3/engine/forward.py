@@ -155,8 +155,7 @@ class Engine:
             layer.record(columns, valid, visual)
             layer.visual_after_prefill = layer.visual_held
             layer.next_column, layer.steps = length, 0
-            trace.prefill_rows.append(valid.sum(-1).tolist())
-            trace.prefill_visual_positions.append([c[m] for c, m in zip(columns, visual)])
+            trace.log_prefill_layer(columns, valid, visual)
         self._measure_kv(cache)
         return hidden
 
@@ -263,18 +262,18 @@ class Engine:
         for index in range(self.num_layers):
             layer = cache.layers[index]
             layer_input = hidden
-            hidden = self._layer(index, hidden, torch.cat([layer.valid, new_valid], -1), cos, sin, cache, kwargs)
+            valid = torch.cat([layer.valid, new_valid], -1) if layer.padded else None
+            hidden = self._layer(index, hidden, valid, cos, sin, cache, kwargs)
             layer.record(column, new_valid, new_visual)
             layer.next_column, layer.steps = layer.next_column + 1, step + 1
-            counts.append(layer.visual_held.tolist())
-            keys.append(layer.valid.sum(-1).tolist())
+            counts.append(layer.visual_held)
+            keys.append(layer.valid.sum(-1))
             if self.method.record_positions:
                 positions.append([c[m] for c, m in zip(layer.columns, layer.valid & layer.visual)])
             budget = self.method.decode_budget(index, step + 1, layer.visual_after_prefill)
             if budget is not None and bool((layer.visual_held > budget).any()):
                 self._evict(index, layer, layer_input, cos, sin, budget)
-        self.trace.decode_visual_counts.append(counts)
-        self.trace.decode_keys.append(keys)
+        self.trace.log_decode_step(torch.stack(counts), torch.stack(keys))
         if self.method.record_positions:
             self.trace.decode_visual_positions.append(positions)
         self._measure_kv(cache)
