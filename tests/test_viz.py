@@ -1,0 +1,24 @@
+"""The kept-patches picture: the grid is exactly the trace's kept set; the PNG is written."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+import st3
+from st3.viz import kept_grid, plot_kept_patches, stage_layers
+
+
+def test_kept_grid_and_plot(model, inputs, tmp_path):
+    method = st3.Uniform(keep=6, layer=2)
+    with torch.no_grad(), method(model):
+        model(**inputs)
+    columns = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(-1)
+    full, kept = kept_grid(method.trace, columns, 1), kept_grid(method.trace, columns, 2)
+    assert full.shape == (6, 6) and full.all()
+    assert kept.flatten().nonzero().squeeze(-1).tolist() == [3, 9, 15, 21, 27, 33]
+    assert stage_layers(method.trace) == [0, 2, 5]
+    image = Image.fromarray((torch.rand(48, 48, 3) * 255).byte().numpy())
+    path = tmp_path / "kept.png"
+    assert plot_kept_patches(image, method.trace, columns, str(path)) == [0, 2, 5]
+    assert Image.open(path).size[0] > 300
