@@ -123,5 +123,32 @@ def list_methods() -> None:
         typer.echo(name)
 
 
+@app.command("eval")
+def evaluate(
+    model_dir: str = typer.Argument(..., help="A scenes LLaVA directory (e.g. st3/assets/scenes-llava)."),
+    split: str = typer.Option("test", help="train, validation or test."),
+    method: list[str] = typer.Option(["st3", "fastv", "pyramiddrop", "visionzip", "random"], "--method", "-m"),
+    budget: list[float] = typer.Option([1.0, 0.5, 0.33, 0.22, 0.11], help="Shares of visual tokens per layer."),
+    qa: int = typer.Option(200, help="One-word questions per method and budget."),
+    captions: int = typer.Option(50, help="Captions per method and budget."),
+    batch_size: int = typer.Option(16),
+    json_out: str = typer.Option("", "--json", help="Write the rows as JSON to this path."),
+    plot: str = typer.Option("", help="Write a PNG of accuracy vs prefill FLOPs to this path."),
+) -> None:
+    """Accuracy of each method at matched budgets on the synthetic scenes benchmark."""
+    from st3.evaluation import evaluate as run
+    from st3.evaluation import print_table, write_json, write_plot
+
+    try:
+        result = run(model_dir, split, tuple(method), tuple(budget), qa, captions, batch_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from None
+    print_table(result)
+    if json_out:
+        write_json(result, json_out)
+    if plot:
+        write_plot(result, plot)
+
+
 if __name__ == "__main__":
     app()

@@ -7,7 +7,7 @@ decides how many visual tokens each layer keeps, during prefill and during decod
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
@@ -88,6 +88,10 @@ class Method:
         return top_k_mask(scores, candidates, keep)
 
     # ----------------------------------------------------------------------------------- the API
+    def knobs(self) -> dict:
+        """The method's settings (its constructor arguments), e.g. for JSON."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
     def __call__(self, model: nn.Module) -> Session:
         """A context manager that applies this method to `model` and restores it on exit."""
         from st3.engine.session import Session

@@ -1,0 +1,64 @@
+"""`st3 eval` end to end on a tiny scenes model saved and loaded like a hub checkpoint, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from st3.cli import app
+from st3.data.model import ModelSpec, build_model
+from st3.data.processor import build_processor
+from st3.evaluation import depth_scaled
+
+runner = CliRunner()
+SPEC = ModelSpec(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=4, text_heads=2,
+                 text_kv_heads=1, text_intermediate=64)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scenes-llava")
+    build_model(SPEC).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return str(path)
+
+
+def test_eval_runs_end_to_end_and_writes_json_and_png(model_dir, tmp_path):
+    out, plot = tmp_path / "eval.json", tmp_path / "eval.png"
+    args = ["eval", model_dir, "--split", "validation", "-m", "st3", "-m", "fastv", "--budget", "1.0",
+            "--budget", "0.5", "--qa", "3", "--captions", "2", "--json", str(out), "--plot", str(plot)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["method"], r["budget"], r["task"]) for r in rows} == {
+        (m, b, t) for m, b in [("unpruned", 1.0), ("st3", 0.5), ("fastv", 0.5)] for t in ("qa", "caption")
+    }
+    for row in rows:
+        if row["method"] != "unpruned":
+            assert abs(row["visual_per_layer"] - 0.5 * 256) <= 1
+            assert row["prefill_flops_ratio"] < 1 and row["kv_ratio"] < 1
+    assert plot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["/nonexistent/model"], "no model at"),
+        (["MODEL", "-m", "nope"], "unknown method"),
+        (["MODEL", "--budget", "1.5"], "budget"),
+        (["MODEL", "--split", "dev"], "split"),
+    ],
+)
+def test_eval_rejects_bad_input_clearly(args, message, model_dir):
+    result = runner.invoke(app, ["eval", *[model_dir if a == "MODEL" else a for a in args]])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_layer_knobs_scale_with_depth():
+    assert depth_scaled("st3", 32) == {"start_layer": 2, "stride": 3}
+    assert depth_scaled("st3", 4) == {"start_layer": 1, "stride": 1}
+    assert depth_scaled("fastv", 16) == {"layer": 1}
+    assert depth_scaled("visionzip", 4) == {}
