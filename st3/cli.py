@@ -150,5 +150,40 @@ def evaluate(
         write_plot(result, plot)
 
 
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="A LLaVA checkpoint directory, or a hub id in the local cache."),
+    image: str = typer.Option(..., help="The image to ask about."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A question; repeatable (answered as a batch)."),
+    method: str = typer.Option("st3", "--method", "-m", help="Registered method name (see `st3 methods`)."),
+    knob: list[str] = typer.Option([], help="Method knob as KNOB=VALUE; repeatable."),
+    max_new_tokens: int = typer.Option(64),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    plot: str = typer.Option("", help="Write a PNG of the patches kept per layer to this path."),
+    json_out: str = typer.Option("", "--json", help="Write answers and costs as JSON to this path."),
+) -> None:
+    """Answer prompts about an image unpruned and under a method; compare answers, time, KV and FLOPs."""
+    import json
+
+    import st3
+    from st3.compare import compare, load, open_image, print_comparison
+    from st3.viz import plot_kept_patches
+
+    try:
+        chosen = st3.get(method, **parse_knobs(knob))
+        picture = open_image(image)
+        loaded, processor = load(model, dtype)
+        result = compare(loaded, processor, picture, list(prompt), chosen, max_new_tokens)
+    except (TypeError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from None
+    print_comparison(result)
+    if plot:
+        plot_kept_patches(picture, chosen.trace, result["image_columns"], plot, title=f"{method}: patches kept")
+        typer.echo(f"wrote {plot}")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({k: v for k, v in result.items() if k != "image_columns"}, f, indent=2, default=str)
+
+
 if __name__ == "__main__":
     app()

@@ -8,26 +8,14 @@ import pytest
 from typer.testing import CliRunner
 
 from st3.cli import app
-from st3.data.model import ModelSpec, build_model
-from st3.data.processor import build_processor
 from st3.evaluation import depth_scaled
 
 runner = CliRunner()
-SPEC = ModelSpec(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=4, text_heads=2,
-                 text_kv_heads=1, text_intermediate=64)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("scenes-llava")
-    build_model(SPEC).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    return str(path)
-
-
-def test_eval_runs_end_to_end_and_writes_json_and_png(model_dir, tmp_path):
+def test_eval_runs_end_to_end_and_writes_json_and_png(scenes_model_dir, tmp_path):
     out, plot = tmp_path / "eval.json", tmp_path / "eval.png"
-    args = ["eval", model_dir, "--split", "validation", "-m", "st3", "-m", "fastv", "--budget", "1.0",
+    args = ["eval", scenes_model_dir, "--split", "validation", "-m", "st3", "-m", "fastv", "--budget", "1.0",
             "--budget", "0.5", "--qa", "3", "--captions", "2", "--json", str(out), "--plot", str(plot)]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -51,8 +39,8 @@ def test_eval_runs_end_to_end_and_writes_json_and_png(model_dir, tmp_path):
         (["MODEL", "--split", "dev"], "split"),
     ],
 )
-def test_eval_rejects_bad_input_clearly(args, message, model_dir):
-    result = runner.invoke(app, ["eval", *[model_dir if a == "MODEL" else a for a in args]])
+def test_eval_rejects_bad_input_clearly(args, message, scenes_model_dir):
+    result = runner.invoke(app, ["eval", *[scenes_model_dir if a == "MODEL" else a for a in args]])
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
 

@@ -1,0 +1,120 @@
+"""Side by side: the same prompts about one image, answered unpruned and under a method.
+
+Used by `st3 generate` (any LLaVA checkpoint on disk or in the local hub cache) and by the main job.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from st3.methods.base import Method
+
+
+def load(model_id: str, dtype: str = "auto"):
+    """(model, processor) from a directory or a hub id available locally; clear errors otherwise."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype: must be one of {', '.join(dtypes)}, got {dtype!r}")
+    if not Path(model_id).is_dir() and Path(model_id).exists():
+        raise ValueError(f"model: {model_id!r} is a file; pass a checkpoint directory or a hub id")
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(model_id, dtype=dtypes[dtype])
+        processor = AutoProcessor.from_pretrained(model_id)
+    except OSError as error:
+        raise ValueError(f"model: cannot load {model_id!r} ({str(error).splitlines()[0]})") from None
+    processor.tokenizer.padding_side = "left"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), processor
+
+
+def open_image(path: str) -> Image.Image:
+    try:
+        return Image.open(path).convert("RGB")
+    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError) as error:
+        raise ValueError(f"image: cannot read {path!r} ({type(error).__name__})") from None
+
+
+def chat_prompt(processor, question: str) -> str:
+    """The model's own prompt format for one image and one question."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def answer(model, processor, image: Image.Image, questions: list[str], max_new_tokens: int, method=None):
+    """(answers, seconds, inputs) for `questions` about `image`, greedy, under `method` if given."""
+    inputs = processor(
+        images=[image] * len(questions),
+        text=[chat_prompt(processor, q) for q in questions],
+        return_tensors="pt",
+        padding=True,
+    ).to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.no_grad():
+        start = time.perf_counter()
+        if method is None:
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        else:
+            with method(model):
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        seconds = time.perf_counter() - start
+    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [t.strip() for t in texts], seconds, inputs
+
+
+def compare(
+    model, processor, image: Image.Image, questions: list[str], method: Method, max_new_tokens: int = 64
+) -> dict:
+    """Answers, time, KV bytes and decoder FLOPs, unpruned vs `method` (costs of the same forwards)."""
+    answer(model, processor, image, questions[:1], 2)  # warm-up
+    full, full_seconds, _ = answer(model, processor, image, questions, max_new_tokens)
+    pruned, seconds, inputs = answer(model, processor, image, questions, max_new_tokens, method)
+    summary = method.trace.summary()
+    return {
+        "questions": questions,
+        "unpruned": {"answers": full, "seconds": full_seconds},
+        "method": {"name": method.name, "knobs": method.knobs(), "answers": pruned, "seconds": seconds},
+        "trace": summary,
+        "image_columns": (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(-1).cpu(),
+    }
+
+
+def print_comparison(result: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    name, summary = result["method"]["name"], result["trace"]
+    answers = Table(title="answers", show_lines=True)
+    for column in ("question", "unpruned", name):
+        answers.add_column(column, overflow="fold")
+    for q, a, b in zip(result["questions"], result["unpruned"]["answers"], result["method"]["answers"]):
+        answers.add_row(q, a, b + ("" if a == b else "  (differs)"))
+    console.print(answers)
+
+    cost = Table(title=f"cost of the same forwards: unpruned vs {name}")
+    for column in ("", "unpruned", name, "ratio"):
+        cost.add_column(column, justify="right" if column else "left")
+    flops = summary["flops"]
+    for label, full, pruned, fmt in (
+        ("visual tokens per layer (prefill)", summary["visual_tokens"][0], summary["mean_visual_per_layer"], ".1f"),
+        ("prefill GFLOPs (decoder)", flops["prefill_unpruned"] / 1e9, flops["prefill"] / 1e9, ".3f"),
+        ("total GFLOPs (decoder)", flops["total_unpruned"] / 1e9, flops["total"] / 1e9, ".3f"),
+        ("KV cache at the end (KiB)", summary["kv_bytes_unpruned"] / 1024, summary["kv_bytes"] / 1024, ".0f"),
+        ("wall time (s)", result["unpruned"]["seconds"], result["method"]["seconds"], ".3f"),
+    ):
+        cost.add_row(label, format(full, fmt), format(pruned, fmt), f"{pruned / full:.1%}" if full else "")
+    console.print(cost)
+    for label, key in (("after prefill", "visual_per_layer"), ("at the last step", "visual_per_layer_final")):
+        console.print(
+            f"visual tokens per layer {label}: " + " ".join(str(round(v)) for v in summary[key]), soft_wrap=True
+        )
+    if summary["note"]:
+        console.print(f"note: {summary['note']}", soft_wrap=True)
