@@ -16,11 +16,12 @@ def main() -> None:
 def demo(
     max_new_tokens: int = typer.Option(64, help="Tokens to generate per run."),
     json_out: str = typer.Option("", "--json", help="Also write the comparison as JSON to this path."),
+    plot: str = typer.Option("st3-demo.png", help="Where to draw the patches kept per layer ('' for none)."),
 ) -> None:
     """Generate with and without ST3 on the embedded default model and compare cost side by side."""
     from st3.demo import run_demo
 
-    run_demo(max_new_tokens=max_new_tokens, json_path=json_out or None)
+    run_demo(max_new_tokens=max_new_tokens, json_path=json_out or None, plot_path=plot or None)
 
 
 @app.command()

@@ -1,91 +1,116 @@
-"""The main job on the embedded default: generate with and without ST3, compare what it cost.
+"""The main job: generate with and without ST3 on the embedded default model, compare what it cost.
 
-Until the project's trained demo model ships, the default is a random LLaVA built from config with the
-LLaVA-1.5 token layout (576 visual tokens from a 336 px image in 14 px patches) and a decoder as deep as
-LLaVA-1.5-7B's (32 layers) but narrow. Random weights produce meaningless text, but the cost of a pruned
-sequence does not depend on the weights: kept tokens per layer, KV bytes, FLOPs and wall time are real.
+With the project's trained scenes model (st3/assets/scenes-llava) present, it asks that model a few
+questions and for one caption about a bundled example scene (the first of the test split), prints the
+answers, time, KV bytes and FLOPs side by side, and draws which patches survive per layer over the image.
+
+Without it, the default is a random LLaVA built from config with LLaVA-1.5's token layout (576 visual
+tokens from a 336 px image in 14 px patches) and a decoder as deep as LLaVA-1.5-7B's (32 layers) but
+narrow. Random weights produce meaningless text, but the cost of a pruned sequence does not depend on the
+weights: kept tokens per layer, KV bytes, FLOPs and wall time are real.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import torch
+from PIL import Image
 from rich.console import Console
-from rich.table import Table
 
 import st3
+from st3.compare import print_comparison
 from st3.tiny import tiny_inputs, tiny_llava
+from st3.viz import plot_kept_patches
+
+TRAINED = Path(__file__).parent / "assets" / "scenes-llava"
+DEMO_SCENE = 2_000_000  # the first scene of the test split
+DEMO_KINDS = ("colour_of_shape", "shape_at", "left_of", "count_all")
 
 
 def demo_model():
-    """The embedded default: LLaVA-1.5 token layout, 32-layer narrow decoder, random weights, fp32."""
+    """The random default: LLaVA-1.5 token layout, 32-layer narrow decoder, fp32."""
     return tiny_llava(layers=32, hidden=128, heads=4, kv_heads=4, vocab=512, image_size=336, patch_size=14)
 
 
-def timed_generate(model, inputs, max_new_tokens: int, method=None):
-    """(sequences, cache, seconds) of a greedy generation, under `method` if given."""
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
-    with torch.no_grad():
-        start = time.perf_counter()
-        if method is None:
-            out = model.generate(**inputs, **kwargs)
-        else:
-            with method(model):
-                out = model.generate(**inputs, **kwargs)
-        seconds = time.perf_counter() - start
-    return out.sequences, out.past_key_values, seconds
-
-
-def cache_bytes(cache) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-
-
-def run_demo(max_new_tokens: int = 64, json_path: str | None = None, console: Console | None = None) -> dict:
-    """Run both generations, print a side-by-side table, and return (and optionally save) the figures."""
-    console = console or Console()
+def random_model_comparison(method: st3.Method, max_new_tokens: int) -> tuple[dict, Image.Image]:
+    """The random default under `method` vs unpruned, in the shape `st3.compare.compare` returns."""
     model = demo_model()
     inputs = tiny_inputs(model, ((12, 48),))  # 60 text tokens around the image, as in the README's arithmetic
-    method = st3.ST3()
-    timed_generate(model, inputs, 2)  # warm-up
-    full_tokens, full_cache, full_seconds = timed_generate(model, inputs, max_new_tokens)
-    st3_tokens, _, st3_seconds = timed_generate(model, inputs, max_new_tokens, method)
-    summary = method.trace.summary()
-    flops = summary["flops"]
-    full_kv = cache_bytes(full_cache)
-    assert full_kv == summary["kv_bytes_unpruned"], "the unpruned cache should match the trace's counterfactual"
-
-    table = Table(title=f"st3 demo: {method!r}")
-    table.add_column("")
-    table.add_column("unpruned", justify="right")
-    table.add_column("ST3", justify="right")
-    table.add_column("ST3 / unpruned", justify="right")
-
-    def row(name: str, full: float, pruned: float, fmt: str) -> None:
-        table.add_row(name, format(full, fmt), format(pruned, fmt), f"{pruned / full:.1%}")
-
-    n = summary["visual_tokens"][0]
-    row("visual tokens per layer (mean, prefill)", n, summary["mean_visual_per_layer"], ".1f")
-    row("prefill GFLOPs (decoder)", flops["prefill_unpruned"] / 1e9, flops["prefill"] / 1e9, ".3f")
-    row("total GFLOPs (decoder)", flops["total_unpruned"] / 1e9, flops["total"] / 1e9, ".3f")
-    row("KV cache at the end (KiB)", full_kv / 1024, summary["kv_bytes"] / 1024, ".0f")
-    row("wall time (s)", full_seconds, st3_seconds, ".3f")
-    console.print(table)
-    for label, key in (("after prefill", "visual_per_layer"), ("at the last step", "visual_per_layer_final")):
-        counts = " ".join(str(round(v)) for v in summary[key])
-        console.print(f"visual tokens per layer {label}: {counts}", soft_wrap=True)
-    same = (full_tokens == st3_tokens).float().mean().item()
-    console.print(f"generated tokens identical to unpruned: {same:.0%} (random weights: content is meaningless)")
-
+    runs = {}
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2)  # warm-up
+        for label, applied in (("unpruned", None), ("method", method)):
+            start = time.perf_counter()
+            if applied is None:
+                tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            else:
+                with applied(model):
+                    tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            runs[label] = {"seconds": time.perf_counter() - start, "tokens": tokens[0, inputs["input_ids"].shape[1] :]}
+    same = (runs["unpruned"]["tokens"] == runs["method"]["tokens"]).float().mean().item()
     result = {
-        "model": "random LLaVA-1.5 layout, 32 narrow layers (embedded default)",
-        "max_new_tokens": max_new_tokens,
-        "unpruned": {"seconds": full_seconds, "kv_bytes": full_kv},
-        "st3": {"seconds": st3_seconds, **summary},
+        "questions": ["(random token prompt; random weights, so the text is meaningless)"],
+        "unpruned": {"answers": [f"{len(runs['unpruned']['tokens'])} tokens"], "seconds": runs["unpruned"]["seconds"]},
+        "method": {
+            "name": method.name,
+            "knobs": method.knobs(),
+            "answers": [f"{same:.0%} of the tokens identical to unpruned"],
+            "seconds": runs["method"]["seconds"],
+        },
+        "trace": method.trace.summary(),
+        "image_columns": (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(-1),
     }
+    return result, Image.new("RGB", (336, 336), (150, 170, 200))
+
+
+def trained_model_comparison(method: st3.Method, max_new_tokens: int, model_dir: Path) -> tuple[dict, Image.Image]:
+    """The trained scenes model on the demo scene: a few questions and a caption, unpruned vs `method`."""
+    from st3.compare import compare, load
+    from st3.data.scenes import scene
+    from st3.data.tasks import CAPTION_PROMPT, candidates, caption
+
+    model, processor = load(str(model_dir), "float32")
+    example = scene(DEMO_SCENE)
+    options = candidates(example)
+    qas = [options[kind][0] for kind in DEMO_KINDS if kind in options]
+    result = compare(
+        model, processor, example.image, [qa.question for qa in qas] + [CAPTION_PROMPT], method, max_new_tokens
+    )
+    result["expected"] = [qa.answer for qa in qas] + [caption(example)]
+    return result, example.image
+
+
+def run_demo(
+    max_new_tokens: int = 64,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    console: Console | None = None,
+    model_dir: Path = TRAINED,
+) -> dict:
+    """Compare unpruned and ST3 on the embedded default; print, and write JSON / PNG when asked."""
+    console = console or Console()
+    method = st3.ST3()
+    if (model_dir / "config.json").is_file():
+        console.print(f"model: {model_dir} (trained here); scene {DEMO_SCENE} of the test split")
+        result, image = trained_model_comparison(method, max_new_tokens, model_dir)
+        console.print("expected: " + " | ".join(result["expected"]), soft_wrap=True)
+    else:
+        console.print(
+            "model: random LLaVA-1.5 layout, 32 narrow layers (the embedded default until a trained one ships)"
+        )
+        result, image = random_model_comparison(method, max_new_tokens)
+    print_comparison(result, console)
+    if plot_path:
+        plot_kept_patches(
+            image, method.trace, result["image_columns"], plot_path, title="ST3: patches kept after prefill"
+        )
+        console.print(f"wrote {plot_path}")
+    report = {key: value for key, value in result.items() if key != "image_columns"}
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(report, f, indent=2, default=str)
         console.print(f"wrote {json_path}")
-    return result
+    return report

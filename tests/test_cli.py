@@ -12,13 +12,29 @@ runner = CliRunner()
 
 
 def test_demo_compares_unpruned_and_st3(tmp_path):
-    path = tmp_path / "demo.json"
-    result = runner.invoke(app, ["demo", "--max-new-tokens", "3", "--json", str(path)])
+    path, plot = tmp_path / "demo.json", tmp_path / "demo.png"
+    result = runner.invoke(app, ["demo", "--max-new-tokens", "3", "--json", str(path), "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     assert "KV cache at the end" in result.output
-    report = json.loads(path.read_text())
-    assert report["st3"]["kv_bytes"] < report["unpruned"]["kv_bytes"]
-    assert report["st3"]["visual_per_layer"][:2] == [576, 576]
+    trace = json.loads(path.read_text())["trace"]
+    assert trace["kv_bytes"] < trace["kv_bytes_unpruned"]
+    assert trace["visual_per_layer"][:3] == [576, 576, 461]
+    assert plot.stat().st_size > 10_000
+
+
+def test_demo_uses_a_trained_scenes_model_when_present(scenes_model_dir, tmp_path):
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from st3.demo import run_demo
+
+    report = run_demo(
+        max_new_tokens=3, plot_path=str(tmp_path / "kept.png"), console=Console(), model_dir=Path(scenes_model_dir)
+    )
+    assert len(report["expected"]) == len(report["questions"]) == len(report["method"]["answers"]) == 5
+    assert report["questions"][-1] == "describe the image."
+    assert (tmp_path / "kept.png").stat().st_size > 5_000
 
 
 def test_plan_prints_the_default_arithmetic(tmp_path):
