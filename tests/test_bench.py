@@ -18,7 +18,7 @@ from st3.adapters.llava import LlavaAdapter
 from st3.bench import BenchConfig, main, run_bench
 from st3.bench.measure import cache_bytes_per_layer, spread, timed_generate, unpruned_flops
 from st3.bench.methods import Choice, match_cost, parse, resolve
-from st3.bench.report import write_json, write_plot
+from st3.bench.report import markdown, write_json, write_plot
 from st3.bench.shapes import ModelSpec, bench_inputs, build_model, llava_config, spec_for
 from st3.cli import app
 
@@ -28,26 +28,30 @@ def tiny_config(**overrides) -> BenchConfig:
     return BenchConfig(**{**knobs, **overrides})
 
 
+#: ST3 and, when registered, FastV matched to ST3's cost.
+SPECS = [spec for spec in ("st3", "fastv:match") if spec.split(":")[0] in st3.methods()]
+
+
 @pytest.fixture(scope="module")
 def result():
-    return run_bench(tiny_config(dtype="fp32"))
+    return run_bench(tiny_config(dtype="fp32", methods=SPECS))
 
 
 # ------------------------------------------------------------------------------------------- end to end
 def test_runs_end_to_end(result, tmp_path):
     assert [(b["batch_size"], b["new_tokens"]) for b in result["runs"]] == [(1, 4), (2, 4)]
     for block in result["runs"]:
-        assert list(block["methods"]) == ["vanilla", "st3"]
+        assert list(block["methods"]) == ["vanilla", "st3", *(["fastv (matched)"] if len(SPECS) > 1 else [])]
         for m in block["methods"].values():
             assert m["prefill_s"]["n"] == 2 and len(m["samples"]) == 2
             assert m["rss_peak_bytes"] > 0
         assert block["methods"]["st3"]["trace"]["pruned"]
-        # peers that are not registered (yet) are skipped with a note, not an error
-        assert all("not registered" in n for n in block["notes"]) or not block["notes"]
+        assert set(block["ratios"]) == set(block["methods"]) - {"vanilla"}
     write_json(result, tmp_path / "r.json")
     write_plot(result, tmp_path / "r.png")
     assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["batch_size"] == 1
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| st3 |" in markdown(result)
 
 
 def test_ratios_come_from_the_measured_medians(result, tmp_path):
@@ -184,10 +188,11 @@ def test_method_specs():
 
 def test_unregistered_methods():
     shape = Shape(4, 64, 128, 4, 2, 16)
-    resolved, notes = resolve(None, shape, 36, 10, 4)  # defaults: peers missing today are skipped
+    resolved, notes = resolve(None, shape, 36, 10, 4)  # defaults: ST3 + peers matched, unregistered ones skipped
     assert resolved[0].name == "st3"
     assert all(r.name in st3.methods() for r in resolved)
-    assert len(resolved) + len(notes) >= 3
+    assert [r.label for r in resolved[1:]] == [f"{r.name} (matched)" for r in resolved[1:]]
+    assert len(resolved) + sum("not registered" in n for n in notes) == 3
     with pytest.raises(ValueError, match="not registered"):
         resolve(["no-such-method"], shape, 36, 10, 4)
     resolved, notes = resolve(["st3:start_layer=9"], shape, 36, 10, 4)  # cannot run at 4 layers
@@ -207,3 +212,24 @@ def test_match_cost_reaches_the_target():
 def test_spread():
     assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "q1": 1.5, "q3": 2.5, "n": 3}
     assert spread([5.0])["q1"] == 5.0
+
+
+# ------------------------------------------------------------------------------------ model dir, profiler
+def test_model_dir_is_loaded_and_truncated(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "ckpt")
+    result = run_bench(tiny_config(model_dir=str(tmp_path / "ckpt"), layers=3, batch_sizes=[1], repeats=1, warmup=0))
+    assert result["meta"]["model"]["source"] == str(tmp_path / "ckpt")
+    assert result["meta"]["shape"]["num_layers"] == 3
+    assert result["runs"][0]["methods"]["st3"]["trace"]["pruned"]
+
+
+def test_profile_labels_the_engine_steps_and_restores_it():
+    from st3.bench.profile import run_profile
+    from st3.engine.forward import Engine
+
+    layer_call = Engine.__dict__["_layer"]
+    result = run_profile("tiny", layers=4, batch_size=1, new_tokens=5, dtype="fp32")
+    names = {row["name"] for row in result["method_labels"]}
+    assert "st3: mask building (create_causal_mask per layer)" in names
+    assert "st3: prefill scoring (re-projected attention)" in names
+    assert Engine.__dict__["_layer"] is layer_call

@@ -1,7 +1,7 @@
 """Which methods a benchmark runs: parsing `--method` specs, defaults, and matching peers at equal cost.
 
-A spec is `name`, `name:knob=value,knob=value`, or `name:match` (set the method's main knob so that its
-theoretical FLOPs equal the first unmatched method's, usually ST3 at its defaults). Names come from the
+A spec is `name`, `name:knob=value,knob=value`, or `name:match` (set the method's budget knob so that its
+theoretical total FLOPs equal the first unmatched method's, usually ST3 at its defaults). Names come from the
 registry, so any method registered with `st3.register` works; a default peer that is not registered
 (yet) is skipped with a note instead of failing the run.
 """
@@ -9,7 +9,6 @@ registry, so any method registered with `st3.register` works; a default peer tha
 from __future__ import annotations
 
 import ast
-import dataclasses
 from dataclasses import dataclass, field
 
 from st3.accounting import Shape
@@ -18,9 +17,6 @@ from st3.plan import plan
 
 DEFAULT_METHODS = ("st3", "fastv:match", "pyramiddrop:match")
 """ST3 at its defaults, and its two best-known peers at the same theoretical cost."""
-
-MATCH_KNOBS = ("ratio", "keep_ratio", "prune_ratio", "drop_ratio", "lambda_", "lam", "rate")
-"""Knob names tried, in order, when a method does not name its own cost knob (`cost_knob` class attribute)."""
 
 
 @dataclass
@@ -107,46 +103,31 @@ def resolve(
 def match_cost(
     choice: Choice, target: float, shape: Shape, visual: int, text: int, new_tokens: int
 ) -> tuple[Method, dict, str]:
-    """Set the method's cost knob so its planned total-FLOPs ratio is closest to `target`.
+    """Set the method's budget knob so its planned total-FLOPs ratio is as close to `target` as it gets.
 
-    The knob is searched over [0, 1] with the model-free planner (the method's own decisions priced by
-    the trace's formulas): a coarse grid, then bisection around the best point.
+    Uses `st3.budget.match` (the model-free planner, bisection on the method's `budget_knob`) and accepts
+    the closest achievable value, saying how close it came; a method without a budget knob runs at its
+    defaults, with a note.
     """
-    cls = type(get(choice.name, **choice.knobs))
-    knob = _cost_knob(cls)
+    from st3.budget import match
+
+    base = get(choice.name, **choice.knobs)
+    knob = getattr(type(base), "budget_knob", None)
     if knob is None:
-        method = get(choice.name, **choice.knobs)
-        method.validate_for(shape.num_layers)
-        return method, dict(choice.knobs), "no float knob in [0, 1] to match cost with; ran at its defaults"
-
-    def cost(value: float) -> float | None:
-        try:
-            method = get(choice.name, **{**choice.knobs, knob: value})
-            return plan(method, shape, visual, text, new_tokens).total_flops_ratio
-        except (ValueError, TypeError):
-            return None
-
-    grid = [i / 20 for i in range(21)]
-    costs = [(v, c) for v in grid if (c := cost(v)) is not None]
-    if not costs:
-        raise ValueError(f"no valid value of {knob} in [0, 1]")
-    best = min(costs, key=lambda vc: abs(vc[1] - target))
-    step = 0.05
-    for _ in range(10):  # pattern search: halve the step around the best point
-        step /= 2
-        near = [(v, c) for v in (best[0] - step, best[0] + step) if 0 <= v <= 1 and (c := cost(v)) is not None]
-        best = min([best, *near], key=lambda vc: abs(vc[1] - target))
-    value = round(best[0], 4)
-    knobs = {**choice.knobs, knob: value}
-    method = get(choice.name, **knobs)
-    note = f"{knob}={value} gives total FLOPs ratio {best[1]:.3f} (target {target:.3f}, ST3's)"
-    return method, knobs, note
-
-
-def _cost_knob(cls: type[Method]) -> str | None:
-    """The method's declared `cost_knob`, else the first float field named like a ratio."""
-    declared = getattr(cls, "cost_knob", None)
-    if declared:
-        return declared
-    floats = {f.name for f in dataclasses.fields(cls) if f.type in (float, "float")}
-    return next((name for name in MATCH_KNOBS if name in floats), None)
+        base.validate_for(shape.num_layers)
+        return base, dict(choice.knobs), "no budget knob to match cost with; ran at its defaults"
+    method = match(
+        base,
+        target,
+        metric="total_flops_ratio",
+        shape=shape,
+        visual=visual,
+        text=text,
+        new_tokens=new_tokens,
+        tolerance=float("inf"),
+    )
+    method.validate_for(shape.num_layers)
+    achieved = plan(method, shape, visual, text, new_tokens).total_flops_ratio
+    value = getattr(method, knob)
+    note = f"{knob}={value:.4g} gives total FLOPs ratio {achieved:.3f} (target {target:.3f}, ST3's)"
+    return method, {**choice.knobs, knob: value}, note

@@ -54,7 +54,7 @@ def measured_table(block: dict) -> Table:
     )
     table = _table(
         title,
-        ("method", "prefill s", "decode ms/tok", "end-to-end s", "tok/s", "KV peak MiB", "RSS peak GiB", "GFLOPs"),
+        ("method", "prefill s", "decode ms/tok", "end-to-end s", "tok/s", "KV peak/end MiB", "RSS peak GiB", "GFLOPs"),
     )
     for label, m in block["methods"].items():
         table.add_row(
@@ -63,7 +63,7 @@ def measured_table(block: dict) -> Table:
             escape(fmt_spread(m["decode_s_per_token"], 1e3)),
             escape(fmt_spread(m["e2e_s"])),
             f"{m['e2e_tokens_per_s']['median']:.3g}",
-            f"{m['kv_bytes_peak'] / MIB:.1f}",
+            f"{m['kv_bytes_peak'] / MIB:.1f} / {m['kv_bytes_final'] / MIB:.1f}",
             f"{m['rss_peak_bytes'] / GIB:.2f}",
             f"{m['flops']['total'] / 1e9:.4g}",
         )
@@ -73,11 +73,12 @@ def measured_table(block: dict) -> Table:
 def ratio_table(block: dict) -> Table:
     table = _table(
         f"batch {block['batch_size']}, {block['new_tokens']} new tokens: vs vanilla (speed-ups are x faster)",
-        ("method", "prefill x", "decode x", "e2e x", "KV ratio", "FLOPs x pre", "FLOPs x all", "eff pre", "eff e2e"),
+        ("method", "prefill x", "decode x", "e2e x", "KV peak", "KV end")
+        + ("FLOPs x pre", "FLOPs x all", "eff pre", "eff e2e"),
     )
     for label, r in block["ratios"].items():
-        keys = ("prefill_speedup", "decode_speedup", "e2e_speedup", "kv_ratio", "flops_speedup_prefill")
-        keys += ("flops_speedup_total", "efficiency_prefill", "efficiency_e2e")
+        keys = ("prefill_speedup", "decode_speedup", "e2e_speedup", "kv_ratio", "kv_ratio_final")
+        keys += ("flops_speedup_prefill", "flops_speedup_total", "efficiency_prefill", "efficiency_e2e")
         table.add_row(escape(label), *(f"{r[k]:.2f}" for k in keys))
     return table
 
@@ -177,3 +178,51 @@ def plot_visual(fig, ax, trace: dict, title: str) -> None:
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax)
+
+
+def markdown(result: dict) -> str:
+    """The result's blocks as Markdown tables (what benchmarks/README.md quotes), straight from the JSON."""
+    lines = []
+    for block in result["runs"]:
+        if "skipped" in block:
+            lines.append(f"batch {block['batch_size']}, {block['new_tokens']} tokens: skipped ({block['skipped']})\n")
+            continue
+        n = block["methods"]["vanilla"]["prefill_s"]["n"]
+        lines.append(
+            f"**batch {block['batch_size']}, {block['new_tokens']} new tokens** (prompt {block['prompt_tokens']} "
+            f"tokens, {block['visual_tokens']} visual; median [min-max] of {n})\n"
+        )
+        lines.append(
+            "| method | prefill s | decode ms/token | end-to-end s | tokens/s | KV peak / end MiB | RSS peak GiB |"
+        )
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for label, m in block["methods"].items():
+            cells = (
+                fmt_spread(m["prefill_s"]),
+                fmt_spread(m["decode_s_per_token"], 1e3),
+                fmt_spread(m["e2e_s"]),
+                f"{m['e2e_tokens_per_s']['median']:.3g}",
+                f"{m['kv_bytes_peak'] / MIB:.1f} / {m['kv_bytes_final'] / MIB:.1f}",
+                f"{m['rss_peak_bytes'] / GIB:.2f}",
+            )
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(
+            "| vs vanilla | prefill x | decode x | end-to-end x | KV ratio peak / end | FLOPs x (prefill / all) | "
+            "efficiency (prefill / e2e) |"
+        )
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for label, r in block["ratios"].items():
+            lines.append(
+                f"| {label} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} | {r['e2e_speedup']:.2f} | "
+                f"{r['kv_ratio']:.2f} / {r['kv_ratio_final']:.2f} | "
+                f"{r['flops_speedup_prefill']:.2f} / {r['flops_speedup_total']:.2f} | "
+                f"{r['efficiency_prefill']:.2f} / {r['efficiency_e2e']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m st3.bench.report RESULT.json ...: Markdown tables
+    for name in sys.argv[1:]:
+        print(markdown(json.loads(Path(name).read_text())))

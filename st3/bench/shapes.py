@@ -23,6 +23,8 @@ IMAGE_TOKEN = 32000
 PAD_TOKEN = 0
 FILL_STD = 0.02
 """Standard deviation of the random weights: small enough that activations stay finite in bf16."""
+POOL = (1 << 20) + 7
+"""Length of the block of random values that weights are tiled with."""
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -166,15 +168,38 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> N
 
 
 @torch.no_grad()
-def fill_random(model: nn.Module) -> None:
-    """Norm scales 1, biases 0, everything else N(0, FILL_STD^2): finite activations, no slow init."""
+def fill_random(model: nn.Module, seed: int = 0) -> None:
+    """Norm scales 1, biases 0, everything else N(0, FILL_STD^2) values, tiled.
+
+    Drawing 7 billion normal numbers takes minutes on a small CPU; copying a block of 2^20 + 7 of them
+    (a length no weight row divides, so rows do not repeat in lockstep), from a different offset per
+    tensor, runs at memory speed. The values only need to be finite and varied: speed does not depend on
+    them.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pools: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
     for name, param in model.named_parameters():
         if param.dim() == 1 and "norm" in name and name.endswith("weight"):
             param.fill_(1.0)
         elif param.dim() == 1 and name.endswith("bias"):
             param.zero_()
         else:
-            param.normal_(0.0, FILL_STD)
+            key = (param.dtype, param.device)
+            if key not in pools:
+                pools[key] = (torch.randn(2 * POOL, generator=generator) * FILL_STD).to(param.device, param.dtype)
+            offset = int(torch.randint(POOL, (1,), generator=generator))
+            tile(param, pools[key][offset : offset + POOL])
+
+
+def tile(param: torch.Tensor, block: torch.Tensor) -> None:
+    """Fill `param` with `block` repeated, in one broadcast copy."""
+    flat = param.view(-1)
+    whole = flat.numel() // block.numel()
+    if whole:
+        flat[: whole * block.numel()].view(whole, -1).copy_(block.expand(whole, -1))
+    rest = flat.numel() - whole * block.numel()
+    if rest:
+        flat[-rest:].copy_(block[:rest])
 
 
 def prepare(model: LlavaForConditionalGeneration, attn: str) -> LlavaForConditionalGeneration:
