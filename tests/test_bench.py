@@ -233,3 +233,12 @@ def test_profile_labels_the_engine_steps_and_restores_it():
     assert "st3: mask building (create_causal_mask per layer)" in names
     assert "st3: prefill scoring (re-projected attention)" in names
     assert Engine.__dict__["_layer"] is layer_call
+
+
+def test_bad_options_fail_before_building():
+    with pytest.raises(ValueError, match="--dtype"):
+        BenchConfig(dtype="int4")
+    with pytest.raises(ValueError, match="--new-tokens"):
+        BenchConfig(new_tokens=[1])
+    run = CliRunner().invoke(app, ["bench", "--model", "tiny", "--repeats", "0"])
+    assert run.exit_code != 0 and "--repeats" in run.output

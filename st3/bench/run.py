@@ -49,6 +49,19 @@ class BenchConfig:
     threads: int | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Fail before building a 13 GB model, naming the option that is wrong."""
+        checks = (
+            (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (self.repeats >= 1, f"--repeats must be >= 1, got {self.repeats}"),
+            (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
+            (all(b >= 1 for b in self.batch_sizes), f"--batch-sizes must be >= 1, got {self.batch_sizes}"),
+            (all(n >= 2 for n in self.new_tokens), f"--new-tokens must be >= 2, got {self.new_tokens}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
 
 def resolve_device(name: str) -> torch.device:
     """'auto' is CUDA when present, else CPU."""
