@@ -63,5 +63,131 @@ def bench(
         raise typer.BadParameter(str(error)) from None
     main(config, json_path=json_out or None, plot_path=plot or None)
 
+
+def parse_knobs(knobs: list[str]) -> dict:
+    """`["ratio=0.3", "query=text"]` -> {"ratio": 0.3, "query": "text"} (values parsed as JSON when they can be)."""
+    import json
+
+    parsed = {}
+    for item in knobs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KNOB=VALUE, got {item!r}", param_hint="--knob")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+@app.command()
+def plan(
+    method: str = typer.Option("st3", help="Registered method name (see `st3 methods`)."),
+    knob: list[str] = typer.Option([], help="Method knob as KNOB=VALUE; repeatable."),
+    shape: str = typer.Option("llava-1.5-7b", help="Decoder shape: llava-1.5-7b or llava-1.5-13b."),
+    visual: int = typer.Option(576, help="Visual tokens in the prompt."),
+    text: int = typer.Option(60, help="Other prompt tokens."),
+    new_tokens: int = typer.Option(64, help="Generated tokens."),
+    json_out: str = typer.Option("", "--json", help="Write the plan as JSON to this path."),
+) -> None:
+    """Print what a method does at a model shape, and what it costs, without running a model."""
+    import dataclasses
+    import json
+
+    import st3
+    from st3.plan import SHAPES
+    from st3.plan import plan as make_plan
+
+    if shape not in SHAPES:
+        raise typer.BadParameter(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}", param_hint="--shape")
+    try:
+        chosen = st3.get(method, **parse_knobs(knob))
+        result = make_plan(chosen, SHAPES[shape], visual=visual, text=text, new_tokens=new_tokens)
+    except (TypeError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from None
+    typer.echo(f"{chosen!r} on {shape}: {visual} visual + {text} text tokens, {new_tokens} generated")
+    typer.echo("visual tokens per layer after prefill: " + " ".join(map(str, result.prefill_visual)))
+    typer.echo("visual tokens per layer at the end:    " + " ".join(map(str, result.final_visual)))
+    typer.echo(f"mean visual tokens per layer (prefill): {result.mean_visual_per_layer:.1f}")
+    typer.echo(f"prefill FLOPs: {result.prefill_flops_ratio:.1%} of unpruned")
+    typer.echo(f"total FLOPs:   {result.total_flops_ratio:.1%} of unpruned")
+    typer.echo(f"KV cache at the end: {result.kv_ratio:.1%} of unpruned")
+    if json_out:
+        payload = dataclasses.asdict(result) | {"method": repr(chosen), "shape": shape}
+        with open(json_out, "w") as f:
+            json.dump(payload, f, indent=2)
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the registered methods."""
+    import st3
+
+    for name in st3.methods():
+        typer.echo(name)
+
+
+@app.command("eval")
+def evaluate(
+    model_dir: str = typer.Argument(..., help="A scenes LLaVA directory (e.g. st3/assets/scenes-llava)."),
+    split: str = typer.Option("test", help="train, validation or test."),
+    method: list[str] = typer.Option(["st3", "fastv", "pyramiddrop", "visionzip", "random"], "--method", "-m"),
+    budget: list[float] = typer.Option([1.0, 0.5, 0.33, 0.22, 0.11], help="Shares of visual tokens per layer."),
+    qa: int = typer.Option(200, help="One-word questions per method and budget."),
+    captions: int = typer.Option(50, help="Captions per method and budget."),
+    batch_size: int = typer.Option(16),
+    json_out: str = typer.Option("", "--json", help="Write the rows as JSON to this path."),
+    plot: str = typer.Option("", help="Write a PNG of accuracy vs prefill FLOPs to this path."),
+) -> None:
+    """Accuracy of each method at matched budgets on the synthetic scenes benchmark."""
+    from st3.evaluation import evaluate as run
+    from st3.evaluation import print_table, write_json, write_plot
+
+    try:
+        result = run(model_dir, split, tuple(method), tuple(budget), qa, captions, batch_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from None
+    print_table(result)
+    if json_out:
+        write_json(result, json_out)
+    if plot:
+        write_plot(result, plot)
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="A LLaVA checkpoint directory, or a hub id in the local cache."),
+    image: str = typer.Option(..., help="The image to ask about."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A question; repeatable (answered as a batch)."),
+    method: str = typer.Option("st3", "--method", "-m", help="Registered method name (see `st3 methods`)."),
+    knob: list[str] = typer.Option([], help="Method knob as KNOB=VALUE; repeatable."),
+    max_new_tokens: int = typer.Option(64),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    plot: str = typer.Option("", help="Write a PNG of the patches kept per layer to this path."),
+    json_out: str = typer.Option("", "--json", help="Write answers and costs as JSON to this path."),
+) -> None:
+    """Answer prompts about an image unpruned and under a method; compare answers, time, KV and FLOPs."""
+    import json
+
+    import st3
+    from st3.compare import compare, load, open_image, print_comparison
+    from st3.viz import plot_kept_patches
+
+    try:
+        chosen = st3.get(method, **parse_knobs(knob))
+        picture = open_image(image)
+        loaded, processor = load(model, dtype)
+        result = compare(loaded, processor, picture, list(prompt), chosen, max_new_tokens)
+    except (TypeError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from None
+    print_comparison(result)
+    if plot:
+        plot_kept_patches(picture, chosen.trace, result["image_columns"], plot, title=f"{method}: patches kept")
+        typer.echo(f"wrote {plot}")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({k: v for k, v in result.items() if k != "image_columns"}, f, indent=2, default=str)
+
+
 if __name__ == "__main__":
     app()
