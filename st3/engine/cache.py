@@ -28,11 +28,14 @@ def pack_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Gather along `dim` with a per-sample index [B, S'] (batch is dim 0, or -2 of position ids)."""
-    shape = [1] * x.dim()
-    shape[0 if dim != -1 else -2] = index.shape[0]
-    shape[dim] = index.shape[1]
-    return torch.take_along_dim(x, index.view(shape), dim=dim)
+    """Gather along `dim` with a per-sample index [B, S'] (batch is dim 0, or -2 of position ids).
+
+    One `index_select` per sample: contiguous results, and several times faster on CPU than
+    `take_along_dim`, whose broadcast index arithmetic dominated eviction time at batch 8.
+    """
+    if dim == -1:  # position ids [..., B, S]
+        return torch.stack([x[..., b, :].index_select(-1, index[b]) for b in range(index.shape[0])], dim=-2)
+    return torch.stack([x[b].index_select(dim - 1, index[b]) for b in range(index.shape[0])])
 
 
 class PrunableLayer(DynamicLayer):
