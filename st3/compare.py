@@ -5,6 +5,7 @@ Used by `st3 generate` (any LLaVA checkpoint on disk or in the local hub cache) 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -48,6 +49,14 @@ def chat_prompt(processor, question: str) -> str:
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
+def timed_generate(model, inputs: dict, method: Method | None = None, **kwargs):
+    """(output, seconds) of `model.generate(**inputs, **kwargs)`, under `method` when one is given."""
+    with torch.no_grad(), method(model) if method is not None else contextlib.nullcontext():
+        start = time.perf_counter()
+        out = model.generate(**inputs, **kwargs)
+        return out, time.perf_counter() - start
+
+
 def answer(model, processor, image: Image.Image, questions: list[str], max_new_tokens: int, method=None):
     """(answers, seconds, inputs) for `questions` about `image`, greedy, under `method` if given."""
     inputs = processor(
@@ -57,14 +66,7 @@ def answer(model, processor, image: Image.Image, questions: list[str], max_new_t
         padding=True,
     ).to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.no_grad():
-        start = time.perf_counter()
-        if method is None:
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        else:
-            with method(model):
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        seconds = time.perf_counter() - start
+    out, seconds = timed_generate(model, inputs, method, max_new_tokens=max_new_tokens, do_sample=False)
     texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return [t.strip() for t in texts], seconds, inputs
 

@@ -13,15 +13,13 @@ weights: kept tokens per layer, KV bytes, FLOPs and wall time are real.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 from rich.console import Console
 
 import st3
-from st3.compare import print_comparison
+from st3.compare import print_comparison, timed_generate
 from st3.tiny import tiny_inputs, tiny_llava
 from st3.viz import plot_kept_patches
 
@@ -39,17 +37,11 @@ def random_model_comparison(method: st3.Method, max_new_tokens: int) -> tuple[di
     """The random default under `method` vs unpruned, in the shape `st3.compare.compare` returns."""
     model = demo_model()
     inputs = tiny_inputs(model, ((12, 48),))  # 60 text tokens around the image, as in the README's arithmetic
+    timed_generate(model, inputs, max_new_tokens=2)  # warm-up
     runs = {}
-    with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=2)  # warm-up
-        for label, applied in (("unpruned", None), ("method", method)):
-            start = time.perf_counter()
-            if applied is None:
-                tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            else:
-                with applied(model):
-                    tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            runs[label] = {"seconds": time.perf_counter() - start, "tokens": tokens[0, inputs["input_ids"].shape[1] :]}
+    for label, applied in (("unpruned", None), ("method", method)):
+        tokens, seconds = timed_generate(model, inputs, applied, max_new_tokens=max_new_tokens, do_sample=False)
+        runs[label] = {"seconds": seconds, "tokens": tokens[0, inputs["input_ids"].shape[1] :]}
     same = (runs["unpruned"]["tokens"] == runs["method"]["tokens"]).float().mean().item()
     result = {
         "questions": ["(random token prompt; random weights, so the text is meaningless)"],

@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import st3
@@ -76,6 +75,7 @@ def configure(name: str, budget: float, num_layers: int, visual: int, text: int,
 
 def run_task(model, processor, examples, method, batch_size: int, progress) -> tuple[list[bool], dict]:
     """Greedy answers for `examples` under `method` (None: unpruned); exact-match hits and cost totals."""
+    from st3.compare import timed_generate
     from st3.data.processor import prompt
 
     hits, totals = [], {"visual": 0.0, "samples": 0, "prefill": 0, "prefill_full": 0, "kv": 0, "kv_full": 0}
@@ -85,19 +85,14 @@ def run_task(model, processor, examples, method, batch_size: int, progress) -> t
         inputs = processor(
             images=[e.image for e in batch], text=[prompt(e.question) for e in batch], return_tensors="pt", padding=True
         )
-        kwargs = dict(max_new_tokens=ANSWER_TOKENS[task], do_sample=False)
-        with torch.no_grad():
-            if method is None:
-                generated = model.generate(**inputs, **kwargs)
-            else:
-                with method(model):
-                    generated = model.generate(**inputs, **kwargs)
-                summary = method.trace.summary()
-                totals["visual"] += summary["mean_visual_per_layer"] * len(batch)
-                totals["prefill"] += summary["flops"]["prefill"]
-                totals["prefill_full"] += summary["flops"]["prefill_unpruned"]
-                totals["kv"] += summary["kv_bytes"]
-                totals["kv_full"] += summary["kv_bytes_unpruned"]
+        generated, _ = timed_generate(model, inputs, method, max_new_tokens=ANSWER_TOKENS[task], do_sample=False)
+        if method is not None:
+            summary = method.trace.summary()
+            totals["visual"] += summary["mean_visual_per_layer"] * len(batch)
+            totals["prefill"] += summary["flops"]["prefill"]
+            totals["prefill_full"] += summary["flops"]["prefill_unpruned"]
+            totals["kv"] += summary["kv_bytes"]
+            totals["kv_full"] += summary["kv_bytes_unpruned"]
         totals["samples"] += len(batch)
         texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         hits.extend(text.strip() == e.answer for text, e in zip(texts, batch))
