@@ -10,6 +10,8 @@ It replaces the decoder stack's `forward` while a method is applied. Compared wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
@@ -22,6 +24,36 @@ from st3.methods.base import Method
 from st3.trace import Trace
 
 _UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
+
+
+@dataclass
+class Rows:
+    """The rows of a prefill and everything that travels with each row, all [B, S, ...]."""
+
+    hidden: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    position_ids: torch.Tensor  # [..., B, S]
+    columns: torch.Tensor
+    valid: torch.Tensor
+    visual: torch.Tensor
+
+    def keep(self, keep: torch.Tensor) -> Rows:
+        """The rows where `keep` [B, S] holds, per sample in order, left-padded with invalid filler."""
+        index, filled = pack_index(keep)
+        return Rows(
+            hidden=gather(self.hidden, index, 1),
+            cos=gather(self.cos, index, 1),
+            sin=gather(self.sin, index, 1),
+            position_ids=gather(self.position_ids, index, -1),
+            columns=gather(self.columns, index, 1),
+            valid=gather(self.valid, index, 1) & filled,
+            visual=gather(self.visual, index, 1) & filled,
+        )
+
+    def without_visual(self, kept: torch.Tensor) -> Rows:
+        """Drop the visual rows not in `kept` (and padding)."""
+        return self.keep((self.valid & ~self.visual) | kept)
 
 
 def patch_index(candidates: torch.Tensor) -> torch.Tensor:
@@ -116,74 +148,64 @@ class Engine:
         if not valid[:, -1].all():
             raise ValueError("st3 needs left padding (the last prompt token must be real): set padding_side='left'")
         visual, note = self._visual_mask(batch, length, device)
-        visual &= valid
-        columns = torch.arange(length, device=device).expand(batch, length)
         if position_ids is None:
             position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
         position_ids = position_ids.expand(*position_ids.shape[:-2], batch, length)
         cos, sin = (t.expand(batch, -1, -1) for t in self.adapter.rotary(embeds, position_ids))
+        columns = torch.arange(length, device=device).expand(batch, length)
+        rows = Rows(embeds, cos, sin, position_ids, columns, valid, visual & valid)
 
-        trace = self._new_trace(batch, length, valid, visual, embeds.dtype, note)
+        trace = self._new_trace(batch, length, valid, rows.visual, embeds.dtype, note)
         if any(type(layer) is not DynamicLayer for layer in cache.layers):
             raise TypeError("st3 supports full-attention DynamicCache layers only (no sliding window or offloading)")
         cache.layers[:] = [PrunableLayer() for _ in range(self.num_layers)]
 
-        hidden, previous = embeds, None
-        if self.method.compresses_vision and bool(visual.any()):
-            hidden, kept = self._compress_before_decoder(hidden, visual)
-            rows, filled = pack_index((valid & ~visual) | kept)
-            hidden, cos, sin = gather(hidden, rows, 1), gather(cos, rows, 1), gather(sin, rows, 1)
-            position_ids = gather(position_ids, rows, -1)
-            columns, visual = gather(columns, rows, 1), gather(visual, rows, 1) & filled
-            valid = gather(valid, rows, 1) & filled
+        if self.method.compresses_vision and bool(rows.visual.any()):
+            rows = self._compress_before_decoder(rows)
+        previous = rows.hidden
         for index in range(self.num_layers):
-            held = visual.sum(-1)
+            held = rows.visual.sum(-1)
             keep = self.method.prefill_keep(index, self.num_layers, held)
             if keep is not None and bool((keep < held).any()):
-                scores = None
-                if self.method.needs_scores:
-                    scores = self._prefill_scores(index, hidden, previous, cos, sin, columns, valid, visual, cache)
-                selected = self.method.select(scores, visual, keep, patch_index(visual))
-                rows, filled = pack_index((valid & ~visual) | selected)
-                hidden, cos, sin = gather(hidden, rows, 1), gather(cos, rows, 1), gather(sin, rows, 1)
-                position_ids = gather(position_ids, rows, -1)
-                columns, visual = gather(columns, rows, 1), gather(visual, rows, 1) & filled
-                valid = gather(valid, rows, 1) & filled
-            previous = hidden
-            hidden = self._layer(index, hidden, valid, cos, sin, cache, kwargs)
+                scores = self._prefill_scores(index, rows, previous, cache) if self.method.needs_scores else None
+                rows = rows.without_visual(self.method.select(scores, rows.visual, keep, patch_index(rows.visual)))
+            previous = rows.hidden
+            rows.hidden = self._layer(index, rows.hidden, rows.valid, rows.cos, rows.sin, cache, kwargs)
             layer = cache.layers[index]
-            layer.record(columns, valid, visual)
+            layer.record(rows.columns, rows.valid, rows.visual)
             layer.visual_after_prefill = layer.visual_held
             layer.next_column, layer.steps = length, 0
-            trace.log_prefill_layer(columns, valid, visual)
+            trace.log_prefill_layer(rows.columns, rows.valid, rows.visual)
         self._measure_kv(cache)
-        return hidden
+        return rows.hidden
 
-    def _compress_before_decoder(self, hidden: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Let the method merge visual tokens from the vision tower's view; return new rows and the kept mask."""
+    def _compress_before_decoder(self, rows: Rows) -> Rows:
+        """Let the method merge visual tokens from the vision tower's view; return the surviving rows."""
+        hidden, visual = rows.hidden, rows.visual
         if "features" not in self.vision:
             raise ValueError(f"{type(self.method).__name__} needs the image itself: pass pixel_values to the model")
         saliency, keys, features = self.adapter.vision_saliency(self.vision)
         self.vision.clear()
         keep, replaced, merged = self.method.compress(saliency, keys, features)
-        rows = visual.nonzero(as_tuple=True)  # row-major: the order LLaVA scatters image features in
-        repeats, rest = divmod(len(rows[0]), keep.numel())
+        positions = visual.nonzero(as_tuple=True)  # row-major: the order LLaVA scatters image features in
+        repeats, rest = divmod(len(positions[0]), keep.numel())
         if rest or (repeats > 1 and keep.shape[0] * repeats != visual.shape[0]):
-            raise ValueError(f"{len(rows[0])} visual tokens in the prompt but {keep.numel()} image patches")
+            raise ValueError(f"{len(positions[0])} visual tokens in the prompt but {keep.numel()} image patches")
         if repeats > 1:  # generate() expanded one image per sample for beams / num_return_sequences
             keep, replaced, merged = (t.repeat_interleave(repeats, dim=0) for t in (keep, replaced, merged))
         hidden = hidden.clone()
         flat = replaced.reshape(-1)
         if bool(flat.any()):
             projected = self.adapter.project_features(merged[replaced].unsqueeze(0))[0]
-            hidden[rows[0][flat], rows[1][flat]] = projected.to(hidden.dtype)
+            hidden[positions[0][flat], positions[1][flat]] = projected.to(hidden.dtype)
         kept = torch.zeros_like(visual)
-        kept[rows] = keep.reshape(-1)
+        kept[positions] = keep.reshape(-1)
         self.trace.note = (
             f"{type(self.method).__name__} merged visual tokens before the decoder: {int(keep[0].sum())} of "
             f"{keep.shape[1]} per image reach it ({int(replaced[0].sum())} of them merges of several patches)"
         )
-        return hidden, kept
+        rows.hidden = hidden
+        return rows.without_visual(kept)
 
     def _visual_mask(self, batch: int, length: int, device) -> tuple[torch.Tensor, str]:
         ids = self.input_ids
@@ -221,18 +243,21 @@ class Engine:
         text = valid & ~visual & (columns > image_end)
         return torch.where(text.any(-1, keepdim=True), text, last)
 
-    def _prefill_scores(self, index, hidden, previous, cos, sin, columns, valid, visual, cache) -> torch.Tensor:
-        """Attention each current row received at layer index - 1 (at layer 0: its own attention)."""
+    def _prefill_scores(self, index: int, rows: Rows, previous: torch.Tensor, cache) -> torch.Tensor:
+        """Attention each current row received at layer index - 1 (at layer 0: its own attention).
+
+        `previous` holds the rows' inputs to layer index - 1: nothing was removed since that layer ran.
+        """
         scored = max(index - 1, 0)
-        source = previous if index > 0 else hidden
-        keys = cache.layers[scored].keys if index > 0 else self.adapter.project_keys(0, hidden, cos, sin)
-        rows, row_valid = pack_index(self._query_rows(columns, valid, visual))
-        row_columns = gather(columns, rows, 1)
+        project_keys = self.adapter.project_keys
+        keys = cache.layers[scored].keys if index > 0 else project_keys(0, rows.hidden, rows.cos, rows.sin)
+        picked, picked_valid = pack_index(self._query_rows(rows.columns, rows.valid, rows.visual))
         queries = self.adapter.project_queries(
-            scored, gather(source, rows, 1), gather(cos, rows, 1), gather(sin, rows, 1)
+            scored, gather(previous, picked, 1), gather(rows.cos, picked, 1), gather(rows.sin, picked, 1)
         )
-        visible = valid[:, None, :] & (columns[:, None, :] <= row_columns[:, :, None])
-        return attention_received(queries, keys, self.adapter.attention_scaling(scored), visible, row_valid)
+        query_columns = gather(rows.columns, picked, 1)
+        visible = rows.valid[:, None, :] & (rows.columns[:, None, :] <= query_columns[:, :, None])
+        return attention_received(queries, keys, self.adapter.attention_scaling(scored), visible, picked_valid)
 
     # -------------------------------------------------------------------------------------- decode
     def _decode(self, embeds, attention_mask, position_ids, cache: DynamicCache, kwargs) -> torch.Tensor:
