@@ -39,6 +39,7 @@ def bench(
     dtype: str = typer.Option("bf16", help="fp32, fp16 or bf16."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    clock: str = typer.Option("wall", help="wall, or cpu: the process's CPU time (robust on a shared CPU)."),
     json_out: str = typer.Option("", "--json", help="Write the full result as JSON to this path."),
     plot: str = typer.Option("", help="Write a PNG of ratios, KV per layer and visual tokens to this path."),
 ) -> None:
@@ -58,6 +59,7 @@ def bench(
             dtype=dtype,
             device=device,
             threads=threads or None,
+            clock=clock,
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None

@@ -235,6 +235,14 @@ def test_profile_labels_the_engine_steps_and_restores_it():
     assert Engine.__dict__["_layer"] is layer_call
 
 
+def test_cpu_clock_measures_process_time(tiny):
+    inputs = bench_inputs(tiny, 1, 3, 4)
+    sample = timed_generate(tiny, inputs, 4, clock="cpu")
+    assert sample.prefill_s > 0 and sample.decode_s_per_token > 0 and sample.e2e_s >= sample.prefill_s
+    with pytest.raises(ValueError, match="--clock"):
+        BenchConfig(clock="sundial")
+
+
 def test_bad_options_fail_before_building():
     with pytest.raises(ValueError, match="--dtype"):
         BenchConfig(dtype="int4")

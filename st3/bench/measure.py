@@ -33,17 +33,23 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
-class StepClock(LogitsProcessor):
-    """Records `time.perf_counter()` every time generate processes logits (once per forward)."""
+#: wall: elapsed time. cpu: this process's CPU time over all its threads, which counts the work done and not
+#: the time spent descheduled, so ratios stay meaningful when other processes share the cores (CPU only).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-    def __init__(self, sync: bool = False):
+
+class StepClock(LogitsProcessor):
+    """Records the clock every time generate processes logits (once per forward)."""
+
+    def __init__(self, sync: bool = False, clock=time.perf_counter):
         self.sync = sync
+        self.clock = clock
         self.stamps: list[float] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.sync:
             torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(self.clock())
         return scores
 
 
@@ -144,32 +150,35 @@ def generation_config(model, new_tokens: int):
     return config
 
 
-def timed_generate(model, inputs: dict, new_tokens: int, method: Method | None = None) -> Sample:
+def timed_generate(model, inputs: dict, new_tokens: int, method: Method | None = None, clock: str = "wall") -> Sample:
     """Run `model.generate` once (under `method` when given) and measure time, memory and the KV cache."""
     if new_tokens < 2:
         raise ValueError("new_tokens must be >= 2 to separate prefill from decode")
     cuda = model.device.type == "cuda"
+    if cuda and clock != "wall":
+        raise ValueError("--clock cpu measures host CPU time; on CUDA use --clock wall")
+    now = CLOCKS[clock]
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     scoped = reset_peak_rss()
     rss_before = rss_bytes()
-    clock = StepClock(sync=cuda)
+    stamps = StepClock(sync=cuda, clock=now)
     config = generation_config(model, new_tokens)
     with method(model) if method is not None else nullcontext(), torch.inference_mode():
-        start = time.perf_counter()
-        out = model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList([clock]))
+        start = now()
+        out = model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList([stamps]))
         if cuda:
             torch.cuda.synchronize()
-        end = time.perf_counter()
+        end = now()
     generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
-    if generated != new_tokens or len(clock.stamps) != new_tokens:
-        raise RuntimeError(f"generate made {generated} tokens ({len(clock.stamps)} forwards), not {new_tokens}")
+    if generated != new_tokens or len(stamps.stamps) != new_tokens:
+        raise RuntimeError(f"generate made {generated} tokens ({len(stamps.stamps)} forwards), not {new_tokens}")
     per_layer = cache_bytes_per_layer(out.past_key_values)
     trace = trace_digest(method) if method is not None else None
     return Sample(
-        prefill_s=clock.stamps[0] - start,
-        decode_s_per_token=(clock.stamps[-1] - clock.stamps[0]) / (new_tokens - 1),
+        prefill_s=stamps.stamps[0] - start,
+        decode_s_per_token=(stamps.stamps[-1] - stamps.stamps[0]) / (new_tokens - 1),
         e2e_s=end - start,
         new_tokens=new_tokens,
         batch_size=inputs["input_ids"].shape[0],

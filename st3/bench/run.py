@@ -19,7 +19,7 @@ import transformers
 from tqdm import tqdm
 
 from st3.adapters.llava import LlavaAdapter
-from st3.bench.measure import Sample, spread, timed_generate, unpruned_flops
+from st3.bench.measure import CLOCKS, Sample, spread, timed_generate, unpruned_flops
 from st3.bench.methods import Resolved, resolve
 from st3.bench.shapes import DTYPES, bench_inputs, build_model, load_model_dir, shape_name, spec_for
 
@@ -47,12 +47,15 @@ class BenchConfig:
     text_before: int = 35
     text_after: int = 40
     threads: int | None = None
+    clock: str = "wall"
+    """wall, or cpu: the process's CPU time (robust when other processes share the cores; CPU only)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
         """Fail before building a 13 GB model, naming the option that is wrong."""
         checks = (
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (self.clock in CLOCKS, f"--clock must be one of {', '.join(CLOCKS)}, got {self.clock!r}"),
             (self.repeats >= 1, f"--repeats must be >= 1, got {self.repeats}"),
             (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
             (all(b >= 1 for b in self.batch_sizes), f"--batch-sizes must be >= 1, got {self.batch_sizes}"),
@@ -118,11 +121,11 @@ def run_block(model, config: BenchConfig, batch_size: int, new_tokens: int, meth
     try:
         for _ in range(config.warmup):
             for entry in entries:
-                timed_generate(model, inputs, min(new_tokens, WARMUP_TOKENS), entry.method)
+                timed_generate(model, inputs, min(new_tokens, WARMUP_TOKENS), entry.method, config.clock)
                 bar.update()
         for _ in range(config.repeats):
             for entry in entries:
-                samples[entry.label].append(timed_generate(model, inputs, new_tokens, entry.method))
+                samples[entry.label].append(timed_generate(model, inputs, new_tokens, entry.method, config.clock))
                 bar.update()
     except torch.cuda.OutOfMemoryError as error:  # larger batches where memory allows
         torch.cuda.empty_cache()
