@@ -244,7 +244,7 @@ def test_shared_prefix_training_equals_separate_sequences():
     tokenizer = build_processor().tokenizer
     batch = make_batch(tokenizer, [11, 12], questions=2, caption_weight=2.0, image_tokens=spec.image_tokens)
     with torch.no_grad():
-        shared = shared_prefix_logits(model, batch)
+        shared, _ = shared_prefix_logits(model, batch)
         width = batch.prefix_ids.shape[1]
         row = 0
         for image, repeats in enumerate(batch.repeats.tolist()):
@@ -254,3 +254,47 @@ def test_shared_prefix_training_equals_separate_sequences():
                 full = model(input_ids=ids, pixel_values=batch.pixel_values[image : image + 1]).logits[0, width:]
                 torch.testing.assert_close(shared[row, :n], full, atol=1e-5, rtol=1e-4)
                 row += 1
+
+
+def test_owner_map_and_patch_labels_match_the_objects():
+    from st3.data.train import patch_labels
+
+    for seed in range(30):
+        sc = scene(seed)
+        assert sc.owner.shape == (128, 128)
+        labels = patch_labels(sc, 8).view(16, 16, 3)
+        for index, o in enumerate(sc.objects):
+            ys, xs = (sc.owner == index).nonzero()
+            assert len(ys) > 100, "every object is drawn"
+            # drawn inside its own grid cell
+            assert (ys // (128 / GRID)).min() == o.row == (ys // (128 / GRID)).max()
+            assert (xs // (128 / GRID)).min() == o.col == (xs // (128 / GRID)).max()
+            centre = labels[int(ys.mean()) // 8, int(xs.mean()) // 8].tolist()
+            want = [COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1]
+            assert centre == want or o.shape in ("cross", "star")  # thin shapes may leave their centre patch
+        assert ((labels == 0).all(-1) | (labels > 0).all(-1)).all()
+
+
+def test_focus_attention_matches_eager_attention():
+    from st3.data.model import ModelSpec, build_model
+    from st3.data.train import make_batch, shared_prefix_logits
+
+    spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
+                     text_heads=4, text_kv_heads=2, text_intermediate=64)  # fmt: skip
+    model = build_model(spec).eval()
+    tokenizer = build_processor().tokenizer
+    batch = make_batch(tokenizer, [21], questions=3, caption_weight=1.5, image_tokens=spec.image_tokens)
+    assert len(batch.focus_rows) > 5
+    with torch.no_grad():
+        _, loss = shared_prefix_logits(model, batch, focus_layer=1, focus_heads=2)
+        model.set_attn_implementation("eager")
+        terms = []
+        width = batch.prefix_ids.shape[1]
+        for row, pos, mask in zip(batch.focus_rows.tolist(), batch.focus_pos.tolist(), batch.focus_mask):
+            n = int((batch.suffix_ids[row] != tokenizer.pad_token_id).sum())
+            ids = torch.cat([batch.prefix_ids[0], batch.suffix_ids[row, :n]])[None]
+            out = model(input_ids=ids, pixel_values=batch.pixel_values, output_attentions=True)
+            attn = out.attentions[1][0, :2, width + pos]  # [heads, keys]
+            image = attn[:, batch.image_start : batch.image_start + spec.image_tokens]
+            terms.append(-((image * mask).sum(-1) + 1e-6).log())
+    torch.testing.assert_close(loss, torch.cat(terms).mean(), atol=1e-5, rtol=1e-4)

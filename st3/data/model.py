@@ -67,36 +67,60 @@ class ModelSpec:
         )
 
 
-def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """2-D sine-cosine position codes [grid*grid, dim] (half the channels for rows, half for columns)."""
-    quarter = dim // 4
-    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+def sincos_2d(grid: int, dim: int, heads: int = 1) -> torch.Tensor:
+    """2-D sine-cosine position codes [grid*grid, dim].
+
+    The channels split into `heads` equal blocks; each block holds, for its own band of frequencies, the
+    sine and cosine of the row and of the column, so that within one attention head the dot product of two
+    codes is a sum of cos(w * row distance) + cos(w * column distance): largest for nearby patches.
+    """
+    per = dim // heads // 4
+    freqs = 1.0 / (64.0 ** (torch.arange(per * heads, dtype=torch.float64) / (per * heads)))
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    parts = []
-    for coord in (rows.flatten(), cols.flatten()):
-        angles = coord[:, None].double() * freqs[None]
-        parts += [angles.sin(), angles.cos()]
-    codes = torch.cat(parts, dim=1)
-    return torch.nn.functional.pad(codes, (0, dim - codes.shape[1])).float()
+    rows, cols = rows.flatten().double(), cols.flatten().double()
+    blocks = []
+    for h in range(heads):
+        f = freqs[h * per : (h + 1) * per]
+        r, c = rows[:, None] * f, cols[:, None] * f
+        blocks.append(torch.stack([r.sin(), r.cos(), c.sin(), c.cos()], dim=-1).flatten(1))
+        blocks.append(torch.zeros(len(rows), dim // heads - 4 * per, dtype=torch.float64))
+    return torch.cat(blocks, dim=1).float()
 
 
 def build_model(
-    spec: ModelSpec | None = None, seed: int = 0, attn: str = "sdpa", position_scale: float = 0.5
+    spec: ModelSpec | None = None,
+    seed: int = 0,
+    attn: str = "sdpa",
+    position_scale: float = 0.5,
+    local_attention: float = 2.0,
 ) -> LlavaForConditionalGeneration:
     """A randomly initialised scenes LLaVA (fp32), with generation set to stop at `</s>`.
 
-    The vision tower's learned position embeddings start from 2-D sine-cosine codes times `position_scale`
-    (0 keeps the stock random init): where a patch lies is what the questions are about, and a random start
-    leaves positions drowned by the patch embeddings for many steps.
+    Two choices of initialisation (the architecture stays stock CLIP + LLaVA + Llama) make a vision
+    transformer trained from scratch on a few thousand images see shapes:
+
+    - the vision tower's learned position embeddings start from 2-D sine-cosine codes times
+      `position_scale` (laid out per head, see `sincos_2d`) instead of small random numbers;
+    - its query and key projections start as `local_attention` times the identity plus a third of the
+      random init, so each head's scores start as a sum of cosines of the patch distance: local attention
+      at several scales, which a randomly initialised ViT takes many thousands of steps to discover.
+
+    `position_scale=0` and `local_attention=0` give the stock random init.
     """
     spec = spec or ModelSpec()
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(spec.config())
-    if position_scale:
-        embedding = model.model.vision_tower.embeddings.position_embedding
-        grid = spec.image_size // spec.patch_size
-        with torch.no_grad():
-            embedding.weight[1:] = position_scale * sincos_2d(grid, spec.vision_hidden)
+    tower = model.model.vision_tower
+    grid = spec.image_size // spec.patch_size
+    with torch.no_grad():
+        if position_scale:
+            codes = sincos_2d(grid, spec.vision_hidden, spec.vision_heads)
+            tower.embeddings.position_embedding.weight[1:] = position_scale * codes
+        if local_attention:
+            eye = torch.eye(spec.vision_hidden)
+            for layer in tower.encoder.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                    proj.weight.copy_(local_attention * eye + 0.3 * proj.weight)
     model.set_attn_implementation(attn)
     vocab = {word: i for i, word in enumerate(vocabulary())}
     model.generation_config.eos_token_id = vocab[EOS]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -35,6 +35,7 @@ RGB = {
 }
 RADIUS = {"small": 0.22, "large": 0.38}  # half the object's extent, as a fraction of the cell side
 SUPERSAMPLE = 4
+JITTER = 0.0  # how far an object may stray from its cell centre, as a fraction of the free margin
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Scene:
     seed: int
     objects: tuple[SceneObject, ...]  # in reading order (row-major)
     image: Image.Image
+    owner: np.ndarray = field(repr=False, compare=False)  # [H, W] int8: index of the object drawn there, or -1
 
     def at(self, row: int, col: int) -> SceneObject | None:
         return next((o for o in self.objects if o.row == row and o.col == col), None)
@@ -112,11 +114,12 @@ def scene(seed: int, image_size: int = IMAGE_SIZE) -> Scene:
     pixels = _background(rng, noise, image_size)
     cell = image_size / GRID
     big = image_size * SUPERSAMPLE
-    for obj in objects:
+    owner = np.full((image_size, image_size), -1, dtype=np.int8)
+    for index, obj in enumerate(objects):
         r = RADIUS[obj.size] * cell
-        slack = cell / 2 - r - 1.5
-        cx = (obj.col + 0.5) * cell + rng.uniform(-slack, slack) * 0.6
-        cy = (obj.row + 0.5) * cell + rng.uniform(-slack, slack) * 0.6
+        slack = (cell / 2 - r - 1.5) * JITTER
+        cx = (obj.col + 0.5) * cell + rng.uniform(-slack, slack)
+        cy = (obj.row + 0.5) * cell + rng.uniform(-slack, slack)
         mask = Image.new("L", (big, big), 0)
         draw = ImageDraw.Draw(mask)
         s = SUPERSAMPLE
@@ -128,6 +131,7 @@ def scene(seed: int, image_size: int = IMAGE_SIZE) -> Scene:
         alpha = np.asarray(mask.resize((image_size, image_size), Image.BOX), dtype=np.float64)[..., None] / 255
         colour = np.array(RGB[obj.colour], dtype=np.float64) + [rng.uniform(-12, 12) for _ in range(3)]
         pixels = pixels * (1 - alpha) + colour * alpha
+        owner[alpha[..., 0] >= 0.5] = index
     pixels += noise.normal(0, 4, pixels.shape)
     image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
-    return Scene(seed=seed, objects=objects, image=image)
+    return Scene(seed=seed, objects=objects, image=image, owner=owner)

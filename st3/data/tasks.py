@@ -76,6 +76,7 @@ class QA:
     kind: str
     question: str
     answer: str
+    focus: tuple[tuple[int, int], ...] = ()  # grid cells (row, col) where the answer is to be seen
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,9 @@ def candidates(scene_: Scene) -> dict[str, list[QA]]:
     objs = scene_.objects
     out: dict[str, list[QA]] = {k: [] for k in KINDS}
 
-    def add(kind: str, question: str, answer: str) -> None:
-        out[kind].append(QA(kind, question, answer))
+    def add(kind: str, question: str, answer: str, *focus: SceneObject | tuple[int, int]) -> None:
+        cells = tuple(f if isinstance(f, tuple) else (f.row, f.col) for f in focus)
+        out[kind].append(QA(kind, question, answer, cells))
 
     def unique(pred) -> SceneObject | None:
         hits = [o for o in objs if pred(o)]
@@ -153,35 +155,39 @@ def candidates(scene_: Scene) -> dict[str, list[QA]]:
 
     for shape in SHAPES:
         if (o := unique(lambda o, s=shape: o.shape == s)) is not None:
-            add("colour_of_shape", f"what colour is the {shape}?", o.colour)
+            add("colour_of_shape", f"what colour is the {shape}?", o.colour, o)
         else:
             for size in SIZES:
                 if (o := unique(lambda o, s=shape, z=size: o.shape == s and o.size == z)) is not None:
-                    add("colour_of_shape", f"what colour is the {size} {shape}?", o.colour)
-        add("count_shape", f"how many {PLURALS[shape]} are there?", NUMBERS[sum(o.shape == shape for o in objs)])
+                    add("colour_of_shape", f"what colour is the {size} {shape}?", o.colour, o)
+        hits = [o for o in objs if o.shape == shape]
+        add("count_shape", f"how many {PLURALS[shape]} are there?", NUMBERS[len(hits)], *hits)
     for colour in COLOURS:
         if (o := unique(lambda o, c=colour: o.colour == c)) is not None:
-            add("shape_of_colour", f"what shape is the {colour} object?", o.shape)
-        add("count_colour", f"how many {colour} objects are there?", NUMBERS[sum(o.colour == colour for o in objs)])
-    add("count_all", "how many objects are there?", NUMBERS[len(objs)])
+            add("shape_of_colour", f"what shape is the {colour} object?", o.shape, o)
+        hits = [o for o in objs if o.colour == colour]
+        add("count_colour", f"how many {colour} objects are there?", NUMBERS[len(hits)], *hits)
+    add("count_all", "how many objects are there?", NUMBERS[len(objs)], *objs)
     for row in range(GRID):
         for col in range(GRID):
             o = scene_.at(row, col)
-            add("shape_at", f"what is at the {position(row, col)}?", NOTHING if o is None else o.shape)
-            add("occupied", f"is there an object at the {position(row, col)}?", "no" if o is None else "yes")
+            add("shape_at", f"what is at the {position(row, col)}?", NOTHING if o is None else o.shape, (row, col))
+            answer = "no" if o is None else "yes"
+            add("occupied", f"is there an object at the {position(row, col)}?", answer, (row, col))
             if o is not None:
-                add("colour_at", f"what colour is the object at the {position(row, col)}?", o.colour)
+                add("colour_at", f"what colour is the object at the {position(row, col)}?", o.colour, o)
     for shape in SHAPES:
         for colour in COLOURS:
             o = unique(lambda o, s=shape, c=colour: o.shape == s and o.colour == c)
-            present = any(o2.shape == shape and o2.colour == colour for o2 in objs)
-            add("exists", f"is there {article(colour)} {colour} {shape}?", "yes" if present else "no")
+            hits = [o2 for o2 in objs if o2.shape == shape and o2.colour == colour]
+            add("exists", f"is there {article(colour)} {colour} {shape}?", "yes" if hits else "no", *hits)
             if o is None:
                 continue
-            add("size_of", f"what size is the {colour} {shape}?", o.size)
+            add("size_of", f"what size is the {colour} {shape}?", o.size, o)
             for kind in DIRECTIONS:
                 n = _neighbour(scene_, o, kind)
-                add(kind, f"what is {DIRECTION_WORDS[kind]} the {colour} {shape}?", NOTHING if n is None else n.shape)
+                question = f"what is {DIRECTION_WORDS[kind]} the {colour} {shape}?"
+                add(kind, question, NOTHING if n is None else n.shape, o if n is None else n)
     return {k: v for k, v in out.items() if v}
 
 
