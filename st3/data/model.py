@@ -20,14 +20,14 @@ from st3.data.scenes import IMAGE_SIZE
 class ModelSpec:
     image_size: int = IMAGE_SIZE
     patch_size: int = PATCH_SIZE
-    vision_hidden: int = 192
-    vision_layers: int = 4
+    vision_hidden: int = 128
+    vision_layers: int = 3
     vision_heads: int = 4
-    text_hidden: int = 256
+    text_hidden: int = 128
     text_layers: int = 4
-    text_heads: int = 8
-    text_kv_heads: int = 4
-    text_intermediate: int = 768
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 384
     max_positions: int = 512
 
     @property

@@ -1,6 +1,6 @@
 """Train the scenes LLaVA from scratch on CPU: seeded, resumable, QA mixed with captions.
 
-    python scripts/train.py --out runs/scenes --export st3/assets/scenes-llava --steps 6000
+    python scripts/train.py --out runs/scenes --export st3/assets/scenes-llava
 
 Each step draws `--images` training scenes (scene seeds step*images ... , so the data order is a function of
 the step alone and a resumed run sees exactly the batches it would have seen). Per scene the model is trained
@@ -323,25 +323,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/scenes", help="checkpoint and log directory")
     p.add_argument("--export", default="st3/assets/scenes-llava", help="save_pretrained target at the end")
-    p.add_argument("--steps", type=int, default=3000, help="total steps, the vision phase included")
+    p.add_argument("--steps", type=int, default=6400, help="total steps, the vision phase included")
     p.add_argument("--vision-steps", type=int, default=400, help="first steps: vision tower + patch probe only")
     p.add_argument("--vision-images", type=int, default=16, help="scenes per vision-phase step")
-    p.add_argument("--images", type=int, default=8, help="scenes per step")
-    p.add_argument("--questions", type=int, default=8, help="distinct questions per scene")
+    p.add_argument("--images", type=int, default=4, help="scenes per step")
+    p.add_argument("--questions", type=int, default=16, help="distinct questions per scene")
     p.add_argument("--caption-weight", type=float, default=2.0)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-fraction", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch probe loss (0: off)")
     p.add_argument("--focus-weight", type=float, default=0.5, help="weight of the attention focus loss (0: off)")
     p.add_argument("--focus-layer", type=int, default=-1, help="decoder layer of the focus loss (-1: the middle)")
-    p.add_argument("--focus-heads", type=int, default=1, help="heads of that layer the focus loss applies to")
+    p.add_argument("--focus-heads", type=int, default=2, help="heads of that layer the focus loss applies to")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--eval-qa", type=int, default=300)
-    p.add_argument("--eval-captions", type=int, default=60)
+    p.add_argument("--eval-every", type=int, default=400)
+    p.add_argument("--eval-qa", type=int, default=200)
+    p.add_argument("--eval-captions", type=int, default=40)
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--spec", default="{}", help="ModelSpec overrides as JSON, e.g. '{\"text_hidden\": 192}'")
     return p.parse_args(argv)
