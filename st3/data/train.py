@@ -79,18 +79,36 @@ def sequence_ids(tokenizer, question: str, answer: str) -> tuple[list[int], int]
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
-def patch_labels(sc, patch_size: int, min_pixels: int = 6) -> torch.Tensor:
-    """[patches, 3] labels of each patch (raster order): 1 + colour, 1 + shape, 1 + size of the object covering
-    at least `min_pixels` of it (the one covering most), or 0, 0, 0 for background."""
+def patch_owner(sc, patch_size: int, min_pixels: int = 6) -> np.ndarray:
+    """[patches] (raster order): index of the object covering at least `min_pixels` of each patch (the one
+    covering most), or -1 for background."""
     grid = sc.owner.shape[0] // patch_size
     owner = sc.owner.reshape(grid, patch_size, grid, patch_size).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
     counts = np.stack([(owner == i).sum(1) for i in range(len(sc.objects))], axis=1)
-    best = counts.argmax(1)
-    covered = counts.max(1) >= min_pixels
-    table = np.array([[COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1]
-                      for o in sc.objects])  # fmt: skip
-    labels = np.where(covered[:, None], table[best], 0)
-    return torch.from_numpy(labels).long()
+    return np.where(counts.max(1) >= min_pixels, counts.argmax(1), -1)
+
+
+def patch_labels(sc, patch_size: int, min_pixels: int = 6) -> torch.Tensor:
+    """[patches, 3] labels of each patch (raster order): 1 + colour, 1 + shape, 1 + size of the object covering
+    at least `min_pixels` of it (the one covering most), or 0, 0, 0 for background."""
+    best = patch_owner(sc, patch_size, min_pixels)
+    table = np.array([[0, 0, 0]] + [[COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1]
+                                    for o in sc.objects])  # fmt: skip
+    return torch.from_numpy(table[best + 1]).long()
+
+
+def focus_mask(sc, cells, cell_of_patch: torch.Tensor, owner: np.ndarray, target: str) -> torch.Tensor:
+    """[patches] bool: where the answer about `cells` is seen. target "cells": all patches of those grid cells;
+    "objects": the patches of the object in each cell (all patches of the cell where it holds none)."""
+    mask = torch.zeros_like(cell_of_patch, dtype=torch.bool)
+    for row, col in cells:
+        obj = next((i for i, o in enumerate(sc.objects) if (o.row, o.col) == (row, col)), None)
+        own = torch.from_numpy(owner == obj) if obj is not None else None
+        if target == "objects" and own is not None and own.any():
+            mask |= own
+        else:
+            mask |= cell_of_patch == row * GRID + col
+    return mask
 
 
 class PatchProbe(nn.Module):
@@ -142,12 +160,13 @@ def patch_cells(image_tokens: int, patch_size: int) -> torch.Tensor:
 
 
 def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: float, image_tokens: int,
-               patch_size: int = PATCH_SIZE) -> Batch:  # fmt: skip
+               patch_size: int = PATCH_SIZE, focus_target: str = "objects") -> Batch:  # fmt: skip
     prefix = split_prompt(tokenizer, image_tokens)
     scenes = [scene(s) for s in seeds]
     rows, weights, repeats, focus = [], [], [], []
     cell_of_patch = patch_cells(image_tokens, patch_size)
     for sc in scenes:
+        owner = patch_owner(sc, patch_size)
         rng = random.Random(f"train:{sc.seed}")
         seen: set[str] = set()
         for _ in range(questions * 4):
@@ -159,7 +178,7 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
             seen.add(qa.question)
             ids, prompt_len = sequence_ids(tokenizer, qa.question, qa.answer)
             if qa.focus:
-                focus.append((len(rows), prompt_len - 1, qa.focus))
+                focus.append((len(rows), prompt_len - 1, focus_mask(sc, qa.focus, cell_of_patch, owner, focus_target)))
             rows.append((ids, prompt_len))
             weights.append(1.0)
         n = len(seen)
@@ -167,7 +186,8 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
             ids, prompt_len = sequence_ids(tokenizer, CAPTION_PROMPT, caption(sc))
             for k, o in enumerate(sc.objects):  # "size colour shape at row col ," per object
                 for t in (0, 1, 2, 4, 5):
-                    focus.append((len(rows), prompt_len + 7 * k + t - 1, ((o.row, o.col),)))
+                    where = focus_mask(sc, [(o.row, o.col)], cell_of_patch, owner, focus_target)
+                    focus.append((len(rows), prompt_len + 7 * k + t - 1, where))
             rows.append((ids, prompt_len))
             weights.append(caption_weight)
             n += 1
@@ -190,9 +210,8 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
         image_start=prefix.index(tokenizer.convert_tokens_to_ids(IMAGE)),
         focus_rows=torch.tensor([r for r, _, _ in focus], dtype=torch.long),
         focus_pos=torch.tensor([q for _, q, _ in focus], dtype=torch.long),
-        focus_mask=torch.stack([torch.isin(cell_of_patch, torch.tensor([r * GRID + c for r, c in cells]))
-                                for _, _, cells in focus]) if focus else torch.zeros(0, image_tokens, dtype=torch.bool),
-    )  # fmt: skip
+        focus_mask=torch.stack([m for _, _, m in focus]) if focus else torch.zeros(0, image_tokens, dtype=torch.bool),
+    )
 
 
 def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -337,12 +356,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--focus-weight", type=float, default=0.5, help="weight of the attention focus loss (0: off)")
     p.add_argument("--focus-layer", type=int, default=-1, help="decoder layer of the focus loss (-1: the middle)")
     p.add_argument("--focus-heads", type=int, default=2, help="heads of that layer the focus loss applies to")
+    p.add_argument(
+        "--focus-target",
+        choices=["objects", "cells"],
+        default="objects",
+        help="attend to the object's patches, or to its whole grid cell",
+    )
+    p.add_argument(
+        "--focus-cells-until",
+        type=int,
+        default=0,
+        help="use cell targets before this step whatever --focus-target says (a coarse-to-fine schedule)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--eval-qa", type=int, default=200)
     p.add_argument("--eval-captions", type=int, default=40)
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--export-only", action="store_true", help="export the checkpoint in --out and stop")
     p.add_argument("--spec", default="{}", help="ModelSpec overrides as JSON, e.g. '{\"text_hidden\": 192}'")
     return p.parse_args(argv)
 
@@ -385,6 +417,11 @@ def main(argv: list[str] | None = None) -> dict:
         step = state["step"]
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
     print(f"model: {parameter_count(model) / 1e6:.2f}M parameters, spec {dataclasses.asdict(spec)}", flush=True)
+    if args.export_only:  # the checkpoint as it stands (best so far), without training on
+        model.eval()
+        export(model, processor, args.export)
+        print(f"saved the step-{step} model and processor to {args.export}", flush=True)
+        return {"step": step}
 
     train_start, train_end = SPLITS["train"]
     last_save = time.time()
@@ -405,8 +442,9 @@ def main(argv: list[str] | None = None) -> dict:
             lm_step = step - args.vision_steps
             lr = lr_at(lm_step, args.steps - args.vision_steps, args.lr, args.warmup, args.min_lr_fraction)
             seeds = [train_start + (lm_step * args.images + j) % (train_end - train_start) for j in range(args.images)]
+            target = "cells" if step < args.focus_cells_until else args.focus_target
             batch = make_batch(
-                tokenizer, seeds, args.questions, args.caption_weight, spec.image_tokens, spec.patch_size
+                tokenizer, seeds, args.questions, args.caption_weight, spec.image_tokens, spec.patch_size, target
             )
             logits, focus = shared_prefix_logits(model, batch, focus_layer=focus_layer, focus_heads=args.focus_heads)
             loss, stats = loss_of(logits, batch)
