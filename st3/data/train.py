@@ -112,18 +112,24 @@ def focus_mask(sc, cells, cell_of_patch: torch.Tensor, owner: np.ndarray, target
 
 
 class PatchProbe(nn.Module):
-    """Auxiliary training head (not exported): reads colour, shape and size of the object under each patch
-    from the vision features the projector receives. Dense per-patch supervision gets the vision tower to
-    encode objects where they are long before the answer loss alone would."""
+    """Auxiliary training head (not exported): a linear read-out of colour, shape and size of the object under
+    each patch. Dense per-patch supervision gets the vision tower to encode objects where they are long before
+    the answer loss alone would. at="projector" reads the projector's output (the visual tokens the decoder
+    gets), so the projector must keep what the tower found; at="vision" reads the tower's output only (then the
+    projector was seen to drop most of the colour information while the decoder was still learning)."""
 
-    def __init__(self, model, vision_hidden: int):
+    def __init__(self, model, at: str = "projector"):
         super().__init__()
-        self.head = nn.Linear(vision_hidden, len(COLOURS) + 1 + len(SHAPES) + 1 + len(SIZES) + 1)
+        config = model.config
+        width = config.text_config.hidden_size if at == "projector" else config.vision_config.hidden_size
+        self.at = at
+        self.head = nn.Linear(width, len(COLOURS) + 1 + len(SHAPES) + 1 + len(SIZES) + 1)
         self.features: torch.Tensor | None = None
-        model.model.multi_modal_projector.register_forward_pre_hook(self._capture)
-
-    def _capture(self, module, args):
-        self.features = args[0]
+        projector = model.model.multi_modal_projector
+        if at == "projector":
+            projector.register_forward_hook(lambda module, args, out: setattr(self, "features", out))
+        else:
+            projector.register_forward_pre_hook(lambda module, args: setattr(self, "features", args[0]))
 
     def loss(self, labels: torch.Tensor, features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Colour (or none) over all patches, shape and size over the patches an object covers."""
@@ -142,13 +148,14 @@ class PatchProbe(nn.Module):
         return loss / 3, stats
 
     def vision_loss(self, model, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The probe loss from the vision tower alone (the features LLaVA hands its projector)."""
+        """The probe loss from the vision tower (and projector) alone, without the decoder."""
         config = model.config
         out = model.model.vision_tower(pixels, output_hidden_states=True)
         features = out.hidden_states[config.vision_feature_layer]
         if config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
-        return self.loss(labels, features)
+        model.model.multi_modal_projector(features)  # the hooks capture what the probe reads
+        return self.loss(labels)
 
 
 def patch_cells(image_tokens: int, patch_size: int) -> torch.Tensor:
@@ -352,6 +359,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-lr-fraction", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument(
+        "--probe-at",
+        choices=["projector", "vision"],
+        default="projector",
+        help="what the per-patch probe reads: the projector's output or the vision tower's",
+    )
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch probe loss (0: off)")
     p.add_argument("--focus-weight", type=float, default=0.5, help="weight of the attention focus loss (0: off)")
     p.add_argument("--focus-layer", type=int, default=-1, help="decoder layer of the focus loss (-1: the middle)")
@@ -363,10 +376,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="attend to the object's patches, or to its whole grid cell",
     )
     p.add_argument(
-        "--focus-cells-until",
+        "--stop-at",
         type=int,
         default=0,
-        help="use cell targets before this step whatever --focus-target says (a coarse-to-fine schedule)",
+        help="checkpoint and stop at this step without exporting; a later run resumes (0: run to --steps)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -395,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
     focus_layer = None
     if args.focus_weight > 0:
         focus_layer = args.focus_layer if args.focus_layer >= 0 else spec.text_layers // 2
-    probe = PatchProbe(model, spec.vision_hidden) if args.aux_weight > 0 or args.vision_steps > 0 else None
+    probe = PatchProbe(model, args.probe_at) if args.aux_weight > 0 or args.vision_steps > 0 else None
     named = list(model.named_parameters()) + (list(probe.named_parameters()) if probe else [])
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
@@ -428,7 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
     running: dict[str, float] = {}
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, mininterval=2.0)
     step_times: list[float] = []
-    while step < args.steps:
+    stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
+    while step < stop:
         t0 = time.time()
         if step < args.vision_steps:  # phase 1: the vision tower and probe alone, on many images per step
             lr = lr_at(step, 10**9, args.lr, args.warmup)  # warm-up, then constant
@@ -442,9 +456,14 @@ def main(argv: list[str] | None = None) -> dict:
             lm_step = step - args.vision_steps
             lr = lr_at(lm_step, args.steps - args.vision_steps, args.lr, args.warmup, args.min_lr_fraction)
             seeds = [train_start + (lm_step * args.images + j) % (train_end - train_start) for j in range(args.images)]
-            target = "cells" if step < args.focus_cells_until else args.focus_target
             batch = make_batch(
-                tokenizer, seeds, args.questions, args.caption_weight, spec.image_tokens, spec.patch_size, target
+                tokenizer,
+                seeds,
+                args.questions,
+                args.caption_weight,
+                spec.image_tokens,
+                spec.patch_size,
+                args.focus_target,
             )
             logits, focus = shared_prefix_logits(model, batch, focus_layer=focus_layer, focus_heads=args.focus_heads)
             loss, stats = loss_of(logits, batch)
@@ -487,10 +506,13 @@ def main(argv: list[str] | None = None) -> dict:
         if record is not None:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if time.time() - last_save > args.checkpoint_minutes * 60 or step == args.steps:
+        if time.time() - last_save > args.checkpoint_minutes * 60 or step == stop:
             save_checkpoint(ckpt_path, model, probe, optimizer, step, vars(args), spec)
             last_save = time.time()
     bar.close()
+    if step < args.steps:
+        print(f"stopped at step {step} (--stop-at); the checkpoint is in {ckpt_path}", flush=True)
+        return {"step": step}
     model.eval()
     export(model, processor, args.export)
     print(f"saved model and processor to {args.export}", flush=True)
