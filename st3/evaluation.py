@@ -26,7 +26,7 @@ from st3.adapters import adapter_for
 
 BUDGETS = (1.0, 0.5, 0.33, 0.22, 0.11)
 METHODS = ("st3", "fastv", "pyramiddrop", "visionzip", "random")
-ANSWER_TOKENS = {"qa": 3, "caption": 64}
+ANSWER_TOKENS = {"qa": 3, "caption": 80}
 
 
 @dataclass

@@ -18,8 +18,16 @@ def test_demo_compares_unpruned_and_st3(tmp_path):
     assert "KV cache at the end" in result.output
     trace = json.loads(path.read_text())["trace"]
     assert trace["kv_bytes"] < trace["kv_bytes_unpruned"]
-    assert trace["visual_per_layer"][:3] == [576, 576, 461]
     assert plot.stat().st_size > 10_000
+
+
+def test_demo_without_a_trained_model_uses_the_random_llava_layout(tmp_path):
+    from rich.console import Console
+
+    from st3.demo import run_demo
+
+    report = run_demo(max_new_tokens=3, console=Console(), model_dir=tmp_path / "absent")
+    assert report["trace"]["visual_per_layer"][:3] == [576, 576, 461]
 
 
 def test_demo_uses_a_trained_scenes_model_when_present(scenes_model_dir, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from st3.data.processor import IMAGE, build_processor, pixel_values, prompt
-from st3.data.scenes import COLOURS, COLS, GRID, MAX_OBJECTS, MIN_OBJECTS, ROWS, SHAPES, SIZES, scene
+from st3.data.scenes import COLOURS, COLS, GRID, IMAGE_SIZE, MAX_OBJECTS, MIN_OBJECTS, ROWS, SHAPES, SIZES, scene
 from st3.data.tasks import (
     CAPTION_PROMPT,
     KINDS,
@@ -42,7 +42,7 @@ def test_scene_is_a_function_of_the_seed():
 def test_scene_contents():
     for seed in range(200):
         sc = scene(seed)
-        assert sc.image.mode == "RGB" and sc.image.size == (128, 128)
+        assert sc.image.mode == "RGB" and sc.image.size == (IMAGE_SIZE, IMAGE_SIZE)
         assert MIN_OBJECTS <= len(sc.objects) <= MAX_OBJECTS
         cells = [(o.row, o.col) for o in sc.objects]
         assert len(set(cells)) == len(cells), "one object per cell"
@@ -54,7 +54,7 @@ def test_scene_contents():
 
 def test_background_is_not_flat():
     sc = scene(3)
-    pixels = torch.tensor(list(sc.image.get_flattened_data()), dtype=torch.float32).view(128, 128, 3)
+    pixels = torch.tensor(list(sc.image.get_flattened_data()), dtype=torch.float32).view(IMAGE_SIZE, IMAGE_SIZE, 3)
     empty = [(r, c) for r in range(GRID) for c in range(GRID) if sc.at(r, c) is None]
     assert empty
     r, c = empty[0]
@@ -160,6 +160,10 @@ def test_caption_round_trip():
     e = example("test", 3, "caption")
     assert e.question == CAPTION_PROMPT and parse_caption(e.answer) == list(e.scene.objects)
     assert parse_caption("large red star at top") is None
+    cells = caption(scene(4)).split(", ")
+    assert len(cells) == GRID * GRID and cells[0].startswith("top left ") and cells[-1].startswith("bottom right ")
+    assert parse_caption(", ".join(cells[1:])) is None, "every cell must be described"
+    assert parse_caption(", ".join([cells[1], cells[0], *cells[2:]])) is None, "in reading order"
 
 
 def test_vocabulary_covers_every_text():
@@ -196,15 +200,15 @@ def test_processor_loads_expands_image_tokens_and_left_pads(saved_processor):
         padding=True,
     )
     image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE)
-    assert (batch["input_ids"] == image_id).sum(1).tolist() == [256, 256]
-    assert batch["pixel_values"].shape == (2, 3, 128, 128)
+    assert (batch["input_ids"] == image_id).sum(1).tolist() == [324, 324]
+    assert batch["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
     mask = batch["attention_mask"]
     assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1].all(), "left padding"
     assert batch["input_ids"][0, 0] == processor.tokenizer.pad_token_id
     first = int(mask[0].argmax())
     assert batch["input_ids"][0, first] == processor.tokenizer.bos_token_id
     prompt_tokens = int(mask[0].sum())
-    assert 256 / prompt_tokens >= 0.8, "visual tokens are at least 80% of a QA prompt"
+    assert 324 / prompt_tokens >= 0.8, "visual tokens are at least 80% of a QA prompt"
     # the training fast path makes the same pixels as the image processor
     assert torch.allclose(pixel_values([short.image, long.image]), batch["pixel_values"], atol=1e-6)
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": short.question}]}]
@@ -223,7 +227,7 @@ def test_tiny_model_round_trips_through_from_pretrained(tmp_path, saved_processo
     build_processor().save_pretrained(tmp_path)
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     processor = AutoProcessor.from_pretrained(tmp_path)
-    assert loaded.config.image_seq_length == 256 == spec.image_tokens
+    assert loaded.config.image_seq_length == 324 == spec.image_tokens
     e = example("validation", 0)
     inputs = processor(images=e.image, text=prompt(e.question), return_tensors="pt")
     with torch.no_grad():
@@ -256,23 +260,39 @@ def test_shared_prefix_training_equals_separate_sequences():
                 row += 1
 
 
-def test_owner_map_and_patch_labels_match_the_objects():
-    from st3.data.train import patch_labels
+def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
+    from st3.data.train import OBJECT_HEADS, PROBE_HEADS, patch_labels
 
+    heads = [name for name, _ in PROBE_HEADS + OBJECT_HEADS]
+    side, cell = IMAGE_SIZE // 8, IMAGE_SIZE // GRID
+    assert side % GRID == 0, "grid cells are whole patches"
     for seed in range(30):
         sc = scene(seed)
-        assert sc.owner.shape == (128, 128)
-        labels = patch_labels(sc, 8).view(16, 16, 3)
+        assert sc.owner.shape == (IMAGE_SIZE, IMAGE_SIZE)
+        labels = patch_labels(sc, side * side, 8).view(side, side, len(heads))
+        options = candidates(sc)
+        directions = [qa for kind in ("left_of", "right_of", "above", "below") for qa in options.get(kind, [])]
         for index, o in enumerate(sc.objects):
             ys, xs = (sc.owner == index).nonzero()
             assert len(ys) > 100, "every object is drawn"
-            # drawn inside its own grid cell
-            assert (ys // (128 / GRID)).min() == o.row == (ys // (128 / GRID)).max()
-            assert (xs // (128 / GRID)).min() == o.col == (xs // (128 / GRID)).max()
-            centre = labels[int(ys.mean()) // 8, int(xs.mean()) // 8].tolist()
+            assert (ys // cell).min() == o.row == (ys // cell).max(), "drawn inside its own grid cell"
+            assert (xs // cell).min() == o.col == (xs // cell).max()
+            centre = dict(zip(heads, labels[int(ys.mean()) // 8, int(xs.mean()) // 8].tolist()))
             want = [COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1]
-            assert centre == want or o.shape in ("cross", "star")  # thin shapes may leave their centre patch
-        assert ((labels == 0).all(-1) | (labels > 0).all(-1)).all()
+            if o.shape not in ("cross", "star"):  # thin shapes may leave their centre patch
+                assert [centre["object_colour"], centre["object_shape"], centre["object_size"]] == want
+        for r in range(side):
+            for c in range(side):
+                row, col = r * GRID // side, c * GRID // side
+                got = dict(zip(heads, labels[r, c].tolist()))
+                assert (got["row"], got["col"]) == (row, col)
+                o = sc.at(row, col)
+                want = (0, 0, 0) if o is None else (
+                    COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1)  # fmt: skip
+                assert (got["colour"], got["shape"], got["size"]) == want
+                for qa in directions:  # the neighbour labels answer the direction questions about the cell
+                    if qa.focus == ((row, col),):
+                        assert got[f"{qa.kind}_shape"] == (0 if qa.answer == NOTHING else SHAPES.index(qa.answer) + 1)
 
 
 def test_focus_attention_matches_eager_attention():
@@ -290,11 +310,15 @@ def test_focus_attention_matches_eager_attention():
         model.set_attn_implementation("eager")
         terms = []
         width = batch.prefix_ids.shape[1]
-        for row, pos, mask in zip(batch.focus_rows.tolist(), batch.focus_pos.tolist(), batch.focus_mask):
+        assert batch.focus_by_content.any() and not batch.focus_by_content.all()
+        for row, pos, mask, by_content in zip(
+            batch.focus_rows.tolist(), batch.focus_pos.tolist(), batch.focus_mask, batch.focus_by_content.tolist()
+        ):
             n = int((batch.suffix_ids[row] != tokenizer.pad_token_id).sum())
             ids = torch.cat([batch.prefix_ids[0], batch.suffix_ids[row, :n]])[None]
             out = model(input_ids=ids, pixel_values=batch.pixel_values, output_attentions=True)
-            attn = out.attentions[1][0, :2, width + pos]  # [heads, keys]
+            heads = slice(2, 4) if by_content else slice(0, 2)
+            attn = out.attentions[1][0, heads, width + pos]  # [heads, keys]
             image = attn[:, batch.image_start : batch.image_start + spec.image_tokens]
             terms.append(-((image * mask).sum(-1) + 1e-6).log())
     torch.testing.assert_close(loss, torch.cat(terms).mean(), atol=1e-5, rtol=1e-4)

@@ -25,7 +25,7 @@ def test_eval_runs_end_to_end_and_writes_json_and_png(scenes_model_dir, tmp_path
     }
     for row in rows:
         if row["method"] != "unpruned":
-            assert abs(row["visual_per_layer"] - 0.5 * 256) <= 1
+            assert abs(row["visual_per_layer"] - 0.5 * 324) <= 1
             assert row["prefill_flops_ratio"] < 1 and row["kv_ratio"] < 1
     assert plot.stat().st_size > 10_000
 

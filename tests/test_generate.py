@@ -30,7 +30,7 @@ def test_generate_compares_and_draws(scenes_model_dir, image_path, tmp_path):
     report = json.loads(out.read_text())
     assert report["method"]["knobs"]["ratio"] == 0.75
     assert len(report["method"]["answers"]) == len(report["unpruned"]["answers"]) == 2
-    assert report["trace"]["visual_per_layer"][-1] == 64  # ceil(0.25 * 256)
+    assert report["trace"]["visual_per_layer"][-1] == 81  # ceil(0.25 * 324)
     assert plot.stat().st_size > 5_000
 
 

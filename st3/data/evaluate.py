@@ -54,7 +54,7 @@ def evaluate(model, processor, split: str = "validation", qa: int = 500, caption
         result["qa_by_kind"] = {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())}
     if captions:
         examples = [example(split, start + i, "caption") for i in range(captions)]
-        got = answers(model, processor, examples, max_new_tokens=64, batch_size=batch_size)
+        got = answers(model, processor, examples, max_new_tokens=80, batch_size=batch_size)
         result["caption_exact"] = sum(g == e.answer for e, g in zip(examples, got)) / len(examples)
         result["caption_n"] = len(examples)
         result["caption_samples"] = [{"want": e.answer, "got": g} for e, g in list(zip(examples, got))[:3]]

@@ -22,7 +22,7 @@ SIZES = ("small", "large")
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 GRID = 3
-IMAGE_SIZE = 128
+IMAGE_SIZE = 144  # 18 x 18 patches of 8 pixels: each grid cell is exactly 6 x 6 patches
 MIN_OBJECTS, MAX_OBJECTS = 2, 6
 
 RGB = {

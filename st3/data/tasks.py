@@ -26,11 +26,14 @@ only asked when the description picks out exactly one object):
     exists            is there a red star?                      -> yes / no (drawn half and half)
     occupied          is there an object at the bottom right?   -> yes / no
 
-The caption lists every object in reading order (row by row, left to right) in one template:
+The caption walks the 3x3 grid in reading order (row by row, left to right) and describes every cell, naming
+each object by size, colour and shape, and saying "empty" where a cell holds none:
 
-    large red star at top left, small blue circle at middle center, ...
+    top left large red star, top center empty, top right small blue circle, middle left empty, ...
 
-`parse_caption` reads it back into objects.
+So every object appears, in reading order, with every attribute and its position; a long answer (about 50
+tokens) during which the model must look at a different place for every cell. `parse_caption` reads it back
+into objects.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "star": "stars"}
 CAPTION_PROMPT = "describe the image."
 NOTHING = "nothing"
+EMPTY = "empty"
 DIRECTIONS = {"left_of": (0, -1), "right_of": (0, 1), "above": (-1, 0), "below": (1, 0)}
 DIRECTION_WORDS = {"left_of": "left of", "right_of": "right of", "above": "above", "below": "below"}
 KINDS = (
@@ -76,7 +80,9 @@ class QA:
     kind: str
     question: str
     answer: str
-    focus: tuple[tuple[int, int], ...] = ()  # grid cells (row, col) where the answer is to be seen
+    # grid cells (row, col) the question is about: the named or counted objects, the named cell; for a
+    # direction question the named object (not the neighbour), since the answer is read from where it is
+    focus: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,29 +109,33 @@ def position(row: int, col: int) -> str:
     return f"{ROWS[row]} {COLS[col]}"
 
 
-def describe(obj: SceneObject) -> str:
-    return f"{obj.size} {obj.colour} {obj.shape} at {obj.position}"
+def describe_cell(scene_: Scene, row: int, col: int) -> str:
+    """`top left large red star`, or `top center empty`."""
+    obj = scene_.at(row, col)
+    return f"{position(row, col)} {EMPTY if obj is None else f'{obj.size} {obj.colour} {obj.shape}'}"
 
 
 def caption(scene_: Scene) -> str:
-    """Every object, in reading order, in the fixed template."""
-    return ", ".join(describe(o) for o in scene_.objects)
+    """Every cell of the grid, in reading order, in the fixed template."""
+    return ", ".join(describe_cell(scene_, row, col) for row in range(GRID) for col in range(GRID))
 
 
-_OBJECT = re.compile(
-    rf"^({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) at ({'|'.join(ROWS)}) ({'|'.join(COLS)})$"
-)
+_OBJECT = rf"({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+_CELL = re.compile(rf"^({'|'.join(ROWS)}) ({'|'.join(COLS)}) (?:{EMPTY}|{_OBJECT})$")
 
 
 def parse_caption(text: str) -> list[SceneObject] | None:
-    """The objects a caption lists, or None where it does not follow the template."""
+    """The objects a caption lists, or None where it does not follow the template (every cell, in order)."""
     objects = []
-    for part in text.strip().split(","):
-        match = _OBJECT.match(part.strip())
-        if match is None:
+    parts = text.strip().split(",")
+    if len(parts) != GRID * GRID:
+        return None
+    for k, part in enumerate(parts):
+        match = _CELL.match(part.strip())
+        if match is None or (ROWS.index(match[1]), COLS.index(match[2])) != divmod(k, GRID):
             return None
-        size, colour, shape, row, col = match.groups()
-        objects.append(SceneObject(shape, colour, size, ROWS.index(row), COLS.index(col)))
+        if match[3] is not None:
+            objects.append(SceneObject(match[5], match[4], match[3], *divmod(k, GRID)))
     return objects
 
 
@@ -187,7 +197,7 @@ def candidates(scene_: Scene) -> dict[str, list[QA]]:
             for kind in DIRECTIONS:
                 n = _neighbour(scene_, o, kind)
                 question = f"what is {DIRECTION_WORDS[kind]} the {colour} {shape}?"
-                add(kind, question, NOTHING if n is None else n.shape, o if n is None else n)
+                add(kind, question, NOTHING if n is None else n.shape, o)
     return {k: v for k, v in out.items() if v}
 
 
@@ -234,7 +244,7 @@ def example(split: str, n: int, task: str = "qa") -> Example:
 def words() -> list[str]:
     """Every word and punctuation mark a question, answer or caption may contain (for the vocabulary)."""
     vocab = set(SHAPES) | set(COLOURS) | set(SIZES) | set(ROWS) | set(COLS) | set(NUMBERS) | set(PLURALS.values())
-    vocab |= {NOTHING, "yes", "no", "?", ",", "."}
+    vocab |= {NOTHING, EMPTY, "yes", "no", "?", ",", "."}
     vocab |= set(re.findall(r"\w+|[^\w\s]", CAPTION_PROMPT))
     for template in (
         "what colour is the",

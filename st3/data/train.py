@@ -4,18 +4,21 @@
 
 Each step draws `--images` training scenes (scene seeds step*images ... , so the data order is a function of
 the step alone and a resumed run sees exactly the batches it would have seen). Per scene the model is trained
-on `--questions` distinct one-word questions and one caption. The image prefix (`<s> USER: <image>*256`) is
+on `--questions` distinct one-word questions and one caption. The image prefix (`<s> USER: <image>*324`) is
 the same for every question about a scene, and causal attention means the prefix never sees what follows, so
 the prefix is run once per scene and its KV cache is shared by all the scene's questions (repeat-interleaved
 along the batch axis); gradients flow back through the cache. This is the same function as running each
 (prompt, answer) sequence on its own, at a fraction of the cost (tests check the equality).
 
-Loss: cross-entropy on the answer tokens and `</s>`, averaged per sequence, each QA weighing 1 and each
-caption `--caption-weight`; plus `--aux-weight` times a per-patch probe loss (a linear head on the vision
-features predicts colour, shape and size of the object under each patch; the head is dropped at export);
-plus `--focus-weight` times the focus loss (see `shared_prefix_logits`): one attention head of a middle decoder
-layer is taught to look, when predicting an answer word, at the grid cells the answer is seen in.
-AdamW, linear warm-up then cosine decay, gradient clipping at 1.
+Two phases. First `--vision-steps` steps train the vision tower and projector alone on the per-patch probe
+loss (`PatchProbe`: linear heads, dropped at export, read from every visual token what its grid cell holds,
+where it is and what its nearest neighbours are, and from the tower's middle layer the object drawn on the
+patch). Then everything trains on: cross-entropy on the answer tokens and `</s>`, averaged per sequence, each
+QA weighing 1 and each caption `--caption-weight`; plus `--aux-weight` times the probe loss; plus
+`--focus-weight` times the focus loss (see `shared_prefix_logits`): two attention heads of a middle decoder
+layer are taught to look, when predicting an answer word, at the grid cell the answer is read from. The vision
+tower's learning rate is scaled by `--vision-lr-scale` in the second phase so the answer loss does not undo
+what the probe built. AdamW, linear warm-up then cosine decay, gradient clipping at 1.
 
 Every `--checkpoint-minutes` the model, optimizer, schedule and step go to `<out>/checkpoint.pt` (written
 atomically); re-running the same command resumes from it. Every `--eval-every` steps validation exact match is
@@ -44,9 +47,10 @@ from transformers import DynamicCache
 from st3.data.model import ModelSpec, build_model, parameter_count
 from st3.data.processor import IMAGE, PATCH_SIZE, build_processor, pixel_values, prompt
 from st3.data.scenes import COLOURS, GRID, SHAPES, SIZES, scene
-from st3.data.tasks import CAPTION_PROMPT, SPLITS, caption, draw_qa
+from st3.data.tasks import CAPTION_PROMPT, DIRECTIONS, SPLITS, caption, draw_qa
 
 IGNORE = -100
+POSITION_KINDS = ("shape_at", "colour_at", "occupied")  # questions that name the cell by its position
 
 
 @dataclasses.dataclass
@@ -58,11 +62,12 @@ class Batch:
     labels: torch.Tensor  # [N, S], IGNORE outside answers; aligned with suffix_ids (labels[i] is token i)
     weights: torch.Tensor  # [N]
     pad_id: int
-    patch_labels: torch.Tensor  # [B, patches, 3]: colour, shape, size of the object under each patch (0: none)
+    patch_labels: torch.Tensor  # [B, patches, heads]: the probe targets of each patch (see `cell_labels`)
     image_start: int  # index of the first image token in the prefix
     focus_rows: torch.Tensor  # [Q]: suffix row of each supervised query
     focus_pos: torch.Tensor  # [Q]: its position in the suffix (the token that predicts an answer word)
-    focus_mask: torch.Tensor  # [Q, patches] bool: the patches of the grid cells the answer is seen in
+    focus_mask: torch.Tensor  # [Q, patches] bool: the patches of the grid cells the answer is read from
+    focus_by_content: torch.Tensor  # [Q] bool: the cell is named by what it holds (not by its position)
 
 
 def split_prompt(tokenizer, image_tokens: int) -> list[int]:
@@ -79,82 +84,104 @@ def sequence_ids(tokenizer, question: str, answer: str) -> tuple[list[int], int]
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
-def patch_owner(sc, patch_size: int, min_pixels: int = 6) -> np.ndarray:
-    """[patches] (raster order): index of the object covering at least `min_pixels` of each patch (the one
-    covering most), or -1 for background."""
+PROBE_HEADS: tuple[tuple[str, int], ...] = (
+    ("colour", len(COLOURS) + 1),  # 0: the cell is empty
+    ("shape", len(SHAPES) + 1),
+    ("size", len(SIZES) + 1),
+    ("row", GRID),
+    ("col", GRID),
+    *((f"{kind}_shape", len(SHAPES) + 1) for kind in DIRECTIONS),  # 0: nothing that way
+)
+
+
+def cell_labels(sc) -> np.ndarray:
+    """[GRID * GRID, heads] probe targets per grid cell (raster order), in `PROBE_HEADS` order: colour, shape,
+    size of the cell's object (0: empty), the cell's row and column, and the shape of the nearest object left of,
+    right of, above and below the cell (0: none), as the direction questions define it."""
+    rows = []
+    for row in range(GRID):
+        for col in range(GRID):
+            o = sc.at(row, col)
+            own = [0, 0, 0] if o is None else [COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1,
+                                               SIZES.index(o.size) + 1]  # fmt: skip
+            around = []
+            for dr, dc in DIRECTIONS.values():
+                r, c, found = row + dr, col + dc, None
+                while found is None and 0 <= r < GRID and 0 <= c < GRID:
+                    found, r, c = sc.at(r, c), r + dr, c + dc
+                around.append(0 if found is None else SHAPES.index(found.shape) + 1)
+            rows.append(own + [row, col] + around)
+    return np.array(rows)
+
+
+OBJECT_HEADS: tuple[tuple[str, int], ...] = (
+    ("object_colour", len(COLOURS) + 1),  # 0: background
+    ("object_shape", len(SHAPES) + 1),
+    ("object_size", len(SIZES) + 1),
+)
+
+
+def object_labels(sc, patch_size: int, min_pixels: int = 6) -> np.ndarray:
+    """[patches, 3]: colour, shape, size of the object covering at least `min_pixels` of each patch (the one
+    covering most), 0 for background."""
     grid = sc.owner.shape[0] // patch_size
     owner = sc.owner.reshape(grid, patch_size, grid, patch_size).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
     counts = np.stack([(owner == i).sum(1) for i in range(len(sc.objects))], axis=1)
-    return np.where(counts.max(1) >= min_pixels, counts.argmax(1), -1)
+    best = np.where(counts.max(1) >= min_pixels, counts.argmax(1), -1)
+    table = [[0, 0, 0]] + [[COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1]
+                           for o in sc.objects]  # fmt: skip
+    return np.array(table)[best + 1]
 
 
-def patch_labels(sc, patch_size: int, min_pixels: int = 6) -> torch.Tensor:
-    """[patches, 3] labels of each patch (raster order): 1 + colour, 1 + shape, 1 + size of the object covering
-    at least `min_pixels` of it (the one covering most), or 0, 0, 0 for background."""
-    best = patch_owner(sc, patch_size, min_pixels)
-    table = np.array([[0, 0, 0]] + [[COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1]
-                                    for o in sc.objects])  # fmt: skip
-    return torch.from_numpy(table[best + 1]).long()
-
-
-def focus_mask(sc, cells, cell_of_patch: torch.Tensor, owner: np.ndarray, target: str) -> torch.Tensor:
-    """[patches] bool: where the answer about `cells` is seen. target "cells": all patches of those grid cells;
-    "objects": the patches of the object in each cell (all patches of the cell where it holds none)."""
-    mask = torch.zeros_like(cell_of_patch, dtype=torch.bool)
-    for row, col in cells:
-        obj = next((i for i, o in enumerate(sc.objects) if (o.row, o.col) == (row, col)), None)
-        own = torch.from_numpy(owner == obj) if obj is not None else None
-        if target == "objects" and own is not None and own.any():
-            mask |= own
-        else:
-            mask |= cell_of_patch == row * GRID + col
-    return mask
+def patch_labels(sc, image_tokens: int, patch_size: int) -> torch.Tensor:
+    """[patches, PROBE_HEADS + OBJECT_HEADS]: the labels of the grid cell each patch lies in (`cell_labels`),
+    then those of the object drawn on the patch (`object_labels`)."""
+    cells = cell_labels(sc)[patch_cells(image_tokens, patch_size).numpy()]
+    return torch.from_numpy(np.concatenate([cells, object_labels(sc, patch_size)], axis=1)).long()
 
 
 class PatchProbe(nn.Module):
-    """Auxiliary training head (not exported): a linear read-out of colour, shape and size of the object under
-    each patch. Dense per-patch supervision gets the vision tower to encode objects where they are long before
-    the answer loss alone would. at="projector" reads the projector's output (the visual tokens the decoder
-    gets), so the projector must keep what the tower found; at="vision" reads the tower's output only (then the
-    projector was seen to drop most of the colour information while the decoder was still learning)."""
+    """Auxiliary training heads (not exported): linear read-outs of the visual tokens, per patch.
 
-    def __init__(self, model, at: str = "projector"):
+    - From the projector's output (what the decoder gets): what the patch's grid cell holds and where it is
+      (`PROBE_HEADS`): the decoder then answers by attending to the right cell and reading it out.
+    - From the output of the vision tower's middle layer: the object drawn on the patch itself (`OBJECT_HEADS`),
+      a local target learnt early that the later layers spread over the cell (deep supervision).
+
+    Dense per-patch supervision gets the vision tower to encode objects, positions and neighbours long before
+    the answer loss alone would. Forward hooks capture the features."""
+
+    def __init__(self, model):
         super().__init__()
         config = model.config
-        width = config.text_config.hidden_size if at == "projector" else config.vision_config.hidden_size
-        self.at = at
-        self.head = nn.Linear(width, len(COLOURS) + 1 + len(SHAPES) + 1 + len(SIZES) + 1)
+        self.head = nn.Linear(config.text_config.hidden_size, sum(n for _, n in PROBE_HEADS))
+        self.object_head = nn.Linear(config.vision_config.hidden_size, sum(n for _, n in OBJECT_HEADS))
         self.features: torch.Tensor | None = None
-        projector = model.model.multi_modal_projector
-        if at == "projector":
-            projector.register_forward_hook(lambda module, args, out: setattr(self, "features", out))
-        else:
-            projector.register_forward_pre_hook(lambda module, args: setattr(self, "features", args[0]))
+        self.middle: torch.Tensor | None = None
+        model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: setattr(self, "features", out))
+        layers = model.model.vision_tower.encoder.layers
+        middle = layers[(len(layers) - 1) // 2]
+        middle.register_forward_hook(
+            lambda m, a, out: setattr(self, "middle", out[0] if isinstance(out, tuple) else out)
+        )
 
-    def loss(self, labels: torch.Tensor, features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """Colour (or none) over all patches, shape and size over the patches an object covers."""
-        features = self.features if features is None else features
-        self.features = None
-        colour, shape, size = torch.split(self.head(features), [len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1], -1)
-        on = labels[..., 0] > 0
-        loss = F.cross_entropy(colour.flatten(0, 1), labels[..., 0].flatten())
-        loss = loss + F.cross_entropy(shape[on], labels[..., 1][on]) + F.cross_entropy(size[on], labels[..., 2][on])
-        with torch.no_grad():
-            stats = {
-                "probe_colour": (colour.argmax(-1)[on] == labels[..., 0][on]).float().mean().item(),
-                "probe_shape": (shape.argmax(-1)[on] == labels[..., 1][on]).float().mean().item(),
-                "probe_size": (size.argmax(-1)[on] == labels[..., 2][on]).float().mean().item(),
-            }
-        return loss / 3, stats
+    def loss(self, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Mean cross-entropy of all heads over all patches; some accuracies in the stats."""
+        features, middle = self.features, self.middle[:, 1:]  # the middle layer still holds [CLS]
+        self.features = self.middle = None
+        parts = torch.split(self.head(features), [n for _, n in PROBE_HEADS], -1)
+        parts += torch.split(self.object_head(middle), [n for _, n in OBJECT_HEADS], -1)
+        loss, stats = 0.0, {}
+        for i, ((name, _), part) in enumerate(zip(PROBE_HEADS + OBJECT_HEADS, parts)):
+            loss = loss + F.cross_entropy(part.flatten(0, 1), labels[..., i].flatten())
+            if name in ("colour", "shape", "left_of_shape", "object_shape"):
+                on = labels[..., i] > 0  # accuracy where there is something to name
+                stats[f"probe_{name}"] = (part.argmax(-1) == labels[..., i])[on].float().mean().item()
+        return loss / len(parts), stats
 
     def vision_loss(self, model, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The probe loss from the vision tower (and projector) alone, without the decoder."""
-        config = model.config
-        out = model.model.vision_tower(pixels, output_hidden_states=True)
-        features = out.hidden_states[config.vision_feature_layer]
-        if config.vision_feature_select_strategy == "default":
-            features = features[:, 1:]
-        model.model.multi_modal_projector(features)  # the hooks capture what the probe reads
+        """The probe loss from the vision tower and projector alone, without the decoder."""
+        model.model.get_image_features(pixel_values=pixels)  # the hooks capture what the heads read
         return self.loss(labels)
 
 
@@ -166,14 +193,21 @@ def patch_cells(image_tokens: int, patch_size: int) -> torch.Tensor:
     return (index[:, None] * GRID + index[None, :]).flatten()
 
 
+def cells_mask(cells, cell_of_patch: torch.Tensor) -> torch.Tensor:
+    """[patches] bool: the patches of the given grid cells."""
+    mask = torch.zeros_like(cell_of_patch, dtype=torch.bool)
+    for row, col in cells:
+        mask |= cell_of_patch == row * GRID + col
+    return mask
+
+
 def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: float, image_tokens: int,
-               patch_size: int = PATCH_SIZE, focus_target: str = "objects") -> Batch:  # fmt: skip
+               patch_size: int = PATCH_SIZE) -> Batch:  # fmt: skip
     prefix = split_prompt(tokenizer, image_tokens)
     scenes = [scene(s) for s in seeds]
     rows, weights, repeats, focus = [], [], [], []
     cell_of_patch = patch_cells(image_tokens, patch_size)
     for sc in scenes:
-        owner = patch_owner(sc, patch_size)
         rng = random.Random(f"train:{sc.seed}")
         seen: set[str] = set()
         for _ in range(questions * 4):
@@ -184,17 +218,21 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
                 continue
             seen.add(qa.question)
             ids, prompt_len = sequence_ids(tokenizer, qa.question, qa.answer)
-            if qa.focus:
-                focus.append((len(rows), prompt_len - 1, focus_mask(sc, qa.focus, cell_of_patch, owner, focus_target)))
+            if qa.focus and not qa.kind.startswith("count"):  # a count reads every cell, not the counted ones
+                by_content = qa.kind not in POSITION_KINDS
+                focus.append((len(rows), prompt_len - 1, cells_mask(qa.focus, cell_of_patch), by_content))
             rows.append((ids, prompt_len))
             weights.append(1.0)
         n = len(seen)
         if caption_weight > 0:
             ids, prompt_len = sequence_ids(tokenizer, CAPTION_PROMPT, caption(sc))
-            for k, o in enumerate(sc.objects):  # "size colour shape at row col ," per object
-                for t in (0, 1, 2, 4, 5):
-                    where = focus_mask(sc, [(o.row, o.col)], cell_of_patch, owner, focus_target)
-                    focus.append((len(rows), prompt_len + 7 * k + t - 1, where))
+            at = prompt_len  # "row col size colour shape ," or "row col empty ," per cell
+            for row in range(GRID):
+                for col in range(GRID):
+                    words = 1 if sc.at(row, col) is None else 3
+                    for t in range(words):  # the tokens after "row col" are predicted looking at that cell
+                        focus.append((len(rows), at + 2 + t - 1, cells_mask([(row, col)], cell_of_patch), False))
+                    at += 2 + words + 1
             rows.append((ids, prompt_len))
             weights.append(caption_weight)
             n += 1
@@ -213,11 +251,12 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
         labels=labels,
         weights=torch.tensor(weights),
         pad_id=tokenizer.pad_token_id,
-        patch_labels=torch.stack([patch_labels(sc, patch_size) for sc in scenes]),
+        patch_labels=torch.stack([patch_labels(sc, image_tokens, patch_size) for sc in scenes]),
         image_start=prefix.index(tokenizer.convert_tokens_to_ids(IMAGE)),
-        focus_rows=torch.tensor([r for r, _, _ in focus], dtype=torch.long),
-        focus_pos=torch.tensor([q for _, q, _ in focus], dtype=torch.long),
-        focus_mask=torch.stack([m for _, _, m in focus]) if focus else torch.zeros(0, image_tokens, dtype=torch.bool),
+        focus_rows=torch.tensor([f[0] for f in focus], dtype=torch.long),
+        focus_pos=torch.tensor([f[1] for f in focus], dtype=torch.long),
+        focus_mask=torch.stack([f[2] for f in focus]) if focus else torch.zeros(0, image_tokens, dtype=torch.bool),
+        focus_by_content=torch.tensor([f[3] for f in focus], dtype=torch.bool),
     )
 
 
@@ -235,10 +274,13 @@ def shared_prefix_logits(
     own copy of the prefix cache, so short rows are not padded to caption length.
 
     With `focus_layer`, also the focus loss: for each supervised query (the token that predicts an answer word),
-    the attention of the first `focus_heads` heads of that decoder layer, recomputed from the query row and the
-    layer's cached keys, should fall on the patches of the grid cells the answer is seen in; the loss is
-    -log(attention mass there), averaged. It teaches the decoder where to look, which the answer loss alone
-    teaches only after a long plateau.
+    the attention of `focus_heads` heads of that decoder layer, recomputed from the query row and the layer's
+    cached keys, should fall on the patches of the grid cells the answer is read from; the loss is
+    -log(attention mass there), averaged. Heads [0, focus_heads) take the queries that name a cell by its
+    position (captions, "what is at the top left?"), the next `focus_heads` those that name it by what it
+    holds ("what colour is the star?"): both kinds of match must fit in the few rotary dimensions that turn
+    slowly enough to ignore distance, so each gets its own heads. It teaches the decoder where to look, which
+    the answer loss alone teaches only after a long plateau.
     """
     images = batch.pixel_values.shape[0]
     prefix = batch.prefix_ids.expand(images, -1)
@@ -281,12 +323,15 @@ def shared_prefix_logits(
                 continue
             r, pos = local[batch.focus_rows[pick]], batch.focus_pos[pick]
             head_dim, heads = attention.head_dim, attention.config.num_attention_heads
-            q = captured["q"][r, pos].view(len(pick), heads, head_dim)[:, :focus_heads]
+            # heads [0, focus_heads) learn lookups by position, the next focus_heads lookups by content
+            chosen = torch.arange(focus_heads) + focus_heads * batch.focus_by_content[pick, None].long()  # [Q, h]
+            q = captured["q"][r, pos].view(len(pick), heads, head_dim)
+            q = q.gather(1, chosen[..., None].expand(-1, -1, head_dim))  # [Q, focus_heads, D]
             cos, sin = language_model.rotary_emb(q, position_ids=(width_prefix + pos)[:, None])
             q = rotate_half(q, cos, sin)  # cos, sin [Q, 1, D] broadcast over heads
             keys = cache.layers[focus_layer].keys[r]  # [Q, kv_heads, P + width, D], rotated
             groups_per_kv = heads // keys.shape[1]
-            keys = keys[:, torch.arange(focus_heads) // groups_per_kv]  # [Q, focus_heads, P + width, D]
+            keys = keys.gather(1, (chosen // groups_per_kv)[..., None, None].expand(-1, -1, *keys.shape[2:]))
             scores = torch.einsum("qhd,qhkd->qhk", q, keys) * attention.scaling
             causal = torch.arange(keys.shape[2])[None, :] > (width_prefix + pos)[:, None]
             probs = scores.masked_fill(causal[:, None], float("-inf")).softmax(-1)
@@ -357,24 +402,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--caption-weight", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-fraction", type=float, default=0.05)
+    p.add_argument("--vision-lr-scale", type=float, default=0.3, help="vision tower's lr factor after the vision phase")
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument(
-        "--probe-at",
-        choices=["projector", "vision"],
-        default="projector",
-        help="what the per-patch probe reads: the projector's output or the vision tower's",
-    )
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch probe loss (0: off)")
     p.add_argument("--focus-weight", type=float, default=0.5, help="weight of the attention focus loss (0: off)")
     p.add_argument("--focus-layer", type=int, default=-1, help="decoder layer of the focus loss (-1: the middle)")
     p.add_argument("--focus-heads", type=int, default=2, help="heads of that layer the focus loss applies to")
-    p.add_argument(
-        "--focus-target",
-        choices=["objects", "cells"],
-        default="objects",
-        help="attend to the object's patches, or to its whole grid cell",
-    )
     p.add_argument(
         "--stop-at",
         type=int,
@@ -408,15 +442,16 @@ def main(argv: list[str] | None = None) -> dict:
     focus_layer = None
     if args.focus_weight > 0:
         focus_layer = args.focus_layer if args.focus_layer >= 0 else spec.text_layers // 2
-    probe = PatchProbe(model, args.probe_at) if args.aux_weight > 0 or args.vision_steps > 0 else None
+    probe = PatchProbe(model) if args.aux_weight > 0 or args.vision_steps > 0 else None
     named = list(model.named_parameters()) + (list(probe.named_parameters()) if probe else [])
-    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-    )
+    groups = []
+    for vision in (True, False):  # the vision tower's learning rate is scaled down once the decoder trains
+        for decay in (True, False):
+            params = [
+                p for n, p in named if ("vision_tower" in n) == vision and (p.ndim >= 2 and "embed" not in n) == decay
+            ]
+            groups.append({"params": params, "weight_decay": args.weight_decay if decay else 0.0, "vision": vision})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     step = 0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
@@ -449,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
             seeds = [train_end - 1 - (step * args.vision_images + j) % (train_end - train_start)
                      for j in range(args.vision_images)]  # fmt: skip
             scenes = [scene(s) for s in seeds]
-            labels = torch.stack([patch_labels(sc, spec.patch_size) for sc in scenes])
+            labels = torch.stack([patch_labels(sc, spec.image_tokens, spec.patch_size) for sc in scenes])
             loss, stats = probe.vision_loss(model, pixel_values([sc.image for sc in scenes]), labels)
             stats["aux_loss"] = loss.item()
         else:  # phase 2: everything
@@ -463,7 +498,6 @@ def main(argv: list[str] | None = None) -> dict:
                 args.caption_weight,
                 spec.image_tokens,
                 spec.patch_size,
-                args.focus_target,
             )
             logits, focus = shared_prefix_logits(model, batch, focus_layer=focus_layer, focus_heads=args.focus_heads)
             loss, stats = loss_of(logits, batch)
@@ -475,7 +509,8 @@ def main(argv: list[str] | None = None) -> dict:
                 stats |= {"aux_loss": aux.item()} | probe_stats
                 loss = loss + args.aux_weight * aux
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            scaled = group["vision"] and step >= args.vision_steps
+            group["lr"] = lr * (args.vision_lr_scale if scaled else 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0).item()
