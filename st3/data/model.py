@@ -21,7 +21,7 @@ class ModelSpec:
     image_size: int = IMAGE_SIZE
     patch_size: int = PATCH_SIZE
     vision_hidden: int = 128
-    vision_layers: int = 3
+    vision_layers: int = 4
     vision_heads: int = 4
     text_hidden: int = 128
     text_layers: int = 4

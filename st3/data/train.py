@@ -61,6 +61,7 @@ class Batch:
     suffix_ids: torch.Tensor  # [N, S], right-padded
     labels: torch.Tensor  # [N, S], IGNORE outside answers; aligned with suffix_ids (labels[i] is token i)
     weights: torch.Tensor  # [N]
+    is_caption: torch.Tensor  # [N] bool
     pad_id: int
     patch_labels: torch.Tensor  # [B, patches, heads]: the probe targets of each patch (see `cell_labels`)
     image_start: int  # index of the first image token in the prefix
@@ -205,7 +206,7 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
                patch_size: int = PATCH_SIZE) -> Batch:  # fmt: skip
     prefix = split_prompt(tokenizer, image_tokens)
     scenes = [scene(s) for s in seeds]
-    rows, weights, repeats, focus = [], [], [], []
+    rows, weights, repeats, focus, captions = [], [], [], [], []
     cell_of_patch = patch_cells(image_tokens, patch_size)
     for sc in scenes:
         rng = random.Random(f"train:{sc.seed}")
@@ -223,6 +224,7 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
                 focus.append((len(rows), prompt_len - 1, cells_mask(qa.focus, cell_of_patch), by_content))
             rows.append((ids, prompt_len))
             weights.append(1.0)
+            captions.append(False)
         n = len(seen)
         if caption_weight > 0:
             ids, prompt_len = sequence_ids(tokenizer, CAPTION_PROMPT, caption(sc))
@@ -235,6 +237,7 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
                     at += 2 + words + 1
             rows.append((ids, prompt_len))
             weights.append(caption_weight)
+            captions.append(True)
             n += 1
         repeats.append(n)
     width = max(len(ids) for ids, _ in rows)
@@ -250,6 +253,7 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
         suffix_ids=suffix,
         labels=labels,
         weights=torch.tensor(weights),
+        is_caption=torch.tensor(captions, dtype=torch.bool),
         pad_id=tokenizer.pad_token_id,
         patch_labels=torch.stack([patch_labels(sc, image_tokens, patch_size) for sc in scenes]),
         image_start=prefix.index(tokenizer.convert_tokens_to_ids(IMAGE)),
@@ -353,7 +357,7 @@ def loss_of(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
     mask = (targets != IGNORE).float()
     per_seq = (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
     loss = (per_seq * batch.weights).sum() / batch.weights.sum()
-    is_caption = batch.weights != 1.0
+    is_caption = batch.is_caption
     stats = {"loss": loss.item()}
     if is_caption.any():
         stats["caption_loss"] = per_seq[is_caption].mean().item()
@@ -394,19 +398,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/scenes", help="checkpoint and log directory")
     p.add_argument("--export", default="st3/assets/scenes-llava", help="save_pretrained target at the end")
-    p.add_argument("--steps", type=int, default=6400, help="total steps, the vision phase included")
-    p.add_argument("--vision-steps", type=int, default=400, help="first steps: vision tower + patch probe only")
+    p.add_argument("--steps", type=int, default=5000, help="total steps, the vision phase included")
+    p.add_argument("--vision-steps", type=int, default=1000, help="first steps: vision tower + patch probe only")
     p.add_argument("--vision-images", type=int, default=16, help="scenes per vision-phase step")
     p.add_argument("--images", type=int, default=4, help="scenes per step")
-    p.add_argument("--questions", type=int, default=16, help="distinct questions per scene")
-    p.add_argument("--caption-weight", type=float, default=2.0)
+    p.add_argument("--questions", type=int, default=24, help="distinct questions per scene")
+    p.add_argument("--caption-weight", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-fraction", type=float, default=0.05)
     p.add_argument("--vision-lr-scale", type=float, default=0.3, help="vision tower's lr factor after the vision phase")
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch probe loss (0: off)")
-    p.add_argument("--focus-weight", type=float, default=0.5, help="weight of the attention focus loss (0: off)")
+    p.add_argument("--focus-weight", type=float, default=1.0, help="weight of the attention focus loss (0: off)")
     p.add_argument("--focus-layer", type=int, default=-1, help="decoder layer of the focus loss (-1: the middle)")
     p.add_argument("--focus-heads", type=int, default=2, help="heads of that layer the focus loss applies to")
     p.add_argument(
