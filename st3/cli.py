@@ -133,7 +133,12 @@ def list_methods() -> None:
 def evaluate(
     model_dir: str = typer.Argument(..., help="A scenes LLaVA directory (e.g. st3/assets/scenes-llava)."),
     split: str = typer.Option("test", help="train, validation or test."),
-    method: list[str] = typer.Option(["st3", "fastv", "pyramiddrop", "visionzip", "random"], "--method", "-m"),
+    method: list[str] = typer.Option(
+        ["st3", "fastv", "pyramiddrop", "visionzip", "random"],
+        "--method",
+        "-m",
+        help="Repeatable: name or name:knob=value,... (fixed knobs; the budget knob is matched).",
+    ),
     budget: list[float] = typer.Option([1.0, 0.5, 0.33, 0.22, 0.11], help="Shares of visual tokens per layer."),
     qa: int = typer.Option(200, help="One-word questions per method and budget."),
     captions: int = typer.Option(50, help="Captions per method and budget."),

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import st3
 from st3.adapters import adapter_for
+from st3.bench.methods import parse as parse_spec
 
 BUDGETS = (1.0, 0.5, 0.33, 0.22, 0.11)
 METHODS = ("st3", "fastv", "pyramiddrop", "visionzip", "random")
@@ -59,18 +60,21 @@ def depth_scaled(name: str, num_layers: int) -> dict:
     return {}
 
 
-def configure(name: str, budget: float, num_layers: int, visual: int, text: int, shape) -> st3.Method | None:
-    """The method at `budget` (share of visual tokens per layer), or None for the unpruned model."""
+def configure(spec: str, budget: float, num_layers: int, visual: int, text: int, shape) -> st3.Method | None:
+    """The method of `spec` (`name` or `name:knob=value,...`) at `budget` (share of visual tokens per layer), or
+    None for the unpruned model. Knobs given in the spec are kept as given; the budget knob is then matched."""
     if budget >= 1.0:
         return None
-    knobs = depth_scaled(name, num_layers)
+    choice = parse_spec(spec)
+    knobs = {k: v for k, v in depth_scaled(choice.name, num_layers).items() if k not in choice.knobs}
+    fixed = dict(choice.knobs)
     try:
-        return st3.match(name, budget * visual, shape=shape, visual=visual, text=text, **knobs)
+        return st3.match(choice.name, budget * visual, shape=shape, visual=visual, text=text, **knobs, **fixed)
     except ValueError:
         if not knobs:
             raise
         from_layer_0 = {key: 0 if key in ("start_layer", "layer") else value for key, value in knobs.items()}
-        return st3.match(name, budget * visual, shape=shape, visual=visual, text=text, **from_layer_0)
+        return st3.match(choice.name, budget * visual, shape=shape, visual=visual, text=text, **from_layer_0, **fixed)
 
 
 def run_task(model, processor, examples, method, batch_size: int, progress) -> tuple[list[bool], dict]:
@@ -119,7 +123,7 @@ def evaluate(
     for budget in budgets:
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"budget: each must be in (0, 1], got {budget}")
-    unknown = [m for m in methods if m not in st3.methods()]
+    unknown = [m for m in methods if parse_spec(m).name not in st3.methods()]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(st3.methods())}")
     if not Path(model_dir, "config.json").is_file():

@@ -50,3 +50,15 @@ def test_layer_knobs_scale_with_depth():
     assert depth_scaled("st3", 4) == {"start_layer": 1, "stride": 1}
     assert depth_scaled("fastv", 16) == {"layer": 1}
     assert depth_scaled("visionzip", 4) == {}
+
+
+def test_eval_keeps_knobs_given_in_the_method_spec(scenes_model_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    args = ["eval", scenes_model_dir, "-m", "st3:query=text", "-m", "fastv:layer=2", "--budget", "0.5", "--qa", "2",
+            "--captions", "0", "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["st3:query=text"]["knobs"]["query"] == "text"
+    assert rows["fastv:layer=2"]["knobs"]["layer"] == 2
+    assert abs(rows["st3:query=text"]["visual_per_layer"] - 0.5 * 324) <= 1
