@@ -24,10 +24,10 @@ from tqdm import tqdm
 import st3
 from st3.adapters import adapter_for
 from st3.bench.methods import parse as parse_spec
+from st3.data.tasks import ANSWER_TOKENS, SPLITS, example
 
 BUDGETS = (1.0, 0.5, 0.33, 0.22, 0.11)
 METHODS = ("st3", "fastv", "pyramiddrop", "visionzip", "random")
-ANSWER_TOKENS = {"qa": 3, "caption": 80}
 
 
 @dataclass
@@ -67,14 +67,17 @@ def configure(spec: str, budget: float, num_layers: int, visual: int, text: int,
         return None
     choice = parse_spec(spec)
     knobs = {k: v for k, v in depth_scaled(choice.name, num_layers).items() if k not in choice.knobs}
-    fixed = dict(choice.knobs)
+
+    def matched(layer_knobs: dict) -> st3.Method:
+        return st3.match(choice.name, budget * visual, shape=shape, visual=visual, text=text, **layer_knobs,
+                         **choice.knobs)  # fmt: skip
+
     try:
-        return st3.match(choice.name, budget * visual, shape=shape, visual=visual, text=text, **knobs, **fixed)
+        return matched(knobs)
     except ValueError:
         if not knobs:
             raise
-        from_layer_0 = {key: 0 if key in ("start_layer", "layer") else value for key, value in knobs.items()}
-        return st3.match(choice.name, budget * visual, shape=shape, visual=visual, text=text, **from_layer_0, **fixed)
+        return matched({key: 0 if key in ("start_layer", "layer") else value for key, value in knobs.items()})
 
 
 def run_task(model, processor, examples, method, batch_size: int, progress) -> tuple[list[bool], dict]:
@@ -116,7 +119,6 @@ def evaluate(
     """Run every method at every budget on both tasks; return the rows and the settings."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from st3.data.tasks import SPLITS, example
 
     if split not in SPLITS:
         raise ValueError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")

@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 
 from st3.data.processor import prompt
-from st3.data.tasks import Example, example
+from st3.data.tasks import ANSWER_TOKENS, Example, example
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def evaluate(model, processor, split: str = "validation", qa: int = 500, caption
     result: dict = {"split": split}
     if qa:
         examples = [example(split, start + i, "qa") for i in range(qa)]
-        got = answers(model, processor, examples, max_new_tokens=3, batch_size=batch_size)
+        got = answers(model, processor, examples, max_new_tokens=ANSWER_TOKENS["qa"], batch_size=batch_size)
         by_kind: dict[str, list[bool]] = defaultdict(list)
         for e, g in zip(examples, got):
             by_kind[e.kind].append(g == e.answer)
@@ -54,7 +54,7 @@ def evaluate(model, processor, split: str = "validation", qa: int = 500, caption
         result["qa_by_kind"] = {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())}
     if captions:
         examples = [example(split, start + i, "caption") for i in range(captions)]
-        got = answers(model, processor, examples, max_new_tokens=80, batch_size=batch_size)
+        got = answers(model, processor, examples, ANSWER_TOKENS["caption"], batch_size=batch_size)
         result["caption_exact"] = sum(g == e.answer for e, g in zip(examples, got)) / len(examples)
         result["caption_n"] = len(examples)
         result["caption_samples"] = [{"want": e.answer, "got": g} for e, g in list(zip(examples, got))[:3]]

@@ -72,6 +72,7 @@ KINDS = (
     "exists",
     "occupied",
 )
+ANSWER_TOKENS = {"qa": 3, "caption": 80}  # generation budget per task (a caption is at most 54 tokens)
 CAPTION_FRACTION = 0.2  # share of captions among `example(split, n)` with task="mixed"
 
 
@@ -139,9 +140,10 @@ def parse_caption(text: str) -> list[SceneObject] | None:
     return objects
 
 
-def _neighbour(scene_: Scene, obj: SceneObject, kind: str) -> SceneObject | None:
+def neighbour(scene_: Scene, row: int, col: int, kind: str) -> SceneObject | None:
+    """The nearest object from cell (row, col) in direction `kind` (same row or column), or None."""
     dr, dc = DIRECTIONS[kind]
-    r, c = obj.row + dr, obj.col + dc
+    r, c = row + dr, col + dc
     while 0 <= r < GRID and 0 <= c < GRID:
         found = scene_.at(r, c)
         if found is not None:
@@ -195,7 +197,7 @@ def candidates(scene_: Scene) -> dict[str, list[QA]]:
                 continue
             add("size_of", f"what size is the {colour} {shape}?", o.size, o)
             for kind in DIRECTIONS:
-                n = _neighbour(scene_, o, kind)
+                n = neighbour(scene_, o.row, o.col, kind)
                 question = f"what is {DIRECTION_WORDS[kind]} the {colour} {shape}?"
                 add(kind, question, NOTHING if n is None else n.shape, o)
     return {k: v for k, v in out.items() if v}

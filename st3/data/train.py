@@ -47,7 +47,7 @@ from transformers import DynamicCache
 from st3.data.model import ModelSpec, build_model, parameter_count
 from st3.data.processor import IMAGE, PATCH_SIZE, build_processor, pixel_values, prompt
 from st3.data.scenes import COLOURS, GRID, SHAPES, SIZES, scene
-from st3.data.tasks import CAPTION_PROMPT, DIRECTIONS, SPLITS, caption, draw_qa
+from st3.data.tasks import CAPTION_PROMPT, DIRECTIONS, SPLITS, caption, draw_qa, neighbour
 
 IGNORE = -100
 POSITION_KINDS = ("shape_at", "colour_at", "occupied")  # questions that name the cell by its position
@@ -95,6 +95,13 @@ PROBE_HEADS: tuple[tuple[str, int], ...] = (
 )
 
 
+def attribute_ids(obj) -> list[int]:
+    """1 + the index of the object's colour, shape and size; 0, 0, 0 for no object."""
+    if obj is None:
+        return [0, 0, 0]
+    return [COLOURS.index(obj.colour) + 1, SHAPES.index(obj.shape) + 1, SIZES.index(obj.size) + 1]
+
+
 def cell_labels(sc) -> np.ndarray:
     """[GRID * GRID, heads] probe targets per grid cell (raster order), in `PROBE_HEADS` order: colour, shape,
     size of the cell's object (0: empty), the cell's row and column, and the shape of the nearest object left of,
@@ -102,16 +109,9 @@ def cell_labels(sc) -> np.ndarray:
     rows = []
     for row in range(GRID):
         for col in range(GRID):
-            o = sc.at(row, col)
-            own = [0, 0, 0] if o is None else [COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1,
-                                               SIZES.index(o.size) + 1]  # fmt: skip
-            around = []
-            for dr, dc in DIRECTIONS.values():
-                r, c, found = row + dr, col + dc, None
-                while found is None and 0 <= r < GRID and 0 <= c < GRID:
-                    found, r, c = sc.at(r, c), r + dr, c + dc
-                around.append(0 if found is None else SHAPES.index(found.shape) + 1)
-            rows.append(own + [row, col] + around)
+            around = [neighbour(sc, row, col, kind) for kind in DIRECTIONS]
+            around = [0 if n is None else SHAPES.index(n.shape) + 1 for n in around]
+            rows.append(attribute_ids(sc.at(row, col)) + [row, col] + around)
     return np.array(rows)
 
 
@@ -129,9 +129,7 @@ def object_labels(sc, patch_size: int, min_pixels: int = 6) -> np.ndarray:
     owner = sc.owner.reshape(grid, patch_size, grid, patch_size).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
     counts = np.stack([(owner == i).sum(1) for i in range(len(sc.objects))], axis=1)
     best = np.where(counts.max(1) >= min_pixels, counts.argmax(1), -1)
-    table = [[0, 0, 0]] + [[COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1]
-                           for o in sc.objects]  # fmt: skip
-    return np.array(table)[best + 1]
+    return np.array([attribute_ids(None)] + [attribute_ids(o) for o in sc.objects])[best + 1]
 
 
 def patch_labels(sc, image_tokens: int, patch_size: int) -> torch.Tensor:
