@@ -128,6 +128,12 @@ def evaluate(
     unknown = [m for m in methods if parse_spec(m).name not in st3.methods()]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(st3.methods())}")
+    for spec in methods:  # bad knobs fail here, before any model is loaded, not as a note per budget
+        choice = parse_spec(spec)
+        try:
+            st3.get(choice.name, **choice.knobs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"method {spec!r}: {error}") from None
     if not Path(model_dir, "config.json").is_file():
         raise FileNotFoundError(f"no model at {model_dir!r}: expected a directory written by save_pretrained")
 
