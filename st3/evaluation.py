@@ -119,7 +119,6 @@ def evaluate(
     """Run every method at every budget on both tasks; return the rows and the settings."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-
     if split not in SPLITS:
         raise ValueError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")
     for budget in budgets:

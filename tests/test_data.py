@@ -261,9 +261,9 @@ def test_shared_prefix_training_equals_separate_sequences():
 
 
 def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
-    from st3.data.train import OBJECT_HEADS, PROBE_HEADS, patch_labels
+    from st3.data.train import COUNT_HEADS, OBJECT_HEADS, PROBE_HEADS, patch_labels
 
-    heads = [name for name, _ in PROBE_HEADS + OBJECT_HEADS]
+    heads = [name for name, _ in PROBE_HEADS + COUNT_HEADS + OBJECT_HEADS]
     side, cell = IMAGE_SIZE // 8, IMAGE_SIZE // GRID
     assert side % GRID == 0, "grid cells are whole patches"
     for seed in range(30):
@@ -290,6 +290,11 @@ def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
                 want = (0, 0, 0) if o is None else (
                     COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1)  # fmt: skip
                 assert (got["colour"], got["shape"], got["size"]) == want
+                for kind in ("count_colour", "count_shape", "count_all"):  # the count labels answer the counts
+                    for qa in options[kind]:
+                        name = "all" if kind == "count_all" else qa.question.split()[2]
+                        name = {plural: shape for shape, plural in PLURALS.items()}.get(name, name)
+                        assert NUMBERS[got[f"count_{name}"]] == qa.answer
                 for qa in directions:  # the neighbour labels answer the direction questions about the cell
                     if qa.focus == ((row, col),):
                         assert got[f"{qa.kind}_shape"] == (0 if qa.answer == NOTHING else SHAPES.index(qa.answer) + 1)

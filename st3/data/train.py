@@ -46,7 +46,7 @@ from transformers import DynamicCache
 
 from st3.data.model import ModelSpec, build_model, parameter_count
 from st3.data.processor import IMAGE, PATCH_SIZE, build_processor, pixel_values, prompt
-from st3.data.scenes import COLOURS, GRID, SHAPES, SIZES, scene
+from st3.data.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, scene
 from st3.data.tasks import CAPTION_PROMPT, DIRECTIONS, SPLITS, caption, draw_qa, neighbour
 
 IGNORE = -100
@@ -93,6 +93,10 @@ PROBE_HEADS: tuple[tuple[str, int], ...] = (
     ("col", GRID),
     *((f"{kind}_shape", len(SHAPES) + 1) for kind in DIRECTIONS),  # 0: nothing that way
 )
+# Scene-wide counts, the same on every patch: how many objects of each colour, of each shape, in all.
+COUNT_HEADS: tuple[tuple[str, int], ...] = tuple(
+    (f"count_{name}", MAX_OBJECTS + 1) for name in (*COLOURS, *SHAPES, "all")
+)
 
 
 def attribute_ids(obj) -> list[int]:
@@ -103,15 +107,18 @@ def attribute_ids(obj) -> list[int]:
 
 
 def cell_labels(sc) -> np.ndarray:
-    """[GRID * GRID, heads] probe targets per grid cell (raster order), in `PROBE_HEADS` order: colour, shape,
-    size of the cell's object (0: empty), the cell's row and column, and the shape of the nearest object left of,
-    right of, above and below the cell (0: none), as the direction questions define it."""
+    """[GRID * GRID, heads] probe targets per grid cell (raster order), in `PROBE_HEADS + COUNT_HEADS` order:
+    colour, shape, size of the cell's object (0: empty), the cell's row and column, the shape of the nearest
+    object left of, right of, above and below the cell (0: none), as the direction questions define it; then the
+    scene's counts (the same in every cell)."""
+    counts = [sum(o.colour == c for o in sc.objects) for c in COLOURS]
+    counts += [sum(o.shape == s for o in sc.objects) for s in SHAPES] + [len(sc.objects)]
     rows = []
     for row in range(GRID):
         for col in range(GRID):
             around = [neighbour(sc, row, col, kind) for kind in DIRECTIONS]
             around = [0 if n is None else SHAPES.index(n.shape) + 1 for n in around]
-            rows.append(attribute_ids(sc.at(row, col)) + [row, col] + around)
+            rows.append(attribute_ids(sc.at(row, col)) + [row, col] + around + counts)
     return np.array(rows)
 
 
@@ -133,8 +140,8 @@ def object_labels(sc, patch_size: int, min_pixels: int = 6) -> np.ndarray:
 
 
 def patch_labels(sc, image_tokens: int, patch_size: int) -> torch.Tensor:
-    """[patches, PROBE_HEADS + OBJECT_HEADS]: the labels of the grid cell each patch lies in (`cell_labels`),
-    then those of the object drawn on the patch (`object_labels`)."""
+    """[patches, PROBE_HEADS + COUNT_HEADS + OBJECT_HEADS]: the labels of the grid cell each patch lies in
+    (`cell_labels`), then those of the object drawn on the patch (`object_labels`)."""
     cells = cell_labels(sc)[patch_cells(image_tokens, patch_size).numpy()]
     return torch.from_numpy(np.concatenate([cells, object_labels(sc, patch_size)], axis=1)).long()
 
@@ -143,7 +150,10 @@ class PatchProbe(nn.Module):
     """Auxiliary training heads (not exported): linear read-outs of the visual tokens, per patch.
 
     - From the projector's output (what the decoder gets): what the patch's grid cell holds and where it is
-      (`PROBE_HEADS`): the decoder then answers by attending to the right cell and reading it out.
+      (`PROBE_HEADS`): the decoder then answers by attending to the right cell and reading it out. And the
+      scene's counts (`COUNT_HEADS`) on every patch: a count needs the whole grid at once, which one attention
+      read of the decoder does not give, while the tower can pool its cell labels (each cell is 36 patches, so
+      a uniform average of them is an exact count).
     - From the output of the vision tower's middle layer: the object drawn on the patch itself (`OBJECT_HEADS`),
       a local target learnt early that the later layers spread over the cell (deep supervision).
 
@@ -153,7 +163,7 @@ class PatchProbe(nn.Module):
     def __init__(self, model):
         super().__init__()
         config = model.config
-        self.head = nn.Linear(config.text_config.hidden_size, sum(n for _, n in PROBE_HEADS))
+        self.head = nn.Linear(config.text_config.hidden_size, sum(n for _, n in PROBE_HEADS + COUNT_HEADS))
         self.object_head = nn.Linear(config.vision_config.hidden_size, sum(n for _, n in OBJECT_HEADS))
         self.features: torch.Tensor | None = None
         self.middle: torch.Tensor | None = None
@@ -165,18 +175,26 @@ class PatchProbe(nn.Module):
         )
 
     def loss(self, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Mean cross-entropy of all heads over all patches; some accuracies in the stats."""
+        """Mean cross-entropy over the heads (the count heads together weigh as one) and all patches; some
+        accuracies in the stats."""
         features, middle = self.features, self.middle[:, 1:]  # the middle layer still holds [CLS]
         self.features = self.middle = None
-        parts = torch.split(self.head(features), [n for _, n in PROBE_HEADS], -1)
+        heads = PROBE_HEADS + COUNT_HEADS + OBJECT_HEADS
+        parts = torch.split(self.head(features), [n for _, n in PROBE_HEADS + COUNT_HEADS], -1)
         parts += torch.split(self.object_head(middle), [n for _, n in OBJECT_HEADS], -1)
-        loss, stats = 0.0, {}
-        for i, ((name, _), part) in enumerate(zip(PROBE_HEADS + OBJECT_HEADS, parts)):
-            loss = loss + F.cross_entropy(part.flatten(0, 1), labels[..., i].flatten())
+        loss, stats, count_hits = 0.0, {}, []
+        for i, ((name, _), part) in enumerate(zip(heads, parts)):
+            term = F.cross_entropy(part.flatten(0, 1), labels[..., i].flatten())
+            if name.startswith("count_"):
+                loss = loss + term / len(COUNT_HEADS)
+                count_hits.append((part.argmax(-1) == labels[..., i]).float().mean().item())
+                continue
+            loss = loss + term
             if name in ("colour", "shape", "left_of_shape", "object_shape"):
                 on = labels[..., i] > 0  # accuracy where there is something to name
                 stats[f"probe_{name}"] = (part.argmax(-1) == labels[..., i])[on].float().mean().item()
-        return loss / len(parts), stats
+        stats["probe_counts"] = sum(count_hits) / len(count_hits)
+        return loss / (len(heads) - len(COUNT_HEADS) + 1), stats
 
     def vision_loss(self, model, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The probe loss from the vision tower and projector alone, without the decoder."""
