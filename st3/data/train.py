@@ -150,20 +150,21 @@ class PatchProbe(nn.Module):
     """Auxiliary training heads (not exported): linear read-outs of the visual tokens, per patch.
 
     - From the projector's output (what the decoder gets): what the patch's grid cell holds and where it is
-      (`PROBE_HEADS`): the decoder then answers by attending to the right cell and reading it out. And the
-      scene's counts (`COUNT_HEADS`) on every patch: a count needs the whole grid at once, which one attention
-      read of the decoder does not give, while the tower can pool its cell labels (each cell is 36 patches, so
-      a uniform average of them is an exact count).
+      (`PROBE_HEADS`): the decoder then answers by attending to the right cell and reading it out. With
+      `counts`, also the scene's counts (`COUNT_HEADS`) on every patch: a count needs the whole grid at once,
+      which one attention read of the decoder does not give, while the tower could pool its cell labels (each
+      cell is 36 patches, so a uniform average of them is an exact count). Off by default: see the README.
     - From the output of the vision tower's middle layer: the object drawn on the patch itself (`OBJECT_HEADS`),
       a local target learnt early that the later layers spread over the cell (deep supervision).
 
     Dense per-patch supervision gets the vision tower to encode objects, positions and neighbours long before
     the answer loss alone would. Forward hooks capture the features."""
 
-    def __init__(self, model):
+    def __init__(self, model, counts: bool = False):
         super().__init__()
         config = model.config
-        self.head = nn.Linear(config.text_config.hidden_size, sum(n for _, n in PROBE_HEADS + COUNT_HEADS))
+        self.cell_heads = PROBE_HEADS + (COUNT_HEADS if counts else ())
+        self.head = nn.Linear(config.text_config.hidden_size, sum(n for _, n in self.cell_heads))
         self.object_head = nn.Linear(config.vision_config.hidden_size, sum(n for _, n in OBJECT_HEADS))
         self.features: torch.Tensor | None = None
         self.middle: torch.Tensor | None = None
@@ -179,11 +180,13 @@ class PatchProbe(nn.Module):
         accuracies in the stats."""
         features, middle = self.features, self.middle[:, 1:]  # the middle layer still holds [CLS]
         self.features = self.middle = None
-        heads = PROBE_HEADS + COUNT_HEADS + OBJECT_HEADS
-        parts = torch.split(self.head(features), [n for _, n in PROBE_HEADS + COUNT_HEADS], -1)
+        parts = torch.split(self.head(features), [n for _, n in self.cell_heads], -1)
         parts += torch.split(self.object_head(middle), [n for _, n in OBJECT_HEADS], -1)
+        first_object = len(PROBE_HEADS + COUNT_HEADS)  # label columns: cell heads, count heads, object heads
+        columns = [*range(len(self.cell_heads)), *range(first_object, first_object + len(OBJECT_HEADS))]
+        heads = self.cell_heads + OBJECT_HEADS
         loss, stats, count_hits = 0.0, {}, []
-        for i, ((name, _), part) in enumerate(zip(heads, parts)):
+        for i, (name, _), part in zip(columns, heads, parts):
             term = F.cross_entropy(part.flatten(0, 1), labels[..., i].flatten())
             if name.startswith("count_"):
                 loss = loss + term / len(COUNT_HEADS)
@@ -193,8 +196,9 @@ class PatchProbe(nn.Module):
             if name in ("colour", "shape", "left_of_shape", "object_shape"):
                 on = labels[..., i] > 0  # accuracy where there is something to name
                 stats[f"probe_{name}"] = (part.argmax(-1) == labels[..., i])[on].float().mean().item()
-        stats["probe_counts"] = sum(count_hits) / len(count_hits)
-        return loss / (len(heads) - len(COUNT_HEADS) + 1), stats
+        if count_hits:
+            stats["probe_counts"] = sum(count_hits) / len(count_hits)
+        return loss / (len(heads) - len(count_hits) + bool(count_hits)), stats
 
     def vision_loss(self, model, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The probe loss from the vision tower and projector alone, without the decoder."""
@@ -426,6 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch probe loss (0: off)")
+    p.add_argument("--count-probes", action="store_true", help="also probe the scene's counts on every patch")
     p.add_argument("--focus-weight", type=float, default=1.0, help="weight of the attention focus loss (0: off)")
     p.add_argument("--focus-layer", type=int, default=-1, help="decoder layer of the focus loss (-1: the middle)")
     p.add_argument("--focus-heads", type=int, default=2, help="heads of that layer the focus loss applies to")
@@ -462,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
     focus_layer = None
     if args.focus_weight > 0:
         focus_layer = args.focus_layer if args.focus_layer >= 0 else spec.text_layers // 2
-    probe = PatchProbe(model) if args.aux_weight > 0 or args.vision_steps > 0 else None
+    probe = PatchProbe(model, args.count_probes) if args.aux_weight > 0 or args.vision_steps > 0 else None
     named = list(model.named_parameters()) + (list(probe.named_parameters()) if probe else [])
     groups = []
     for vision in (True, False):  # the vision tower's learning rate is scaled down once the decoder trains
