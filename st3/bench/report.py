@@ -107,7 +107,8 @@ RATIO_KEYS = (
     ("decode_speedup", "decode speed-up"),
     ("e2e_speedup", "end-to-end speed-up"),
     ("flops_speedup_total", "FLOPs speed-up (theory)"),
-    ("kv_ratio", "KV-cache ratio"),
+    ("kv_ratio", "KV-cache ratio (peak)"),
+    ("kv_ratio_final", "KV-cache ratio (end)"),
     ("efficiency_e2e", "efficiency (e2e / FLOPs)"),
 )
 
