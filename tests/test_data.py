@@ -261,9 +261,10 @@ def test_shared_prefix_training_equals_separate_sequences():
 
 
 def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
-    from st3.data.train import COUNT_HEADS, OBJECT_HEADS, PROBE_HEADS, patch_labels
+    from st3.data.train import LABEL_HEADS, patch_labels
 
-    heads = [name for name, _ in PROBE_HEADS + COUNT_HEADS + OBJECT_HEADS]
+    heads = [name for name, _ in LABEL_HEADS]
+    singular = {plural: shape for shape, plural in PLURALS.items()}
     side, cell = IMAGE_SIZE // 8, IMAGE_SIZE // GRID
     assert side % GRID == 0, "grid cells are whole patches"
     for seed in range(30):
@@ -293,7 +294,7 @@ def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
                 for kind in ("count_colour", "count_shape", "count_all"):  # the count labels answer the counts
                     for qa in options[kind]:
                         name = "all" if kind == "count_all" else qa.question.split()[2]
-                        name = {plural: shape for shape, plural in PLURALS.items()}.get(name, name)
+                        name = singular.get(name, name)
                         assert NUMBERS[got[f"count_{name}"]] == qa.answer
                 for qa in directions:  # the neighbour labels answer the direction questions about the cell
                     if qa.focus == ((row, col),):

@@ -139,8 +139,11 @@ def object_labels(sc, patch_size: int, min_pixels: int = 6) -> np.ndarray:
     return np.array([attribute_ids(None)] + [attribute_ids(o) for o in sc.objects])[best + 1]
 
 
+LABEL_HEADS = PROBE_HEADS + COUNT_HEADS + OBJECT_HEADS  # the columns of `patch_labels`
+
+
 def patch_labels(sc, image_tokens: int, patch_size: int) -> torch.Tensor:
-    """[patches, PROBE_HEADS + COUNT_HEADS + OBJECT_HEADS]: the labels of the grid cell each patch lies in
+    """[patches, LABEL_HEADS]: the labels of the grid cell each patch lies in
     (`cell_labels`), then those of the object drawn on the patch (`object_labels`)."""
     cells = cell_labels(sc)[patch_cells(image_tokens, patch_size).numpy()]
     return torch.from_numpy(np.concatenate([cells, object_labels(sc, patch_size)], axis=1)).long()
@@ -182,23 +185,23 @@ class PatchProbe(nn.Module):
         self.features = self.middle = None
         parts = torch.split(self.head(features), [n for _, n in self.cell_heads], -1)
         parts += torch.split(self.object_head(middle), [n for _, n in OBJECT_HEADS], -1)
-        first_object = len(PROBE_HEADS + COUNT_HEADS)  # label columns: cell heads, count heads, object heads
-        columns = [*range(len(self.cell_heads)), *range(first_object, first_object + len(OBJECT_HEADS))]
-        heads = self.cell_heads + OBJECT_HEADS
-        loss, stats, count_hits = 0.0, {}, []
-        for i, (name, _), part in zip(columns, heads, parts):
-            term = F.cross_entropy(part.flatten(0, 1), labels[..., i].flatten())
+        label_names = [name for name, _ in LABEL_HEADS]  # the columns of `labels`, whichever heads are on
+        terms, count_terms, count_hits, stats = [], [], [], {}
+        for (name, _), part in zip(self.cell_heads + OBJECT_HEADS, parts):
+            target = labels[..., label_names.index(name)]
+            term = F.cross_entropy(part.flatten(0, 1), target.flatten())
             if name.startswith("count_"):
-                loss = loss + term / len(COUNT_HEADS)
-                count_hits.append((part.argmax(-1) == labels[..., i]).float().mean().item())
+                count_terms.append(term)
+                count_hits.append((part.argmax(-1) == target).float().mean().item())
                 continue
-            loss = loss + term
+            terms.append(term)
             if name in ("colour", "shape", "left_of_shape", "object_shape"):
-                on = labels[..., i] > 0  # accuracy where there is something to name
-                stats[f"probe_{name}"] = (part.argmax(-1) == labels[..., i])[on].float().mean().item()
-        if count_hits:
+                on = target > 0  # accuracy where there is something to name
+                stats[f"probe_{name}"] = (part.argmax(-1) == target)[on].float().mean().item()
+        if count_terms:  # the count heads together weigh as one head
+            terms.append(torch.stack(count_terms).mean())
             stats["probe_counts"] = sum(count_hits) / len(count_hits)
-        return loss / (len(heads) - len(count_hits) + bool(count_hits)), stats
+        return torch.stack(terms).mean(), stats
 
     def vision_loss(self, model, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The probe loss from the vision tower and projector alone, without the decoder."""
