@@ -52,6 +52,7 @@ def test_runs_end_to_end(result, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["batch_size"] == 1
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert "| st3 |" in markdown(result)
+    assert "median [min-max] over 2 interleaved repeats" in markdown(result)
 
 
 def test_ratios_come_from_the_measured_medians(result, tmp_path):
@@ -87,7 +88,8 @@ def test_cli(tmp_path):
 
 def test_main_prints_and_writes(tmp_path, capsys):
     main(tiny_config(batch_sizes=[1], new_tokens=[2], repeats=1, warmup=0), tmp_path / "m.json", None)
-    assert "measured" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # the terminal wraps long lines
+    assert "measured" in out and "one timed run per method, no spread" in out
     assert json.loads((tmp_path / "m.json").read_text())["meta"]["dtype"] == "bf16"
 
 

@@ -23,6 +23,13 @@ def fmt_spread(stats: dict, scale: float = 1.0, digits: int = 3) -> str:
     return f"{med:.{digits}g} [{lo:.{digits}g}-{hi:.{digits}g}]"
 
 
+def spread_label(repeats: int) -> str:
+    """What the figures are: a median with its range, or single runs (no spread to show)."""
+    if repeats < 2:
+        return "one timed run per method, no spread"
+    return f"median [min-max] over {repeats} interleaved repeats"
+
+
 def print_report(result: dict, console: Console | None = None) -> None:
     """Per (batch size, new tokens) block: a table of measurements and one of ratios; then the notes."""
     console = console or Console(width=None if sys.stdout.isatty() else 160)
@@ -30,8 +37,7 @@ def print_report(result: dict, console: Console | None = None) -> None:
     console.print(
         escape(
             f"st3 bench: {meta['model']['source']} ({meta['shape_text']}), {meta['dtype']} on "
-            f"{meta['device_name']} ({meta['threads']} threads); median [min-max] over "
-            f"{meta['config']['repeats']} interleaved repeats"
+            f"{meta['device_name']} ({meta['threads']} threads); {spread_label(meta['config']['repeats'])}"
         )
     )
     for block in result["runs"]:
@@ -191,7 +197,7 @@ def markdown(result: dict) -> str:
         n = block["methods"]["vanilla"]["prefill_s"]["n"]
         lines.append(
             f"**batch {block['batch_size']}, {block['new_tokens']} new tokens** (prompt {block['prompt_tokens']} "
-            f"tokens, {block['visual_tokens']} visual; median [min-max] of {n})\n"
+            f"tokens, {block['visual_tokens']} visual; {spread_label(n)})\n"
         )
         lines.append(
             "| method | prefill s | decode ms/token | end-to-end s | tokens/s | KV peak / end MiB | RSS peak GiB |"
