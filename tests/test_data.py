@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
 
@@ -301,30 +302,39 @@ def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
                         assert got[f"{qa.kind}_shape"] == (0 if qa.answer == NOTHING else SHAPES.index(qa.answer) + 1)
 
 
-def test_focus_attention_matches_eager_attention():
+@pytest.mark.parametrize("count_layer", [None, 0], ids=["cells", "cells+counts"])
+def test_focus_attention_matches_eager_attention(count_layer):
     from st3.data.model import ModelSpec, build_model
-    from st3.data.train import make_batch, shared_prefix_logits
+    from st3.data.train import FOCUS_KINDS, make_batch, shared_prefix_logits
 
     spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
                      text_heads=4, text_kv_heads=2, text_intermediate=64)  # fmt: skip
     model = build_model(spec).eval()
     tokenizer = build_processor().tokenizer
-    batch = make_batch(tokenizer, [21], questions=3, caption_weight=1.5, image_tokens=spec.image_tokens)
-    assert len(batch.focus_rows) > 5
+    counts = count_layer is not None
+    batch = make_batch(tokenizer, [21, 22], questions=6, caption_weight=1.5, image_tokens=spec.image_tokens,
+                       count_focus=counts)  # fmt: skip
+    kinds = [FOCUS_KINDS[k] for k in batch.focus_kind.tolist()]
+    assert {"position", "content"} <= set(kinds) and ("count" in kinds) == counts
     with torch.no_grad():
-        _, loss = shared_prefix_logits(model, batch, focus_layer=1, focus_heads=2)
+        _, loss = shared_prefix_logits(model, batch, focus_layer=1, focus_heads=2, count_layer=count_layer)
         model.set_attn_implementation("eager")
         terms = []
         width = batch.prefix_ids.shape[1]
-        assert batch.focus_by_content.any() and not batch.focus_by_content.all()
-        for row, pos, mask, by_content in zip(
-            batch.focus_rows.tolist(), batch.focus_pos.tolist(), batch.focus_mask, batch.focus_by_content.tolist()
-        ):
+        # (layer, heads) each kind is taught on: position and content in layer 1, a count on head 0 of layer 0
+        where = {"position": (1, slice(0, 2)), "content": (1, slice(2, 4)), "count": (0, slice(0, 1))}
+        for row, pos, mask, kind in zip(batch.focus_rows.tolist(), batch.focus_pos.tolist(), batch.focus_mask, kinds):
             n = int((batch.suffix_ids[row] != tokenizer.pad_token_id).sum())
             ids = torch.cat([batch.prefix_ids[0], batch.suffix_ids[row, :n]])[None]
-            out = model(input_ids=ids, pixel_values=batch.pixel_values, output_attentions=True)
-            heads = slice(2, 4) if by_content else slice(0, 2)
-            attn = out.attentions[1][0, heads, width + pos]  # [heads, keys]
+            scene_of_row = int((batch.repeats.cumsum(0) <= row).sum())
+            pixels = batch.pixel_values[scene_of_row : scene_of_row + 1]
+            out = model(input_ids=ids, pixel_values=pixels, output_attentions=True)
+            layer, heads = where[kind]
+            attn = out.attentions[layer][0, heads, width + pos]  # [heads, keys]
             image = attn[:, batch.image_start : batch.image_start + spec.image_tokens]
-            terms.append(-((image * mask).sum(-1) + 1e-6).log())
+            if kind == "count":  # KL(uniform over every patch || attention)
+                assert mask.all()
+                terms.append(-image.log().mean(-1) - math.log(spec.image_tokens))
+            else:
+                terms.append(-((image * mask).sum(-1) + 1e-6).log())
     torch.testing.assert_close(loss, torch.cat(terms).mean(), atol=1e-5, rtol=1e-4)

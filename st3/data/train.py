@@ -16,7 +16,8 @@ where it is and what its nearest neighbours are, and from the tower's middle lay
 patch). Then everything trains on: cross-entropy on the answer tokens and `</s>`, averaged per sequence, each
 QA weighing 1 and each caption `--caption-weight`; plus `--aux-weight` times the probe loss; plus
 `--focus-weight` times the focus loss (see `shared_prefix_logits`): two attention heads of a middle decoder
-layer are taught to look, when predicting an answer word, at the grid cell the answer is read from. The vision
+layer are taught to look, when predicting an answer word, at the grid cell the answer is read from (and, with
+`--count-layer`, one head of another layer to look evenly at the whole image for a count). The vision
 tower's learning rate is scaled by `--vision-lr-scale` in the second phase so the answer loss does not undo
 what the probe built. AdamW, linear warm-up then cosine decay, gradient clipping at 1.
 
@@ -51,6 +52,9 @@ from st3.data.tasks import CAPTION_PROMPT, DIRECTIONS, SPLITS, caption, draw_qa,
 
 IGNORE = -100
 POSITION_KINDS = ("shape_at", "colour_at", "occupied")  # questions that name the cell by its position
+# The focus loss's kinds of lookup: a cell named by its position, a cell named by what it holds, a count (every
+# cell at once). Each kind has heads of its own (see `shared_prefix_logits`).
+POSITION, CONTENT, COUNT = FOCUS_KINDS = ("position", "content", "count")
 
 
 @dataclasses.dataclass
@@ -68,7 +72,7 @@ class Batch:
     focus_rows: torch.Tensor  # [Q]: suffix row of each supervised query
     focus_pos: torch.Tensor  # [Q]: its position in the suffix (the token that predicts an answer word)
     focus_mask: torch.Tensor  # [Q, patches] bool: the patches of the grid cells the answer is read from
-    focus_by_content: torch.Tensor  # [Q] bool: the cell is named by what it holds (not by its position)
+    focus_kind: torch.Tensor  # [Q]: index in FOCUS_KINDS (what names the cells, or a count)
 
 
 def split_prompt(tokenizer, image_tokens: int) -> list[int]:
@@ -226,7 +230,9 @@ def cells_mask(cells, cell_of_patch: torch.Tensor) -> torch.Tensor:
 
 
 def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: float, image_tokens: int,
-               patch_size: int = PATCH_SIZE) -> Batch:  # fmt: skip
+               patch_size: int = PATCH_SIZE, count_focus: bool = False) -> Batch:  # fmt: skip
+    """`questions` distinct questions and (with `caption_weight` > 0) a caption per scene, with the focus
+    targets of their answer words; count questions get one (every patch) only with `count_focus`."""
     prefix = split_prompt(tokenizer, image_tokens)
     scenes = [scene(s) for s in seeds]
     rows, weights, repeats, focus, captions = [], [], [], [], []
@@ -242,9 +248,13 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
                 continue
             seen.add(qa.question)
             ids, prompt_len = sequence_ids(tokenizer, qa.question, qa.answer)
-            if qa.focus and not qa.kind.startswith("count"):  # a count reads every cell, not the counted ones
-                by_content = qa.kind not in POSITION_KINDS
-                focus.append((len(rows), prompt_len - 1, cells_mask(qa.focus, cell_of_patch), by_content))
+            if qa.kind.startswith("count"):  # a count reads every cell, not only the counted ones
+                if count_focus:
+                    every = torch.ones_like(cell_of_patch, dtype=torch.bool)
+                    focus.append((len(rows), prompt_len - 1, every, FOCUS_KINDS.index(COUNT)))
+            elif qa.focus:
+                kind = POSITION if qa.kind in POSITION_KINDS else CONTENT
+                focus.append((len(rows), prompt_len - 1, cells_mask(qa.focus, cell_of_patch), FOCUS_KINDS.index(kind)))
             rows.append((ids, prompt_len))
             weights.append(1.0)
             captions.append(False)
@@ -256,7 +266,8 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
                 for col in range(GRID):
                     words = 1 if sc.at(row, col) is None else 3
                     for t in range(words):  # the tokens after "row col" are predicted looking at that cell
-                        focus.append((len(rows), at + 2 + t - 1, cells_mask([(row, col)], cell_of_patch), False))
+                        mask = cells_mask([(row, col)], cell_of_patch)
+                        focus.append((len(rows), at + 2 + t - 1, mask, FOCUS_KINDS.index(POSITION)))
                     at += 2 + words + 1
             rows.append((ids, prompt_len))
             weights.append(caption_weight)
@@ -283,7 +294,7 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
         focus_rows=torch.tensor([f[0] for f in focus], dtype=torch.long),
         focus_pos=torch.tensor([f[1] for f in focus], dtype=torch.long),
         focus_mask=torch.stack([f[2] for f in focus]) if focus else torch.zeros(0, image_tokens, dtype=torch.bool),
-        focus_by_content=torch.tensor([f[3] for f in focus], dtype=torch.bool),
+        focus_kind=torch.tensor([f[3] for f in focus], dtype=torch.long),
     )
 
 
@@ -292,8 +303,52 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+@dataclasses.dataclass(frozen=True)
+class FocusHeads:
+    """The heads of one decoder layer that learn one kind of lookup (see `shared_prefix_logits`)."""
+
+    layer: int
+    heads: slice
+    uniform: bool = False  # spread evenly over the target patches, instead of merely landing on them
+
+
+def focus_heads_for(focus_layer: int | None, focus_heads: int, count_layer: int | None = None) -> dict[int, FocusHeads]:
+    """FOCUS_KINDS index -> heads: in `focus_layer`, heads [0, focus_heads) for lookups by position and the next
+    `focus_heads` for lookups by content; with `count_layer`, head 0 of that layer for counts."""
+    plan = {}
+    if focus_layer is not None:
+        plan[FOCUS_KINDS.index(POSITION)] = FocusHeads(focus_layer, slice(0, focus_heads))
+        plan[FOCUS_KINDS.index(CONTENT)] = FocusHeads(focus_layer, slice(focus_heads, 2 * focus_heads))
+    if count_layer is not None:
+        if count_layer == focus_layer:
+            raise ValueError(f"the count head needs a layer of its own, not the focus layer {focus_layer}")
+        plan[FOCUS_KINDS.index(COUNT)] = FocusHeads(count_layer, slice(0, 1), uniform=True)
+    return plan
+
+
+def head_attention(
+    language_model, layer: int, heads: slice, q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Attention probabilities [Q, h, K] of `heads` of decoder `layer`, recomputed from q_proj's output rows
+    q [Q, heads * D] (not yet rotated) at absolute `positions` [Q] and the layer's cached keys [Q, kv, K, D]."""
+    attention = language_model.layers[layer].self_attn
+    n_heads = attention.config.num_attention_heads
+    q = q.view(len(q), n_heads, attention.head_dim)[:, heads]
+    cos, sin = language_model.rotary_emb(q, position_ids=positions[:, None])
+    q = rotate_half(q, cos, sin)  # cos, sin [Q, 1, D] broadcast over heads
+    kv_of_head = torch.arange(n_heads)[heads] // (n_heads // keys.shape[1])
+    scores = torch.einsum("qhd,qhkd->qhk", q, keys[:, kv_of_head]) * attention.scaling
+    causal = torch.arange(keys.shape[2])[None, :] > positions[:, None]
+    return scores.masked_fill(causal[:, None], float("-inf")).softmax(-1)
+
+
 def shared_prefix_logits(
-    model, batch: Batch, groups: int = 2, focus_layer: int | None = None, focus_heads: int = 1
+    model,
+    batch: Batch,
+    groups: int = 2,
+    focus_layer: int | None = None,
+    focus_heads: int = 1,
+    count_layer: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits [N, S, V] of the suffixes, each continuing its scene's prefix (run once per scene).
 
@@ -308,6 +363,11 @@ def shared_prefix_logits(
     holds ("what colour is the star?"): both kinds of match must fit in the few rotary dimensions that turn
     slowly enough to ignore distance, so each gets its own heads. It teaches the decoder where to look, which
     the answer loss alone teaches only after a long plateau.
+
+    With `count_layer` (and count queries in the batch, see `make_batch`), head 0 of that layer learns to
+    spread its attention evenly over all the patches when a count is asked (loss: KL(uniform || attention)):
+    each grid cell is the same number of patches, so that head's read-out is the scene's make-up, and a count
+    is one linear step away, where otherwise the decoder would have to gather up to six cells.
     """
     images = batch.pixel_values.shape[0]
     prefix = batch.prefix_ids.expand(images, -1)
@@ -319,13 +379,16 @@ def shared_prefix_logits(
     lengths = (batch.suffix_ids != batch.pad_id).sum(1)
     order = torch.argsort(lengths, stable=True)
     logits = None
+    plan = focus_heads_for(focus_layer, focus_heads, count_layer) if len(batch.focus_rows) else {}
+    language_model = model.model.language_model
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [
+        language_model.layers[layer].self_attn.q_proj.register_forward_hook(
+            lambda m, a, out, layer=layer: captured.__setitem__(layer, out)
+        )
+        for layer in {heads.layer for heads in plan.values()}
+    ]
     focus_terms = []
-    captured = {}
-    hook = None
-    if focus_layer is not None and len(batch.focus_rows):
-        language_model = model.model.language_model
-        attention = language_model.layers[focus_layer].self_attn
-        hook = attention.q_proj.register_forward_hook(lambda m, a, o: captured.__setitem__("q", o))
     try:
         for rows in torch.tensor_split(order, groups):
             if len(rows) == 0:
@@ -341,32 +404,27 @@ def shared_prefix_logits(
             if logits is None:
                 logits = part.new_zeros(batch.suffix_ids.shape + part.shape[-1:])
             logits[rows, :width] = part
-            if hook is None:
-                continue
             local = torch.full((batch.suffix_ids.shape[0],), -1)
             local[rows] = torch.arange(len(rows))
-            pick = (local[batch.focus_rows] >= 0).nonzero().flatten()
-            if len(pick) == 0:
-                continue
-            r, pos = local[batch.focus_rows[pick]], batch.focus_pos[pick]
-            head_dim, heads = attention.head_dim, attention.config.num_attention_heads
-            # heads [0, focus_heads) learn lookups by position, the next focus_heads lookups by content
-            chosen = torch.arange(focus_heads) + focus_heads * batch.focus_by_content[pick, None].long()  # [Q, h]
-            q = captured["q"][r, pos].view(len(pick), heads, head_dim)
-            q = q.gather(1, chosen[..., None].expand(-1, -1, head_dim))  # [Q, focus_heads, D]
-            cos, sin = language_model.rotary_emb(q, position_ids=(width_prefix + pos)[:, None])
-            q = rotate_half(q, cos, sin)  # cos, sin [Q, 1, D] broadcast over heads
-            keys = cache.layers[focus_layer].keys[r]  # [Q, kv_heads, P + width, D], rotated
-            groups_per_kv = heads // keys.shape[1]
-            keys = keys.gather(1, (chosen // groups_per_kv)[..., None, None].expand(-1, -1, *keys.shape[2:]))
-            scores = torch.einsum("qhd,qhkd->qhk", q, keys) * attention.scaling
-            causal = torch.arange(keys.shape[2])[None, :] > (width_prefix + pos)[:, None]
-            probs = scores.masked_fill(causal[:, None], float("-inf")).softmax(-1)
-            image = probs[..., batch.image_start : batch.image_start + batch.focus_mask.shape[1]]
-            mass = (image * batch.focus_mask[pick][:, None]).sum(-1)  # [Q, focus_heads]
-            focus_terms.append(-(mass + 1e-6).log().flatten())
+            for kind, heads in plan.items():
+                pick = ((local[batch.focus_rows] >= 0) & (batch.focus_kind == kind)).nonzero().flatten()
+                if len(pick) == 0:
+                    continue
+                r, pos = local[batch.focus_rows[pick]], batch.focus_pos[pick]
+                keys = cache.layers[heads.layer].keys[r]  # [Q, kv_heads, P + width, D], rotated
+                probs = head_attention(
+                    language_model, heads.layer, heads.heads, captured[heads.layer][r, pos], keys, width_prefix + pos
+                )
+                image = probs[..., batch.image_start : batch.image_start + batch.focus_mask.shape[1]]
+                mask = batch.focus_mask[pick][:, None]  # [Q, 1, patches]
+                if heads.uniform:  # KL(uniform over the mask || attention)
+                    n = mask.sum(-1)
+                    terms = -((image + 1e-9).log() * mask).sum(-1) / n - n.log()
+                else:
+                    terms = -((image * mask).sum(-1) + 1e-6).log()
+                focus_terms.append(terms.flatten())
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
     focus_loss = torch.cat(focus_terms).mean() if focus_terms else None
     return logits, focus_loss
@@ -438,6 +496,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--focus-layer", type=int, default=-1, help="decoder layer of the focus loss (-1: the middle)")
     p.add_argument("--focus-heads", type=int, default=2, help="heads of that layer the focus loss applies to")
     p.add_argument(
+        "--count-layer",
+        type=int,
+        default=-1,
+        help="decoder layer (not the focus layer) whose head 0 learns to attend evenly over the image for count "
+        "questions, under the focus weight (-1: off)",
+    )
+    p.add_argument(
         "--stop-at",
         type=int,
         default=0,
@@ -467,9 +532,18 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     processor = build_processor(spec.image_size, spec.patch_size)
     tokenizer = processor.tokenizer
-    focus_layer = None
+    focus_layer = count_layer = None
     if args.focus_weight > 0:
         focus_layer = args.focus_layer if args.focus_layer >= 0 else spec.text_layers // 2
+        count_layer = args.count_layer if args.count_layer >= 0 else None
+        if not all(0 <= layer < spec.text_layers for layer in (focus_layer, count_layer or 0)):
+            raise SystemExit(f"--focus-layer and --count-layer must be in [0, {spec.text_layers})")
+        try:  # a bad head plan fails now, not at the end of the vision phase
+            focus_heads_for(focus_layer, args.focus_heads, count_layer)
+        except ValueError as error:
+            raise SystemExit(str(error)) from error
+    elif args.count_layer >= 0:
+        raise SystemExit("--count-layer needs the focus loss on (--focus-weight > 0)")
     probe = PatchProbe(model, args.count_probes) if args.aux_weight > 0 or args.vision_steps > 0 else None
     named = list(model.named_parameters()) + (list(probe.named_parameters()) if probe else [])
     groups = []
@@ -526,8 +600,11 @@ def main(argv: list[str] | None = None) -> dict:
                 args.caption_weight,
                 spec.image_tokens,
                 spec.patch_size,
+                count_focus=count_layer is not None,
             )
-            logits, focus = shared_prefix_logits(model, batch, focus_layer=focus_layer, focus_heads=args.focus_heads)
+            logits, focus = shared_prefix_logits(
+                model, batch, focus_layer=focus_layer, focus_heads=args.focus_heads, count_layer=count_layer
+            )
             loss, stats = loss_of(logits, batch)
             if focus is not None:
                 stats["focus_loss"] = focus.item()
