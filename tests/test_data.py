@@ -305,7 +305,7 @@ def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
 @pytest.mark.parametrize("count_layer", [None, 0], ids=["cells", "cells+counts"])
 def test_focus_attention_matches_eager_attention(count_layer):
     from st3.data.model import ModelSpec, build_model
-    from st3.data.train import FOCUS_KINDS, make_batch, shared_prefix_logits
+    from st3.data.train import FOCUS_KINDS, focus_heads_for, make_batch, shared_prefix_logits
 
     spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
                      text_heads=4, text_kv_heads=2, text_intermediate=64)  # fmt: skip
@@ -317,7 +317,7 @@ def test_focus_attention_matches_eager_attention(count_layer):
     kinds = [FOCUS_KINDS[k] for k in batch.focus_kind.tolist()]
     assert {"position", "content"} <= set(kinds) and ("count" in kinds) == counts
     with torch.no_grad():
-        _, loss = shared_prefix_logits(model, batch, focus_layer=1, focus_heads=2, count_layer=count_layer)
+        _, loss = shared_prefix_logits(model, batch, focus=focus_heads_for(1, 2, count_layer))
         model.set_attn_implementation("eager")
         terms = []
         width = batch.prefix_ids.shape[1]

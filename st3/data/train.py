@@ -343,28 +343,23 @@ def head_attention(
 
 
 def shared_prefix_logits(
-    model,
-    batch: Batch,
-    groups: int = 2,
-    focus_layer: int | None = None,
-    focus_heads: int = 1,
-    count_layer: int | None = None,
+    model, batch: Batch, groups: int = 2, focus: dict[int, FocusHeads] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits [N, S, V] of the suffixes, each continuing its scene's prefix (run once per scene).
 
     Suffixes are run in `groups` length-sorted groups (short questions apart from long captions), each on its
     own copy of the prefix cache, so short rows are not padded to caption length.
 
-    With `focus_layer`, also the focus loss: for each supervised query (the token that predicts an answer word),
-    the attention of `focus_heads` heads of that decoder layer, recomputed from the query row and the layer's
-    cached keys, should fall on the patches of the grid cells the answer is read from; the loss is
-    -log(attention mass there), averaged. Heads [0, focus_heads) take the queries that name a cell by its
-    position (captions, "what is at the top left?"), the next `focus_heads` those that name it by what it
-    holds ("what colour is the star?"): both kinds of match must fit in the few rotary dimensions that turn
+    With `focus` (see `focus_heads_for`), also the focus loss: for each supervised query (the token that predicts
+    an answer word), the attention of its kind's heads, recomputed from the query row and the layer's cached
+    keys, should fall on the patches of the grid cells the answer is read from; the loss is
+    -log(attention mass there), averaged. Heads [0, focus_heads) of the focus layer take the queries that name
+    a cell by its position (captions, "what is at the top left?"), the next `focus_heads` those that name it by
+    what it holds ("what colour is the star?"): both kinds of match must fit in the few rotary dimensions that turn
     slowly enough to ignore distance, so each gets its own heads. It teaches the decoder where to look, which
     the answer loss alone teaches only after a long plateau.
 
-    With `count_layer` (and count queries in the batch, see `make_batch`), head 0 of that layer learns to
+    With a count layer (and count queries in the batch, see `make_batch`), head 0 of that layer learns to
     spread its attention evenly over all the patches when a count is asked (loss: KL(uniform || attention)):
     each grid cell is the same number of patches, so that head's read-out is the scene's make-up, and a count
     is one linear step away, where otherwise the decoder would have to gather up to six cells.
@@ -379,7 +374,7 @@ def shared_prefix_logits(
     lengths = (batch.suffix_ids != batch.pad_id).sum(1)
     order = torch.argsort(lengths, stable=True)
     logits = None
-    plan = focus_heads_for(focus_layer, focus_heads, count_layer) if len(batch.focus_rows) else {}
+    plan = focus if focus and len(batch.focus_rows) else {}
     language_model = model.model.language_model
     captured: dict[int, torch.Tensor] = {}
     hooks = [
@@ -404,6 +399,8 @@ def shared_prefix_logits(
             if logits is None:
                 logits = part.new_zeros(batch.suffix_ids.shape + part.shape[-1:])
             logits[rows, :width] = part
+            if not plan:
+                continue
             local = torch.full((batch.suffix_ids.shape[0],), -1)
             local[rows] = torch.arange(len(rows))
             for kind, heads in plan.items():
@@ -532,14 +529,14 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     processor = build_processor(spec.image_size, spec.patch_size)
     tokenizer = processor.tokenizer
-    focus_layer = count_layer = None
+    focus = {}  # FOCUS_KINDS index -> the heads taught that lookup; checked now, not after the vision phase
     if args.focus_weight > 0:
         focus_layer = args.focus_layer if args.focus_layer >= 0 else spec.text_layers // 2
         count_layer = args.count_layer if args.count_layer >= 0 else None
-        if not all(0 <= layer < spec.text_layers for layer in (focus_layer, count_layer or 0)):
+        if not all(0 <= layer < spec.text_layers for layer in (focus_layer, count_layer) if layer is not None):
             raise SystemExit(f"--focus-layer and --count-layer must be in [0, {spec.text_layers})")
-        try:  # a bad head plan fails now, not at the end of the vision phase
-            focus_heads_for(focus_layer, args.focus_heads, count_layer)
+        try:
+            focus = focus_heads_for(focus_layer, args.focus_heads, count_layer)
         except ValueError as error:
             raise SystemExit(str(error)) from error
     elif args.count_layer >= 0:
@@ -600,15 +597,13 @@ def main(argv: list[str] | None = None) -> dict:
                 args.caption_weight,
                 spec.image_tokens,
                 spec.patch_size,
-                count_focus=count_layer is not None,
+                count_focus=FOCUS_KINDS.index(COUNT) in focus,
             )
-            logits, focus = shared_prefix_logits(
-                model, batch, focus_layer=focus_layer, focus_heads=args.focus_heads, count_layer=count_layer
-            )
+            logits, focus_loss = shared_prefix_logits(model, batch, focus=focus)
             loss, stats = loss_of(logits, batch)
-            if focus is not None:
-                stats["focus_loss"] = focus.item()
-                loss = loss + args.focus_weight * focus
+            if focus_loss is not None:
+                stats["focus_loss"] = focus_loss.item()
+                loss = loss + args.focus_weight * focus_loss
             if probe is not None and args.aux_weight > 0:
                 aux, probe_stats = probe.loss(batch.patch_labels)
                 stats |= {"aux_loss": aux.item()} | probe_stats
