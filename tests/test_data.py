@@ -153,6 +153,14 @@ def test_drawn_questions_cover_kinds_and_balance_yes_no():
     assert 0.35 < sum(yes_no) / len(yes_no) < 0.65
 
 
+def test_drawing_from_precomputed_candidates_draws_the_same_questions():
+    for seed in (3, 40, 1_000_007):
+        sc = scene(seed)
+        options = candidates(sc)
+        plain, shortcut = random.Random(seed), random.Random(seed)
+        assert [draw_qa(sc, plain) for _ in range(30)] == [draw_qa(sc, shortcut, options) for _ in range(30)]
+
+
 def test_caption_round_trip():
     for seed in range(100):
         sc = scene(seed)

@@ -203,12 +203,13 @@ def candidates(scene_: Scene) -> dict[str, list[QA]]:
     return {k: v for k, v in out.items() if v}
 
 
-def draw_qa(scene_: Scene, rng: random.Random) -> QA:
+def draw_qa(scene_: Scene, rng: random.Random, options: dict[str, list[QA]] | None = None) -> QA:
     """One question: a kind uniformly among those the scene allows, then a question of that kind.
 
     Yes/no kinds draw the answer first (half and half where both occur), so "no" does not dominate.
+    `options` is `candidates(scene_)`, for callers that draw many questions from one scene.
     """
-    options = candidates(scene_)
+    options = candidates(scene_) if options is None else options
     kind = rng.choice(sorted(options))
     pool = options[kind]
     answers = sorted({qa.answer for qa in pool})

@@ -48,7 +48,7 @@ from transformers import DynamicCache
 from st3.data.model import ModelSpec, build_model, parameter_count
 from st3.data.processor import IMAGE, PATCH_SIZE, build_processor, pixel_values, prompt
 from st3.data.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, scene
-from st3.data.tasks import CAPTION_PROMPT, DIRECTIONS, SPLITS, caption, draw_qa, neighbour
+from st3.data.tasks import CAPTION_PROMPT, DIRECTIONS, SPLITS, candidates, caption, draw_qa, neighbour
 
 IGNORE = -100
 POSITION_KINDS = ("shape_at", "colour_at", "occupied")  # questions that name the cell by its position
@@ -240,10 +240,11 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
     for sc in scenes:
         rng = random.Random(f"train:{sc.seed}")
         seen: set[str] = set()
+        options = candidates(sc)
         for _ in range(questions * 4):
             if len(seen) == questions:
                 break
-            qa = draw_qa(sc, rng)
+            qa = draw_qa(sc, rng, options)
             if qa.question in seen:
                 continue
             seen.add(qa.question)
