@@ -230,13 +230,14 @@ def test_tiny_model_round_trips_through_from_pretrained(tmp_path, saved_processo
     from st3.data.model import ModelSpec, build_model
 
     spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
-                     text_heads=4, text_kv_heads=2, text_intermediate=64)  # fmt: skip
+                     text_heads=4, text_kv_heads=2, text_intermediate=64, rope_theta=1e6)  # fmt: skip
     model = build_model(spec).eval()
     model.save_pretrained(tmp_path)
     build_processor().save_pretrained(tmp_path)
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     processor = AutoProcessor.from_pretrained(tmp_path)
     assert loaded.config.image_seq_length == 324 == spec.image_tokens
+    assert loaded.config.text_config.rope_parameters["rope_theta"] == 1e6
     e = example("validation", 0)
     inputs = processor(images=e.image, text=prompt(e.question), return_tensors="pt")
     with torch.no_grad():
@@ -310,13 +311,15 @@ def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
                         assert got[f"{qa.kind}_shape"] == (0 if qa.answer == NOTHING else SHAPES.index(qa.answer) + 1)
 
 
-@pytest.mark.parametrize("count_layer", [None, 0], ids=["cells", "cells+counts"])
-def test_focus_attention_matches_eager_attention(count_layer):
+@pytest.mark.parametrize(
+    "count_layer, rope_theta", [(None, 1e4), (0, 1e6)], ids=["cells", "cells+counts, rope base 1e6"]
+)
+def test_focus_attention_matches_eager_attention(count_layer, rope_theta):
     from st3.data.model import ModelSpec, build_model
     from st3.data.train import FOCUS_KINDS, focus_heads_for, make_batch, shared_prefix_logits
 
     spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
-                     text_heads=4, text_kv_heads=2, text_intermediate=64)  # fmt: skip
+                     text_heads=4, text_kv_heads=2, text_intermediate=64, rope_theta=rope_theta)  # fmt: skip
     model = build_model(spec).eval()
     tokenizer = build_processor().tokenizer
     counts = count_layer is not None

@@ -29,6 +29,11 @@ class ModelSpec:
     text_kv_heads: int = 2
     text_intermediate: int = 384
     max_positions: int = 512
+    # Rotary base of the decoder. A head of width 32 has only 16 rotary frequencies, and at the default base
+    # of 10,000 only the slowest few turn little over the ~330 positions between an answer and the image's
+    # first patch: only those can match a patch by what it holds wherever it lies. A larger base (as Llama 3
+    # and Qwen use) slows more of them down.
+    rope_theta: float = 10_000.0
 
     @property
     def image_tokens(self) -> int:
@@ -54,6 +59,7 @@ class ModelSpec:
                 num_key_value_heads=self.text_kv_heads,
                 vocab_size=len(vocab),
                 max_position_embeddings=self.max_positions,
+                rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
                 pad_token_id=vocab[PAD],
                 bos_token_id=vocab[BOS],
                 eos_token_id=vocab[EOS],
