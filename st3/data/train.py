@@ -391,8 +391,9 @@ def shared_prefix_logits(
                 continue
             width = int(lengths[rows].max())
             cache = DynamicCache(config=model.config.text_config)
-            for i, (k, v) in enumerate(prefix_kv):
-                cache.update(k[owner[rows]], v[owner[rows]], i)
+            scenes_of_rows = owner[rows]
+            for i, (k, v) in enumerate(prefix_kv):  # index_select: its backward (index_add) is ~5x faster on CPU
+                cache.update(k.index_select(0, scenes_of_rows), v.index_select(0, scenes_of_rows), i)
             positions = torch.arange(width_prefix, width_prefix + width).expand(len(rows), -1)
             part = model(
                 input_ids=batch.suffix_ids[rows, :width], position_ids=positions, past_key_values=cache, use_cache=False
@@ -409,7 +410,7 @@ def shared_prefix_logits(
                 if len(pick) == 0:
                     continue
                 r, pos = local[batch.focus_rows[pick]], batch.focus_pos[pick]
-                keys = cache.layers[heads.layer].keys[r]  # [Q, kv_heads, P + width, D], rotated
+                keys = cache.layers[heads.layer].keys.index_select(0, r)  # [Q, kv_heads, P + width, D], rotated
                 probs = head_attention(
                     language_model, heads.layer, heads.heads, captured[heads.layer][r, pos], keys, width_prefix + pos
                 )
