@@ -32,7 +32,7 @@ class ModelSpec:
     # Rotary base of the decoder. A head of width 32 has only 16 rotary frequencies, and at the default base
     # of 10,000 only the slowest few turn little over the ~330 positions between an answer and the image's
     # first patch: only those can match a patch by what it holds wherever it lies. A larger base (as Llama 3
-    # and Qwen use) slows more of them down.
+    # and Qwen use) slows more of them down; tried at 1e6 in a full run, it did not help (README, grid6).
     rope_theta: float = 10_000.0
 
     @property
