@@ -161,6 +161,18 @@ def test_drawing_from_precomputed_candidates_draws_the_same_questions():
         assert [draw_qa(sc, plain) for _ in range(30)] == [draw_qa(sc, shortcut, options) for _ in range(30)]
 
 
+def test_kind_weights_shift_the_draw_towards_the_weighted_kinds():
+    sc = next(s for s in map(scene, range(100)) if {"count_colour", "size_of"} <= set(candidates(s)))
+    one_kind = {k: 0.0 for k in KINDS} | {"count_colour": 1.0}
+    only = [draw_qa(sc, random.Random(i), kind_weights=one_kind) for i in range(50)]
+    assert {qa.kind for qa in only} == {"count_colour"}
+    rng_plain, rng_heavy = random.Random(0), random.Random(0)
+    plain = [draw_qa(sc, rng_plain).kind for _ in range(2000)]
+    heavy = [draw_qa(sc, rng_heavy, kind_weights={"count_colour": 5.0}).kind for _ in range(2000)]
+    assert heavy.count("count_colour") > 3 * plain.count("count_colour")
+    assert heavy.count("size_of") < plain.count("size_of")
+
+
 def test_caption_round_trip():
     for seed in range(100):
         sc = scene(seed)

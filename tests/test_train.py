@@ -13,13 +13,13 @@ from st3.data.train import main
 TINY = '{"vision_layers": 2, "text_layers": 2, "vision_hidden": 32, "text_hidden": 32, "text_intermediate": 64}'
 
 
-@pytest.mark.parametrize("counts", [False, True], ids=["cells", "counts"])  # counts: probes and the count head
+@pytest.mark.parametrize("counts", [False, True], ids=["cells", "counts"])  # counts: probes, count head, kind weights
 def test_trainer_runs_resumes_and_exports(tmp_path, capsys, counts):
     out, export = tmp_path / "run", tmp_path / "export"
     argv = ["--out", str(out), "--export", str(export), "--steps", "4", "--vision-steps", "2", "--vision-images", "2",
             "--images", "1", "--questions", "2", "--warmup", "1", "--eval-every", "100", "--eval-qa", "2",
             "--eval-captions", "1", "--spec", TINY]  # fmt: skip
-    argv += ["--count-probes", "--count-layer", "0"] if counts else []
+    argv += ["--count-probes", "--count-layer", "0", "--kind-weights", '{"count_colour": 3}'] if counts else []
     assert main(argv + ["--stop-at", "3"]) == {"step": 3}
     assert (out / "checkpoint.pt").exists() and not export.exists()
     assert main(argv) == {"step": 4}
@@ -36,9 +36,11 @@ def test_trainer_runs_resumes_and_exports(tmp_path, capsys, counts):
         (["--count-layer", "1"], "layer of its own"),  # the focus layer of a 2-layer decoder is 1
         (["--count-layer", "2"], "must be in [0, 2)"),
         (["--count-layer", "0", "--focus-weight", "0"], "needs the focus loss"),
+        (["--kind-weights", '{"counts": 2}'], "unknown kinds ['counts']"),
+        (["--kind-weights", '{"count_colour": -1}'], "numbers >= 0"),
     ],
 )
-def test_bad_count_layer_is_refused_before_training(tmp_path, flags, message):
+def test_bad_training_flags_are_refused_before_training(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         main(["--out", str(tmp_path / "run"), "--spec", TINY, *flags])
     assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -203,14 +203,25 @@ def candidates(scene_: Scene) -> dict[str, list[QA]]:
     return {k: v for k, v in out.items() if v}
 
 
-def draw_qa(scene_: Scene, rng: random.Random, options: dict[str, list[QA]] | None = None) -> QA:
+def draw_qa(
+    scene_: Scene,
+    rng: random.Random,
+    options: dict[str, list[QA]] | None = None,
+    kind_weights: dict[str, float] | None = None,
+) -> QA:
     """One question: a kind uniformly among those the scene allows, then a question of that kind.
 
     Yes/no kinds draw the answer first (half and half where both occur), so "no" does not dominate.
-    `options` is `candidates(scene_)`, for callers that draw many questions from one scene.
+    `options` is `candidates(scene_)`, for callers that draw many questions from one scene. `kind_weights`
+    (training only; kinds left out weigh 1) draws kinds unevenly; without it the draw, and so every split,
+    is what it always was.
     """
     options = candidates(scene_) if options is None else options
-    kind = rng.choice(sorted(options))
+    kinds = sorted(options)
+    if kind_weights:
+        kind = rng.choices(kinds, weights=[kind_weights.get(k, 1.0) for k in kinds])[0]
+    else:
+        kind = rng.choice(kinds)
     pool = options[kind]
     answers = sorted({qa.answer for qa in pool})
     if kind in ("exists", "occupied", "shape_at", "left_of", "right_of", "above", "below") and len(answers) > 1:

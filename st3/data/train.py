@@ -48,7 +48,7 @@ from transformers import DynamicCache
 from st3.data.model import ModelSpec, build_model, parameter_count
 from st3.data.processor import IMAGE, PATCH_SIZE, build_processor, pixel_values, prompt
 from st3.data.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, scene
-from st3.data.tasks import CAPTION_PROMPT, DIRECTIONS, SPLITS, candidates, caption, draw_qa, neighbour
+from st3.data.tasks import CAPTION_PROMPT, DIRECTIONS, KINDS, SPLITS, candidates, caption, draw_qa, neighbour
 
 IGNORE = -100
 POSITION_KINDS = ("shape_at", "colour_at", "occupied")  # questions that name the cell by its position
@@ -230,9 +230,11 @@ def cells_mask(cells, cell_of_patch: torch.Tensor) -> torch.Tensor:
 
 
 def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: float, image_tokens: int,
-               patch_size: int = PATCH_SIZE, count_focus: bool = False) -> Batch:  # fmt: skip
+               patch_size: int = PATCH_SIZE, count_focus: bool = False,
+               kind_weights: dict[str, float] | None = None) -> Batch:  # fmt: skip
     """`questions` distinct questions and (with `caption_weight` > 0) a caption per scene, with the focus
-    targets of their answer words; count questions get one (every patch) only with `count_focus`."""
+    targets of their answer words; count questions get one (every patch) only with `count_focus`.
+    `kind_weights` draws some question kinds more often (see `draw_qa`)."""
     prefix = split_prompt(tokenizer, image_tokens)
     scenes = [scene(s) for s in seeds]
     rows, weights, repeats, focus, captions = [], [], [], [], []
@@ -244,7 +246,7 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
         for _ in range(questions * 4):
             if len(seen) == questions:
                 break
-            qa = draw_qa(sc, rng, options)
+            qa = draw_qa(sc, rng, options, kind_weights)
             if qa.question in seen:
                 continue
             seen.add(qa.question)
@@ -515,6 +517,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--export-only", action="store_true", help="export the checkpoint in --out and stop")
     p.add_argument("--spec", default="{}", help="ModelSpec overrides as JSON, e.g. '{\"text_hidden\": 192}'")
+    p.add_argument(
+        "--kind-weights",
+        default="{}",
+        help="question kinds drawn more (or less) often, as JSON, e.g. '{\"count_colour\": 3}' (others weigh 1)",
+    )
     return p.parse_args(argv)
 
 
@@ -527,6 +534,11 @@ def main(argv: list[str] | None = None) -> dict:
     log_path = out / "log.jsonl"
 
     spec = ModelSpec(**json.loads(args.spec))
+    kind_weights = json.loads(args.kind_weights)
+    if unknown := sorted(set(kind_weights) - set(KINDS)):
+        raise SystemExit(f"--kind-weights: unknown kinds {unknown}; the kinds are {list(KINDS)}")
+    if any(not isinstance(w, (int, float)) or w < 0 for w in kind_weights.values()):
+        raise SystemExit("--kind-weights: weights must be numbers >= 0")
     model = build_model(spec, seed=args.seed)
     model.train()
     processor = build_processor(spec.image_size, spec.patch_size)
@@ -600,6 +612,7 @@ def main(argv: list[str] | None = None) -> dict:
                 spec.image_tokens,
                 spec.patch_size,
                 count_focus=FOCUS_KINDS.index(COUNT) in focus,
+                kind_weights=kind_weights,
             )
             logits, focus_loss = shared_prefix_logits(model, batch, focus=focus)
             loss, stats = loss_of(logits, batch)
