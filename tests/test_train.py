@@ -38,6 +38,8 @@ def test_trainer_runs_resumes_and_exports(tmp_path, capsys, counts):
         (["--count-layer", "0", "--focus-weight", "0"], "needs the focus loss"),
         (["--kind-weights", '{"counts": 2}'], "unknown kinds ['counts']"),
         (["--kind-weights", '{"count_colour": -1}'], "numbers >= 0"),
+        (["--kind-weights", '{"count_colour": 3'], "--kind-weights: not valid JSON"),
+        (["--spec", "[1]"], "--spec: expected a JSON object"),
     ],
 )
 def test_bad_training_flags_are_refused_before_training(tmp_path, flags, message):

@@ -476,6 +476,17 @@ def export(model, processor, directory: str) -> None:
     processor.save_pretrained(directory)
 
 
+def json_object(flag: str, text: str) -> dict:
+    """A flag's JSON value, which must be an object; anything else stops with a message naming the flag."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{flag}: not valid JSON ({error}): {text!r}") from error
+    if not isinstance(value, dict):
+        raise SystemExit(f"{flag}: expected a JSON object such as '{{\"name\": value}}', got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/scenes", help="checkpoint and log directory")
@@ -533,8 +544,8 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_path = out / "checkpoint.pt"
     log_path = out / "log.jsonl"
 
-    spec = ModelSpec(**json.loads(args.spec))
-    kind_weights = json.loads(args.kind_weights)
+    spec = ModelSpec(**json_object("--spec", args.spec))
+    kind_weights = json_object("--kind-weights", args.kind_weights)
     if unknown := sorted(set(kind_weights) - set(KINDS)):
         raise SystemExit(f"--kind-weights: unknown kinds {unknown}; the kinds are {list(KINDS)}")
     if any(not isinstance(w, (int, float)) or w < 0 for w in kind_weights.values()):
