@@ -242,7 +242,7 @@ def test_tiny_model_round_trips_through_from_pretrained(tmp_path, saved_processo
     from st3.data.model import ModelSpec, build_model
 
     spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
-                     text_heads=4, text_kv_heads=2, text_intermediate=64, rope_theta=1e6)  # fmt: skip
+                     text_heads=4, text_kv_heads=2, text_intermediate=64, rope_theta=1e6, text_head_dim=16)  # fmt: skip
     model = build_model(spec).eval()
     model.save_pretrained(tmp_path)
     build_processor().save_pretrained(tmp_path)
@@ -250,6 +250,7 @@ def test_tiny_model_round_trips_through_from_pretrained(tmp_path, saved_processo
     processor = AutoProcessor.from_pretrained(tmp_path)
     assert loaded.config.image_seq_length == 324 == spec.image_tokens
     assert loaded.config.text_config.rope_parameters["rope_theta"] == 1e6
+    assert loaded.model.language_model.layers[0].self_attn.head_dim == 16  # not 32 // 4
     e = example("validation", 0)
     inputs = processor(images=e.image, text=prompt(e.question), return_tensors="pt")
     with torch.no_grad():

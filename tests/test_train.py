@@ -6,26 +6,34 @@ import json
 import re
 
 import pytest
+import torch
 from transformers import LlavaForConditionalGeneration
 
 from st3.data.train import main
 
 TINY = '{"vision_layers": 2, "text_layers": 2, "vision_hidden": 32, "text_hidden": 32, "text_intermediate": 64}'
+WIDE_HEADS = TINY[:-1] + ', "text_head_dim": 16}'  # heads wider than text_hidden // text_heads
 
 
-@pytest.mark.parametrize("counts", [False, True], ids=["cells", "counts"])  # counts: probes, count head, kind weights
+# counts: probes, count head, kind weights, and decoder heads of a width of their own
+@pytest.mark.parametrize("counts", [False, True], ids=["cells", "counts"])
 def test_trainer_runs_resumes_and_exports(tmp_path, capsys, counts):
     out, export = tmp_path / "run", tmp_path / "export"
     argv = ["--out", str(out), "--export", str(export), "--steps", "4", "--vision-steps", "2", "--vision-images", "2",
             "--images", "1", "--questions", "2", "--warmup", "1", "--eval-every", "100", "--eval-qa", "2",
-            "--eval-captions", "1", "--spec", TINY]  # fmt: skip
+            "--eval-captions", "1", "--spec", WIDE_HEADS if counts else TINY]  # fmt: skip
     argv += ["--count-probes", "--count-layer", "0", "--kind-weights", '{"count_colour": 3}'] if counts else []
     assert main(argv + ["--stop-at", "3"]) == {"step": 3}
     assert (out / "checkpoint.pt").exists() and not export.exists()
+    if not counts:  # a checkpoint from before a ModelSpec field existed resumes with that field's default
+        state = torch.load(out / "checkpoint.pt", weights_only=False)
+        del state["spec"]["text_head_dim"]
+        torch.save(state, out / "checkpoint.pt")
     assert main(argv) == {"step": 4}
     assert "at step 3" in capsys.readouterr().out  # resumed, not restarted
     model = LlavaForConditionalGeneration.from_pretrained(export)
     assert model.config.text_config.hidden_size == 32
+    assert model.config.text_config.head_dim == (16 if counts else 8)
     final = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
     assert final["step"] == 4 and 0 <= final["qa_accuracy"] <= 1
 

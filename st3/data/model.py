@@ -27,6 +27,10 @@ class ModelSpec:
     text_layers: int = 4
     text_heads: int = 4
     text_kv_heads: int = 2
+    # Width of a decoder head (None: text_hidden // text_heads, i.e. 32). Wider heads have more rotary
+    # frequencies slow enough to match a patch by what it holds wherever it lies (see rope_theta), without
+    # giving up the fast ones that lookups by position use.
+    text_head_dim: int | None = None
     text_intermediate: int = 384
     max_positions: int = 512
     # Rotary base of the decoder. A head of width 32 has only 16 rotary frequencies, and at the default base
@@ -57,6 +61,7 @@ class ModelSpec:
                 num_hidden_layers=self.text_layers,
                 num_attention_heads=self.text_heads,
                 num_key_value_heads=self.text_kv_heads,
+                head_dim=self.text_head_dim or self.text_hidden // self.text_heads,
                 vocab_size=len(vocab),
                 max_position_embeddings=self.max_positions,
                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},

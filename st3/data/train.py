@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
     step = 0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
-        if state["spec"] != dataclasses.asdict(spec):
+        if ModelSpec(**state["spec"]) != spec:  # fields added since take their defaults
             raise SystemExit(f"{ckpt_path} was made with spec {state['spec']}, not {dataclasses.asdict(spec)}")
         model.load_state_dict(state["model"])
         if probe is not None:
