@@ -61,7 +61,7 @@ class ModelSpec:
                 num_hidden_layers=self.text_layers,
                 num_attention_heads=self.text_heads,
                 num_key_value_heads=self.text_kv_heads,
-                head_dim=self.text_head_dim or self.text_hidden // self.text_heads,
+                head_dim=self.text_head_dim,  # LlamaConfig's own default for None: hidden_size // heads
                 vocab_size=len(vocab),
                 max_position_embeddings=self.max_positions,
                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
