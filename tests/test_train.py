@@ -48,6 +48,7 @@ def test_trainer_runs_resumes_and_exports(tmp_path, capsys, counts):
         (["--kind-weights", '{"count_colour": -1}'], "numbers >= 0"),
         (["--kind-weights", '{"count_colour": 3'], "--kind-weights: not valid JSON"),
         (["--spec", "[1]"], "--spec: expected a JSON object"),
+        (["--spec", '{"text_hiden": 64}'], "--spec: unknown fields ['text_hiden']"),
     ],
 )
 def test_bad_training_flags_are_refused_before_training(tmp_path, flags, message):

@@ -544,7 +544,10 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_path = out / "checkpoint.pt"
     log_path = out / "log.jsonl"
 
-    spec = ModelSpec(**json_object("--spec", args.spec))
+    spec_fields = json_object("--spec", args.spec)
+    if unknown := sorted(set(spec_fields) - {field.name for field in dataclasses.fields(ModelSpec)}):
+        raise SystemExit(f"--spec: unknown fields {unknown}; ModelSpec has {list(dataclasses.asdict(ModelSpec()))}")
+    spec = ModelSpec(**spec_fields)
     kind_weights = json_object("--kind-weights", args.kind_weights)
     if unknown := sorted(set(kind_weights) - set(KINDS)):
         raise SystemExit(f"--kind-weights: unknown kinds {unknown}; the kinds are {list(KINDS)}")
