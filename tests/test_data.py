@@ -261,9 +261,10 @@ def test_tiny_model_round_trips_through_from_pretrained(tmp_path, saved_processo
     assert out.shape[1] <= inputs["input_ids"].shape[1] + 2
 
 
-def test_shared_prefix_training_equals_separate_sequences():
+@pytest.mark.parametrize("packed", [False, True], ids=["shared-prefix", "packed"])
+def test_shared_prefix_training_equals_separate_sequences(packed):
     from st3.data.model import ModelSpec, build_model
-    from st3.data.train import make_batch, shared_prefix_logits
+    from st3.data.train import make_batch, packed_logits, shared_prefix_logits
 
     spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
                      text_heads=4, text_kv_heads=2, text_intermediate=64)  # fmt: skip
@@ -271,7 +272,7 @@ def test_shared_prefix_training_equals_separate_sequences():
     tokenizer = build_processor().tokenizer
     batch = make_batch(tokenizer, [11, 12], questions=2, caption_weight=2.0, image_tokens=spec.image_tokens)
     with torch.no_grad():
-        shared, _ = shared_prefix_logits(model, batch)
+        shared, _ = (packed_logits if packed else shared_prefix_logits)(model, batch)
         width = batch.prefix_ids.shape[1]
         row = 0
         for image, repeats in enumerate(batch.repeats.tolist()):
@@ -324,12 +325,13 @@ def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
                         assert got[f"{qa.kind}_shape"] == (0 if qa.answer == NOTHING else SHAPES.index(qa.answer) + 1)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["shared-prefix", "packed"])
 @pytest.mark.parametrize(
     "count_layer, rope_theta", [(None, 1e4), (0, 1e6)], ids=["cells", "cells+counts, rope base 1e6"]
 )
-def test_focus_attention_matches_eager_attention(count_layer, rope_theta):
+def test_focus_attention_matches_eager_attention(count_layer, rope_theta, packed):
     from st3.data.model import ModelSpec, build_model
-    from st3.data.train import FOCUS_KINDS, focus_heads_for, make_batch, shared_prefix_logits
+    from st3.data.train import FOCUS_KINDS, focus_heads_for, make_batch, packed_logits, shared_prefix_logits
 
     spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
                      text_heads=4, text_kv_heads=2, text_intermediate=64, rope_theta=rope_theta)  # fmt: skip
@@ -341,7 +343,8 @@ def test_focus_attention_matches_eager_attention(count_layer, rope_theta):
     kinds = [FOCUS_KINDS[k] for k in batch.focus_kind.tolist()]
     assert {"position", "content"} <= set(kinds) and ("count" in kinds) == counts
     with torch.no_grad():
-        _, loss = shared_prefix_logits(model, batch, focus=focus_heads_for(1, 2, count_layer))
+        logits_of = packed_logits if packed else shared_prefix_logits
+        _, loss = logits_of(model, batch, focus=focus_heads_for(1, 2, count_layer))
         model.set_attn_implementation("eager")
         terms = []
         width = batch.prefix_ids.shape[1]
@@ -362,3 +365,22 @@ def test_focus_attention_matches_eager_attention(count_layer, rope_theta):
             else:
                 terms.append(-((image * mask).sum(-1) + 1e-6).log())
     torch.testing.assert_close(loss, torch.cat(terms).mean(), atol=1e-5, rtol=1e-4)
+
+
+def test_packed_training_has_the_shared_prefix_gradients():
+    from st3.data.model import ModelSpec, build_model
+    from st3.data.train import focus_heads_for, loss_of, make_batch, packed_logits, shared_prefix_logits
+
+    spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
+                     text_heads=4, text_kv_heads=2, text_intermediate=64, text_head_dim=16)  # fmt: skip
+    model = build_model(spec)
+    batch = make_batch(build_processor().tokenizer, [31, 32, 33], questions=4, caption_weight=1.5,
+                       image_tokens=spec.image_tokens, count_focus=True)  # fmt: skip
+    grads = []
+    for logits_of in (shared_prefix_logits, packed_logits):
+        model.zero_grad()
+        logits, focus_loss = logits_of(model, batch, focus=focus_heads_for(1, 2, 0))
+        (loss_of(logits, batch)[0] + focus_loss).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-3)

@@ -330,19 +330,25 @@ def focus_heads_for(focus_layer: int | None, focus_heads: int, count_layer: int 
 
 
 def head_attention(
-    language_model, layer: int, heads: slice, q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
+    language_model,
+    layer: int,
+    heads: slice,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    allowed: torch.Tensor,
 ) -> torch.Tensor:
     """Attention probabilities [Q, h, K] of `heads` of decoder `layer`, recomputed from q_proj's output rows
-    q [Q, heads * D] (not yet rotated) at absolute `positions` [Q] and the layer's cached keys [Q, kv, K, D]."""
+    q [Q, heads * D] (not yet rotated) at absolute `positions` [Q] over one sequence's cached keys
+    [kv, K, D], each query seeing the keys `allowed` [Q, K] to it."""
     attention = language_model.layers[layer].self_attn
     n_heads = attention.config.num_attention_heads
     q = q.view(len(q), n_heads, attention.head_dim)[:, heads]
     cos, sin = language_model.rotary_emb(q, position_ids=positions[:, None])
     q = rotate_half(q, cos, sin)  # cos, sin [Q, 1, D] broadcast over heads
-    kv_of_head = torch.arange(n_heads)[heads] // (n_heads // keys.shape[1])
-    scores = torch.einsum("qhd,qhkd->qhk", q, keys[:, kv_of_head]) * attention.scaling
-    causal = torch.arange(keys.shape[2])[None, :] > positions[:, None]
-    return scores.masked_fill(causal[:, None], float("-inf")).softmax(-1)
+    kv_of_head = torch.arange(n_heads)[heads] // (n_heads // keys.shape[0])
+    scores = torch.einsum("qhd,hkd->qhk", q, keys[kv_of_head]) * attention.scaling
+    return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
 
 
 def shared_prefix_logits(
@@ -412,10 +418,14 @@ def shared_prefix_logits(
                 if len(pick) == 0:
                     continue
                 r, pos = local[batch.focus_rows[pick]], batch.focus_pos[pick]
-                keys = cache.layers[heads.layer].keys.index_select(0, r)  # [Q, kv_heads, P + width, D], rotated
-                probs = head_attention(
-                    language_model, heads.layer, heads.heads, captured[heads.layer][r, pos], keys, width_prefix + pos
-                )
+                keys = cache.layers[heads.layer].keys  # [rows, kv_heads, P + width, D], rotated
+                queries = captured[heads.layer][r, pos]
+                causal = torch.arange(keys.shape[2])[None, :] <= (width_prefix + pos)[:, None]
+                probs = torch.cat([
+                    head_attention(language_model, heads.layer, heads.heads, queries[i : i + 1], keys[r[i]],
+                                   width_prefix + pos[i : i + 1], causal[i : i + 1])
+                    for i in range(len(r))
+                ])  # fmt: skip
                 image = probs[..., batch.image_start : batch.image_start + batch.focus_mask.shape[1]]
                 mask = batch.focus_mask[pick][:, None]  # [Q, 1, patches]
                 if heads.uniform:  # KL(uniform over the mask || attention)
@@ -427,6 +437,79 @@ def shared_prefix_logits(
     finally:
         for hook in hooks:
             hook.remove()
+    focus_loss = torch.cat(focus_terms).mean() if focus_terms else None
+    return logits, focus_loss
+
+
+def packed_logits(
+    model, batch: Batch, focus: dict[int, FocusHeads] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`shared_prefix_logits` computed by packing: one sequence per scene, its prefix followed by all its
+    suffixes back to back, with a block mask (each suffix sees the prefix and itself, causally) and position ids
+    that restart after the prefix for every suffix. The same function, in one forward pass of the stock model and
+    without a copy of the prefix's keys and values per suffix."""
+    images, width_prefix = batch.pixel_values.shape[0], batch.prefix_ids.shape[1]
+    lengths = (batch.suffix_ids != batch.pad_id).sum(1).tolist()
+    owner = torch.arange(images).repeat_interleave(batch.repeats).tolist()
+    ends = [width_prefix] * images
+    starts = []
+    for row, scene_index in enumerate(owner):  # where each suffix starts in its scene's packed sequence
+        starts.append(ends[scene_index])
+        ends[scene_index] += lengths[row]
+    total = max(ends)
+    ids = torch.full((images, total), batch.pad_id)
+    ids[:, :width_prefix] = batch.prefix_ids
+    positions = torch.zeros(images, total, dtype=torch.long)
+    positions[:, :width_prefix] = torch.arange(width_prefix)
+    allowed = torch.zeros(images, total, total, dtype=torch.bool)
+    allowed[:, :width_prefix, :width_prefix] = torch.ones(width_prefix, width_prefix, dtype=torch.bool).tril()
+    allowed[:, torch.arange(total), torch.arange(total)] = True  # padding rows see themselves (no empty softmax)
+    gather = torch.zeros(batch.suffix_ids.shape, dtype=torch.long)  # packed index of suffix token (row, i)
+    for row, (scene_index, start, n) in enumerate(zip(owner, starts, lengths)):
+        span = slice(start, start + n)
+        ids[scene_index, span] = batch.suffix_ids[row, :n]
+        positions[scene_index, span] = torch.arange(width_prefix, width_prefix + n)
+        allowed[scene_index, span, :width_prefix] = True
+        allowed[scene_index, span, span] = torch.ones(n, n, dtype=torch.bool).tril()
+        gather[row, :n] = scene_index * total + torch.arange(start, start + n)
+    plan = focus if focus and len(batch.focus_rows) else {}
+    language_model = model.model.language_model
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [
+        language_model.layers[layer].self_attn.q_proj.register_forward_hook(
+            lambda m, a, out, layer=layer: captured.__setitem__(layer, out)
+        )
+        for layer in {heads.layer for heads in plan.values()}
+    ]
+    cache = DynamicCache(config=model.config.text_config)
+    try:
+        out = model(input_ids=ids, pixel_values=batch.pixel_values, attention_mask=allowed[:, None],
+                    position_ids=positions, past_key_values=cache, use_cache=True)  # fmt: skip
+    finally:
+        for hook in hooks:
+            hook.remove()
+    logits = out.logits.flatten(0, 1)[gather]  # [N, S, V]; entries past a row's length are never supervised
+    focus_terms = []
+    for kind, heads in plan.items():
+        pick = (batch.focus_kind == kind).nonzero().flatten()
+        if len(pick) == 0:
+            continue
+        at = gather[batch.focus_rows[pick], batch.focus_pos[pick]]  # packed index of each query
+        scene_of_query = at // total
+        queries = captured[heads.layer].flatten(0, 1)[at]
+        image = torch.cat([
+            head_attention(language_model, heads.layer, heads.heads, queries[on], cache.layers[heads.layer].keys[b],
+                           width_prefix + batch.focus_pos[pick][on], allowed[b, at[on] % total])
+            for b in range(images) if (on := scene_of_query == b).any()
+        ])[..., batch.image_start : batch.image_start + batch.focus_mask.shape[1]]  # fmt: skip
+        order = torch.cat([(scene_of_query == b).nonzero().flatten() for b in range(images)])
+        mask = batch.focus_mask[pick][order][:, None]  # [Q, 1, patches], in the scene order of `image`
+        if heads.uniform:  # KL(uniform over the mask || attention)
+            n = mask.sum(-1)
+            terms = -((image + 1e-9).log() * mask).sum(-1) / n - n.log()
+        else:
+            terms = -((image * mask).sum(-1) + 1e-6).log()
+        focus_terms.append(terms.flatten())
     focus_loss = torch.cat(focus_terms).mean() if focus_terms else None
     return logits, focus_loss
 
