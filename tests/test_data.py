@@ -261,27 +261,61 @@ def test_tiny_model_round_trips_through_from_pretrained(tmp_path, saved_processo
     assert out.shape[1] <= inputs["input_ids"].shape[1] + 2
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["shared-prefix", "packed"])
-def test_shared_prefix_training_equals_separate_sequences(packed):
-    from st3.data.model import ModelSpec, build_model
-    from st3.data.train import make_batch, packed_logits, shared_prefix_logits
+TRAINING_SPEC = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2, text_heads=4,
+                     text_kv_heads=2, text_intermediate=64)  # fmt: skip
 
-    spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
-                     text_heads=4, text_kv_heads=2, text_intermediate=64)  # fmt: skip
+
+def run_one_by_one(model, batch, count_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference for `packed_logits`: every (prefix, suffix) sequence run on its own through the eager model,
+    giving its logits (zero past its length) and the focus loss read from `output_attentions`, for the heads
+    `focus_heads_for(1, 2, count_layer)` assigns: position heads 0-1 and content heads 2-3 of layer 1, and head
+    0 of the count layer."""
+    from st3.data.train import FOCUS_KINDS
+
+    model.set_attn_implementation("eager")
+    width, patches = batch.prefix_ids.shape[1], batch.focus_mask.shape[1]
+    where = {"position": (1, slice(0, 2)), "content": (1, slice(2, 4)), "count": (count_layer, slice(0, 1))}
+    scene_of_row = torch.arange(len(batch.repeats)).repeat_interleave(batch.repeats).tolist()
+    logits, outputs = [], []
+    for row, scene_index in enumerate(scene_of_row):
+        n = int((batch.suffix_ids[row] != batch.pad_id).sum())
+        ids = torch.cat([batch.prefix_ids[0], batch.suffix_ids[row, :n]])[None]
+        out = model(input_ids=ids, pixel_values=batch.pixel_values[scene_index : scene_index + 1],
+                    output_attentions=True)  # fmt: skip
+        outputs.append(out)
+        row_logits = out.logits[0, width:]
+        logits.append(torch.cat([row_logits, row_logits.new_zeros(batch.suffix_ids.shape[1] - n, row_logits.shape[1])]))
+    terms = []
+    for row, pos, mask, kind in zip(batch.focus_rows.tolist(), batch.focus_pos.tolist(), batch.focus_mask,
+                                    batch.focus_kind.tolist()):  # fmt: skip
+        layer, heads = where[FOCUS_KINDS[kind]]
+        attention = outputs[row].attentions[layer][0, heads, width + pos]  # [heads, keys]
+        image = attention[:, batch.image_start : batch.image_start + patches]
+        if FOCUS_KINDS[kind] == "count":  # KL(uniform over every patch || attention)
+            assert mask.all()
+            terms.append(-image.log().mean(-1) - math.log(patches))
+        else:
+            terms.append(-((image * mask).sum(-1) + 1e-6).log())
+    model.set_attn_implementation("sdpa")
+    return torch.stack(logits), torch.cat(terms).mean()
+
+
+def test_packed_training_equals_separate_sequences():
+    from st3.data.model import ModelSpec, build_model
+    from st3.data.train import make_batch, packed_logits
+
+    spec = ModelSpec(**TRAINING_SPEC)
     model = build_model(spec).eval()
-    tokenizer = build_processor().tokenizer
-    batch = make_batch(tokenizer, [11, 12], questions=2, caption_weight=2.0, image_tokens=spec.image_tokens)
+    batch = make_batch(build_processor().tokenizer, [11, 12], questions=2, caption_weight=2.0,
+                       image_tokens=spec.image_tokens)  # fmt: skip
+    lengths = (batch.suffix_ids != batch.pad_id).sum(1)
+    assert lengths.max() > 2 * lengths.min(), "captions and questions share a packed sequence"
     with torch.no_grad():
-        shared, _ = (packed_logits if packed else shared_prefix_logits)(model, batch)
-        width = batch.prefix_ids.shape[1]
-        row = 0
-        for image, repeats in enumerate(batch.repeats.tolist()):
-            for _ in range(repeats):
-                n = int((batch.suffix_ids[row] != tokenizer.pad_token_id).sum())
-                ids = torch.cat([batch.prefix_ids[0], batch.suffix_ids[row, :n]])[None]
-                full = model(input_ids=ids, pixel_values=batch.pixel_values[image : image + 1]).logits[0, width:]
-                torch.testing.assert_close(shared[row, :n], full, atol=1e-5, rtol=1e-4)
-                row += 1
+        packed, focus_loss = packed_logits(model, batch)
+        reference, _ = run_one_by_one(model, batch)
+    assert focus_loss is None
+    supervised = torch.arange(batch.suffix_ids.shape[1])[None] < lengths[:, None]
+    torch.testing.assert_close(packed[supervised], reference[supervised], atol=1e-5, rtol=1e-4)
 
 
 def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
@@ -325,62 +359,42 @@ def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
                         assert got[f"{qa.kind}_shape"] == (0 if qa.answer == NOTHING else SHAPES.index(qa.answer) + 1)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["shared-prefix", "packed"])
 @pytest.mark.parametrize(
     "count_layer, rope_theta", [(None, 1e4), (0, 1e6)], ids=["cells", "cells+counts, rope base 1e6"]
 )
-def test_focus_attention_matches_eager_attention(count_layer, rope_theta, packed):
+def test_focus_attention_matches_eager_attention(count_layer, rope_theta):
     from st3.data.model import ModelSpec, build_model
-    from st3.data.train import FOCUS_KINDS, focus_heads_for, make_batch, packed_logits, shared_prefix_logits
+    from st3.data.train import FOCUS_KINDS, focus_heads_for, make_batch, packed_logits
 
-    spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
-                     text_heads=4, text_kv_heads=2, text_intermediate=64, rope_theta=rope_theta)  # fmt: skip
+    spec = ModelSpec(**TRAINING_SPEC, rope_theta=rope_theta)
     model = build_model(spec).eval()
-    tokenizer = build_processor().tokenizer
     counts = count_layer is not None
-    batch = make_batch(tokenizer, [21, 22], questions=6, caption_weight=1.5, image_tokens=spec.image_tokens,
-                       count_focus=counts)  # fmt: skip
+    batch = make_batch(build_processor().tokenizer, [21, 22], questions=6, caption_weight=1.5,
+                       image_tokens=spec.image_tokens, count_focus=counts)  # fmt: skip
     kinds = [FOCUS_KINDS[k] for k in batch.focus_kind.tolist()]
     assert {"position", "content"} <= set(kinds) and ("count" in kinds) == counts
     with torch.no_grad():
-        logits_of = packed_logits if packed else shared_prefix_logits
-        _, loss = logits_of(model, batch, focus=focus_heads_for(1, 2, count_layer))
-        model.set_attn_implementation("eager")
-        terms = []
-        width = batch.prefix_ids.shape[1]
-        # (layer, heads) each kind is taught on: position and content in layer 1, a count on head 0 of layer 0
-        where = {"position": (1, slice(0, 2)), "content": (1, slice(2, 4)), "count": (0, slice(0, 1))}
-        for row, pos, mask, kind in zip(batch.focus_rows.tolist(), batch.focus_pos.tolist(), batch.focus_mask, kinds):
-            n = int((batch.suffix_ids[row] != tokenizer.pad_token_id).sum())
-            ids = torch.cat([batch.prefix_ids[0], batch.suffix_ids[row, :n]])[None]
-            scene_of_row = int((batch.repeats.cumsum(0) <= row).sum())
-            pixels = batch.pixel_values[scene_of_row : scene_of_row + 1]
-            out = model(input_ids=ids, pixel_values=pixels, output_attentions=True)
-            layer, heads = where[kind]
-            attn = out.attentions[layer][0, heads, width + pos]  # [heads, keys]
-            image = attn[:, batch.image_start : batch.image_start + spec.image_tokens]
-            if kind == "count":  # KL(uniform over every patch || attention)
-                assert mask.all()
-                terms.append(-image.log().mean(-1) - math.log(spec.image_tokens))
-            else:
-                terms.append(-((image * mask).sum(-1) + 1e-6).log())
-    torch.testing.assert_close(loss, torch.cat(terms).mean(), atol=1e-5, rtol=1e-4)
+        _, loss = packed_logits(model, batch, focus=focus_heads_for(1, 2, count_layer))
+        _, reference = run_one_by_one(model, batch, count_layer)
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-4)
 
 
-def test_packed_training_has_the_shared_prefix_gradients():
+def test_packed_training_has_the_gradients_of_separate_sequences():
     from st3.data.model import ModelSpec, build_model
-    from st3.data.train import focus_heads_for, loss_of, make_batch, packed_logits, shared_prefix_logits
+    from st3.data.train import focus_heads_for, loss_of, make_batch, packed_logits
 
-    spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
-                     text_heads=4, text_kv_heads=2, text_intermediate=64, text_head_dim=16)  # fmt: skip
+    spec = ModelSpec(**TRAINING_SPEC, text_head_dim=16)
     model = build_model(spec)
     batch = make_batch(build_processor().tokenizer, [31, 32, 33], questions=4, caption_weight=1.5,
                        image_tokens=spec.image_tokens, count_focus=True)  # fmt: skip
     grads = []
-    for logits_of in (shared_prefix_logits, packed_logits):
+    for packed in (True, False):
         model.zero_grad()
-        logits, focus_loss = logits_of(model, batch, focus=focus_heads_for(1, 2, 0))
+        if packed:
+            logits, focus_loss = packed_logits(model, batch, focus=focus_heads_for(1, 2, 0))
+        else:
+            logits, focus_loss = run_one_by_one(model, batch, count_layer=0)
         (loss_of(logits, batch)[0] + focus_loss).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert grads[0].abs().max() > 0
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-3)
+    assert grads[1].abs().max() > 0 and len(grads[0]) == len(grads[1])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-3)

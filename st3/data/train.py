@@ -6,16 +6,17 @@ Each step draws `--images` training scenes (scene seeds step*images ... , so the
 the step alone and a resumed run sees exactly the batches it would have seen). Per scene the model is trained
 on `--questions` distinct one-word questions and one caption. The image prefix (`<s> USER: <image>*324`) is
 the same for every question about a scene, and causal attention means the prefix never sees what follows, so
-the prefix is run once per scene and its KV cache is shared by all the scene's questions (repeat-interleaved
-along the batch axis); gradients flow back through the cache. This is the same function as running each
-(prompt, answer) sequence on its own, at a fraction of the cost (tests check the equality).
+each scene becomes one packed sequence: the prefix once, then every question with its answer and the caption
+back to back, each seeing only the prefix and itself (a block attention mask; positions restart after the
+prefix). This is the same function as running each (prompt, answer) sequence on its own, at a fraction of the
+cost (tests check the equality of logits, focus loss and gradients).
 
 Two phases. First `--vision-steps` steps train the vision tower and projector alone on the per-patch probe
 loss (`PatchProbe`: linear heads, dropped at export, read from every visual token what its grid cell holds,
 where it is and what its nearest neighbours are, and from the tower's middle layer the object drawn on the
 patch). Then everything trains on: cross-entropy on the answer tokens and `</s>`, averaged per sequence, each
 QA weighing 1 and each caption `--caption-weight`; plus `--aux-weight` times the probe loss; plus
-`--focus-weight` times the focus loss (see `shared_prefix_logits`): two attention heads of a middle decoder
+`--focus-weight` times the focus loss (see `packed_logits`): two attention heads of a middle decoder
 layer are taught to look, when predicting an answer word, at the grid cell the answer is read from (and, with
 `--count-layer`, one head of another layer to look evenly at the whole image for a count). The vision
 tower's learning rate is scaled by `--vision-lr-scale` in the second phase so the answer loss does not undo
@@ -53,7 +54,7 @@ from st3.data.tasks import CAPTION_PROMPT, DIRECTIONS, KINDS, SPLITS, candidates
 IGNORE = -100
 POSITION_KINDS = ("shape_at", "colour_at", "occupied")  # questions that name the cell by its position
 # The focus loss's kinds of lookup: a cell named by its position, a cell named by what it holds, a count (every
-# cell at once). Each kind has heads of its own (see `shared_prefix_logits`).
+# cell at once). Each kind has heads of its own (see `packed_logits`).
 POSITION, CONTENT, COUNT = FOCUS_KINDS = ("position", "content", "count")
 
 
@@ -308,7 +309,7 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 @dataclasses.dataclass(frozen=True)
 class FocusHeads:
-    """The heads of one decoder layer that learn one kind of lookup (see `shared_prefix_logits`)."""
+    """The heads of one decoder layer that learn one kind of lookup (see `packed_logits`)."""
 
     layer: int
     heads: slice
@@ -351,13 +352,14 @@ def head_attention(
     return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
 
 
-def shared_prefix_logits(
-    model, batch: Batch, groups: int = 2, focus: dict[int, FocusHeads] | None = None
+def packed_logits(
+    model, batch: Batch, focus: dict[int, FocusHeads] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits [N, S, V] of the suffixes, each continuing its scene's prefix (run once per scene).
-
-    Suffixes are run in `groups` length-sorted groups (short questions apart from long captions), each on its
-    own copy of the prefix cache, so short rows are not padded to caption length.
+    """Logits [N, S, V] of the suffixes, each continuing its scene's prefix, from one forward pass of the stock
+    model over packed sequences: one per scene, its prefix followed by all its suffixes back to back, with a block
+    mask (each suffix sees the prefix and itself, causally) and position ids that restart after the prefix for
+    every suffix. This is the same function as running each (prefix, suffix) sequence on its own, without
+    running the prefix more than once or copying its keys and values per suffix.
 
     With `focus` (see `focus_heads_for`), also the focus loss: for each supervised query (the token that predicts
     an answer word), the attention of its kind's heads, recomputed from the query row and the layer's cached
@@ -373,81 +375,6 @@ def shared_prefix_logits(
     each grid cell is the same number of patches, so that head's read-out is the scene's make-up, and a count
     is one linear step away, where otherwise the decoder would have to gather up to six cells.
     """
-    images = batch.pixel_values.shape[0]
-    prefix = batch.prefix_ids.expand(images, -1)
-    width_prefix = prefix.shape[1]
-    out = model(input_ids=prefix, pixel_values=batch.pixel_values, use_cache=True, logits_to_keep=1)
-    # the logits of the last prefix token would predict the first question token: never supervised
-    prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-    owner = torch.arange(images).repeat_interleave(batch.repeats)
-    lengths = (batch.suffix_ids != batch.pad_id).sum(1)
-    order = torch.argsort(lengths, stable=True)
-    logits = None
-    plan = focus if focus and len(batch.focus_rows) else {}
-    language_model = model.model.language_model
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [
-        language_model.layers[layer].self_attn.q_proj.register_forward_hook(
-            lambda m, a, out, layer=layer: captured.__setitem__(layer, out)
-        )
-        for layer in {heads.layer for heads in plan.values()}
-    ]
-    focus_terms = []
-    try:
-        for rows in torch.tensor_split(order, groups):
-            if len(rows) == 0:
-                continue
-            width = int(lengths[rows].max())
-            cache = DynamicCache(config=model.config.text_config)
-            scenes_of_rows = owner[rows]
-            for i, (k, v) in enumerate(prefix_kv):  # index_select: its backward (index_add) is ~5x faster on CPU
-                cache.update(k.index_select(0, scenes_of_rows), v.index_select(0, scenes_of_rows), i)
-            positions = torch.arange(width_prefix, width_prefix + width).expand(len(rows), -1)
-            part = model(
-                input_ids=batch.suffix_ids[rows, :width], position_ids=positions, past_key_values=cache, use_cache=False
-            ).logits
-            if logits is None:
-                logits = part.new_zeros(batch.suffix_ids.shape + part.shape[-1:])
-            logits[rows, :width] = part
-            if not plan:
-                continue
-            local = torch.full((batch.suffix_ids.shape[0],), -1)
-            local[rows] = torch.arange(len(rows))
-            for kind, heads in plan.items():
-                pick = ((local[batch.focus_rows] >= 0) & (batch.focus_kind == kind)).nonzero().flatten()
-                if len(pick) == 0:
-                    continue
-                r, pos = local[batch.focus_rows[pick]], batch.focus_pos[pick]
-                keys = cache.layers[heads.layer].keys  # [rows, kv_heads, P + width, D], rotated
-                queries = captured[heads.layer][r, pos]
-                causal = torch.arange(keys.shape[2])[None, :] <= (width_prefix + pos)[:, None]
-                probs = torch.cat([
-                    head_attention(language_model, heads.layer, heads.heads, queries[i : i + 1], keys[r[i]],
-                                   width_prefix + pos[i : i + 1], causal[i : i + 1])
-                    for i in range(len(r))
-                ])  # fmt: skip
-                image = probs[..., batch.image_start : batch.image_start + batch.focus_mask.shape[1]]
-                mask = batch.focus_mask[pick][:, None]  # [Q, 1, patches]
-                if heads.uniform:  # KL(uniform over the mask || attention)
-                    n = mask.sum(-1)
-                    terms = -((image + 1e-9).log() * mask).sum(-1) / n - n.log()
-                else:
-                    terms = -((image * mask).sum(-1) + 1e-6).log()
-                focus_terms.append(terms.flatten())
-    finally:
-        for hook in hooks:
-            hook.remove()
-    focus_loss = torch.cat(focus_terms).mean() if focus_terms else None
-    return logits, focus_loss
-
-
-def packed_logits(
-    model, batch: Batch, focus: dict[int, FocusHeads] | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`shared_prefix_logits` computed by packing: one sequence per scene, its prefix followed by all its
-    suffixes back to back, with a block mask (each suffix sees the prefix and itself, causally) and position ids
-    that restart after the prefix for every suffix. The same function, in one forward pass of the stock model and
-    without a copy of the prefix's keys and values per suffix."""
     images, width_prefix = batch.pixel_values.shape[0], batch.prefix_ids.shape[1]
     lengths = (batch.suffix_ids != batch.pad_id).sum(1).tolist()
     owner = torch.arange(images).repeat_interleave(batch.repeats).tolist()
@@ -711,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
                 count_focus=FOCUS_KINDS.index(COUNT) in focus,
                 kind_weights=kind_weights,
             )
-            logits, focus_loss = shared_prefix_logits(model, batch, focus=focus)
+            logits, focus_loss = packed_logits(model, batch, focus=focus)
             loss, stats = loss_of(logits, batch)
             if focus_loss is not None:
                 stats["focus_loss"] = focus_loss.item()
