@@ -13,6 +13,7 @@ import torch
 from st3.data.processor import IMAGE, build_processor, pixel_values, prompt
 from st3.data.scenes import COLOURS, COLS, GRID, IMAGE_SIZE, MAX_OBJECTS, MIN_OBJECTS, ROWS, SHAPES, SIZES, scene
 from st3.data.tasks import (
+    ALWAYS_ASKED,
     CAPTION_PROMPT,
     KINDS,
     NOTHING,
@@ -171,6 +172,14 @@ def test_kind_weights_shift_the_draw_towards_the_weighted_kinds():
     heavy = [draw_qa(sc, rng_heavy, kind_weights={"count_colour": 5.0}).kind for _ in range(2000)]
     assert heavy.count("count_colour") > 3 * plain.count("count_colour")
     assert heavy.count("size_of") < plain.count("size_of")
+
+
+def test_every_scene_allows_the_always_asked_kinds_and_all_zero_weights_are_refused():
+    assert all(set(ALWAYS_ASKED) <= set(candidates(scene(seed))) for seed in range(300))
+    sc = scene(0)
+    zero = dict.fromkeys(candidates(sc), 0.0)
+    with pytest.raises(ValueError, match="a weight of 0"):
+        draw_qa(sc, random.Random(0), kind_weights=zero)
 
 
 def test_caption_round_trip():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from st3.data.tasks import ALWAYS_ASKED
 from st3.data.train import main
 
 TINY = '{"vision_layers": 2, "text_layers": 2, "vision_hidden": 32, "text_hidden": 32, "text_intermediate": 64}'
@@ -47,6 +48,7 @@ def test_trainer_runs_resumes_and_exports(tmp_path, capsys, counts):
         (["--kind-weights", '{"counts": 2}'], "unknown kinds ['counts']"),
         (["--kind-weights", '{"count_colour": -1}'], "numbers >= 0"),
         (["--kind-weights", '{"count_colour": 3'], "--kind-weights: not valid JSON"),
+        (["--kind-weights", json.dumps(dict.fromkeys(ALWAYS_ASKED, 0))], "give one of ['shape_at'"),
         (["--spec", "[1]"], "--spec: expected a JSON object"),
         (["--spec", '{"text_hiden": 64}'], "--spec: unknown fields ['text_hiden']"),
     ],

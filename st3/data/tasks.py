@@ -72,6 +72,9 @@ KINDS = (
     "exists",
     "occupied",
 )
+# kinds every scene can be asked about (a count or existence question for each shape and colour, a question
+# for each grid cell), whatever it holds; the other kinds depend on the scene (`candidates` leaves them out)
+ALWAYS_ASKED = ("shape_at", "count_colour", "count_shape", "count_all", "exists", "occupied")
 ANSWER_TOKENS = {"qa": 3, "caption": 80}  # generation budget per task (a caption is at most 54 tokens)
 CAPTION_FRACTION = 0.2  # share of captions among `example(split, n)` with task="mixed"
 
@@ -219,7 +222,10 @@ def draw_qa(
     options = candidates(scene_) if options is None else options
     kinds = sorted(options)
     if kind_weights:
-        kind = rng.choices(kinds, weights=[kind_weights.get(k, 1.0) for k in kinds])[0]
+        weights = [kind_weights.get(k, 1.0) for k in kinds]
+        if not any(weights):
+            raise ValueError(f"kind_weights gives every kind this scene allows ({kinds}) a weight of 0")
+        kind = rng.choices(kinds, weights=weights)[0]
     else:
         kind = rng.choice(kinds)
     pool = options[kind]

@@ -49,7 +49,17 @@ from transformers import DynamicCache
 from st3.data.model import ModelSpec, build_model, parameter_count
 from st3.data.processor import IMAGE, PATCH_SIZE, build_processor, pixel_values, prompt
 from st3.data.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, scene
-from st3.data.tasks import CAPTION_PROMPT, DIRECTIONS, KINDS, SPLITS, candidates, caption, draw_qa, neighbour
+from st3.data.tasks import (
+    ALWAYS_ASKED,
+    CAPTION_PROMPT,
+    DIRECTIONS,
+    KINDS,
+    SPLITS,
+    candidates,
+    caption,
+    draw_qa,
+    neighbour,
+)
 
 IGNORE = -100
 POSITION_KINDS = ("shape_at", "colour_at", "occupied")  # questions that name the cell by its position
@@ -563,6 +573,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--kind-weights: unknown kinds {unknown}; the kinds are {list(KINDS)}")
     if any(not isinstance(w, (int, float)) or w < 0 for w in kind_weights.values()):
         raise SystemExit("--kind-weights: weights must be numbers >= 0")
+    if kind_weights and not any(kind_weights.get(kind, 1.0) for kind in ALWAYS_ASKED):
+        raise SystemExit(
+            f"--kind-weights: give one of {list(ALWAYS_ASKED)} a weight > 0; every scene has questions of these "
+            "kinds, only some scenes have the others, and each scene needs a kind to draw from"
+        )
     model = build_model(spec, seed=args.seed)
     model.train()
     processor = build_processor(spec.image_size, spec.patch_size)
