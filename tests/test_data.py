@@ -274,16 +274,22 @@ TRAINING_SPEC = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hid
                      text_kv_heads=2, text_intermediate=64)  # fmt: skip
 
 
-def run_one_by_one(model, batch, count_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def run_one_by_one(
+    model, batch, count_layer: int | None = None, focus_layer: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference for `packed_logits`: every (prefix, suffix) sequence run on its own through the eager model,
     giving its logits (zero past its length) and the focus loss read from `output_attentions`, for the heads
-    `focus_heads_for(1, 2, count_layer)` assigns: position heads 0-1 and content heads 2-3 of layer 1, and head
-    0 of the count layer."""
+    `focus_heads_for(focus_layer, 2, count_layer)` assigns: position heads 0-1 and content heads 2-3 of the focus
+    layer, and head 0 of the count layer."""
     from st3.data.train import FOCUS_KINDS
 
     model.set_attn_implementation("eager")
     width, patches = batch.prefix_ids.shape[1], batch.focus_mask.shape[1]
-    where = {"position": (1, slice(0, 2)), "content": (1, slice(2, 4)), "count": (count_layer, slice(0, 1))}
+    where = {
+        "position": (focus_layer, slice(0, 2)),
+        "content": (focus_layer, slice(2, 4)),
+        "count": (count_layer, slice(0, 1)),
+    }
     scene_of_row = torch.arange(len(batch.repeats)).repeat_interleave(batch.repeats).tolist()
     logits, outputs = [], []
     for row, scene_index in enumerate(scene_of_row):
