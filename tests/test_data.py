@@ -276,11 +276,11 @@ TRAINING_SPEC = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hid
 
 def run_one_by_one(
     model, batch, count_layer: int | None = None, focus_layer: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The reference for `packed_logits`: every (prefix, suffix) sequence run on its own through the eager model,
-    giving its logits (zero past its length) and the focus loss read from `output_attentions`, for the heads
-    `focus_heads_for(focus_layer, 2, count_layer)` assigns: position heads 0-1 and content heads 2-3 of the focus
-    layer, and head 0 of the count layer."""
+    giving its logits (zero past its length) and the focus loss terms by kind, read from `output_attentions`, for
+    the heads `focus_heads_for(focus_layer, 2, count_layer)` assigns: position heads 0-1 and content heads 2-3 of
+    the focus layer, and head 0 of the count layer."""
     from st3.data.train import FOCUS_KINDS
 
     model.set_attn_implementation("eager")
@@ -300,7 +300,7 @@ def run_one_by_one(
         outputs.append(out)
         row_logits = out.logits[0, width:]
         logits.append(torch.cat([row_logits, row_logits.new_zeros(batch.suffix_ids.shape[1] - n, row_logits.shape[1])]))
-    terms = []
+    terms: dict[str, list[torch.Tensor]] = {}
     for row, pos, mask, kind in zip(batch.focus_rows.tolist(), batch.focus_pos.tolist(), batch.focus_mask,
                                     batch.focus_kind.tolist()):  # fmt: skip
         layer, heads = where[FOCUS_KINDS[kind]]
@@ -308,11 +308,12 @@ def run_one_by_one(
         image = attention[:, batch.image_start : batch.image_start + patches]
         if FOCUS_KINDS[kind] == "count":  # KL(uniform over every patch || attention)
             assert mask.all()
-            terms.append(-image.log().mean(-1) - math.log(patches))
+            term = -image.log().mean(-1) - math.log(patches)
         else:
-            terms.append(-((image * mask).sum(-1) + 1e-6).log())
+            term = -((image * mask).sum(-1) + 1e-6).log()
+        terms.setdefault(FOCUS_KINDS[kind], []).append(term)
     model.set_attn_implementation("sdpa")
-    return torch.stack(logits), torch.cat(terms).mean()
+    return torch.stack(logits), {kind: torch.cat(parts) for kind, parts in terms.items()}
 
 
 def test_packed_training_equals_separate_sequences():
@@ -326,9 +327,9 @@ def test_packed_training_equals_separate_sequences():
     lengths = (batch.suffix_ids != batch.pad_id).sum(1)
     assert lengths.max() > 2 * lengths.min(), "captions and questions share a packed sequence"
     with torch.no_grad():
-        packed, focus_loss = packed_logits(model, batch)
+        packed, focus_terms = packed_logits(model, batch)
         reference, _ = run_one_by_one(model, batch)
-    assert focus_loss is None
+    assert focus_terms == {}
     supervised = torch.arange(batch.suffix_ids.shape[1])[None] < lengths[:, None]
     torch.testing.assert_close(packed[supervised], reference[supervised], atol=1e-5, rtol=1e-4)
 
@@ -389,14 +390,16 @@ def test_focus_attention_matches_eager_attention(count_layer, rope_theta):
     kinds = [FOCUS_KINDS[k] for k in batch.focus_kind.tolist()]
     assert {"position", "content"} <= set(kinds) and ("count" in kinds) == counts
     with torch.no_grad():
-        _, loss = packed_logits(model, batch, focus=focus_heads_for(1, 2, count_layer))
+        _, terms = packed_logits(model, batch, focus=focus_heads_for(1, 2, count_layer))
         _, reference = run_one_by_one(model, batch, count_layer)
-    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-4)
+    assert terms.keys() == reference.keys() == set(kinds)
+    for kind in terms:
+        torch.testing.assert_close(terms[kind], reference[kind], atol=1e-5, rtol=1e-4)
 
 
 def test_packed_training_has_the_gradients_of_separate_sequences():
     from st3.data.model import ModelSpec, build_model
-    from st3.data.train import focus_heads_for, loss_of, make_batch, packed_logits
+    from st3.data.train import focus_heads_for, focus_loss_of, loss_of, make_batch, packed_logits
 
     spec = ModelSpec(**TRAINING_SPEC, text_head_dim=16)
     model = build_model(spec)
@@ -406,9 +409,11 @@ def test_packed_training_has_the_gradients_of_separate_sequences():
     for packed in (True, False):
         model.zero_grad()
         if packed:
-            logits, focus_loss = packed_logits(model, batch, focus=focus_heads_for(1, 2, 0))
+            logits, focus_terms = packed_logits(model, batch, focus=focus_heads_for(1, 2, 0))
+            focus_loss = focus_loss_of(focus_terms)
         else:
-            logits, focus_loss = run_one_by_one(model, batch, count_layer=0)
+            logits, reference_terms = run_one_by_one(model, batch, count_layer=0)
+            focus_loss = focus_loss_of(reference_terms)
         (loss_of(logits, batch)[0] + focus_loss).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert grads[1].abs().max() > 0 and len(grads[0]) == len(grads[1])

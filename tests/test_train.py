@@ -31,7 +31,9 @@ def test_trainer_runs_resumes_and_exports(tmp_path, capsys, counts):
         del state["spec"]["text_head_dim"]
         torch.save(state, out / "checkpoint.pt")
     assert main(argv) == {"step": 4}
-    assert "at step 3" in capsys.readouterr().out  # resumed, not restarted
+    printed = capsys.readouterr()
+    assert "at step 3" in printed.out  # resumed, not restarted
+    assert "focus_position=" in printed.err and "focus_content=" in printed.err  # each lookup's own focus loss
     model = LlavaForConditionalGeneration.from_pretrained(export)
     assert model.config.text_config.hidden_size == 32
     assert model.config.text_config.head_dim == (16 if counts else 8)

@@ -364,21 +364,22 @@ def head_attention(
 
 def packed_logits(
     model, batch: Batch, focus: dict[int, FocusHeads] | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits [N, S, V] of the suffixes, each continuing its scene's prefix, from one forward pass of the stock
     model over packed sequences: one per scene, its prefix followed by all its suffixes back to back, with a block
     mask (each suffix sees the prefix and itself, causally) and position ids that restart after the prefix for
     every suffix. This is the same function as running each (prefix, suffix) sequence on its own, without
     running the prefix more than once or copying its keys and values per suffix.
 
-    With `focus` (see `focus_heads_for`), also the focus loss: for each supervised query (the token that predicts
-    an answer word), the attention of its kind's heads, recomputed from the query row and the layer's cached
-    keys, should fall on the patches of the grid cells the answer is read from; the loss is
-    -log(attention mass there), averaged. Heads [0, focus_heads) of the focus layer take the queries that name
-    a cell by its position (captions, "what is at the top left?"), the next `focus_heads` those that name it by
-    what it holds ("what colour is the star?"): both kinds of match must fit in the few rotary dimensions that turn
-    slowly enough to ignore distance, so each gets its own heads. It teaches the decoder where to look, which
-    the answer loss alone teaches only after a long plateau.
+    With `focus` (see `focus_heads_for`), also the focus loss: for each supervised query (the token that predicts an
+    answer word), the attention of its kind's heads, recomputed from the query row and the layer's cached keys,
+    should fall on the patches of the grid cells the answer is read from; the loss term of a query is -log(attention
+    mass there), returned per query by kind (`FOCUS_KINDS` names; `focus_loss_of` averages them).
+    Heads [0, focus_heads) of the focus layer take the queries that name a cell by its position (captions, "what is
+    at the top left?"), the next `focus_heads` those that name it by what it holds ("what colour is the star?"):
+    both kinds of match must fit in the few rotary dimensions that turn slowly enough to ignore distance, so each
+    gets its own heads. It teaches the decoder where to look, which the answer loss alone teaches only after a long
+    plateau.
 
     With a count layer (and count queries in the batch, see `make_batch`), head 0 of that layer learns to
     spread its attention evenly over all the patches when a count is asked (loss: KL(uniform || attention)):
@@ -426,7 +427,7 @@ def packed_logits(
         for hook in hooks:
             hook.remove()
     logits = out.logits.flatten(0, 1)[gather]  # [N, S, V]; entries past a row's length are never supervised
-    focus_terms = []
+    focus_terms = {}
     for kind, heads in plan.items():
         pick = (batch.focus_kind == kind).nonzero().flatten()
         if len(pick) == 0:
@@ -446,9 +447,13 @@ def packed_logits(
             terms = -((image + 1e-9).log() * mask).sum(-1) / n - n.log()
         else:
             terms = -((image * mask).sum(-1) + 1e-6).log()
-        focus_terms.append(terms.flatten())
-    focus_loss = torch.cat(focus_terms).mean() if focus_terms else None
-    return logits, focus_loss
+        focus_terms[FOCUS_KINDS[kind]] = terms.flatten()
+    return logits, focus_terms
+
+
+def focus_loss_of(focus_terms: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The focus loss: the mean over every supervised query of every kind (None without any)."""
+    return torch.cat(list(focus_terms.values())).mean() if focus_terms else None
 
 
 def loss_of(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
@@ -653,10 +658,12 @@ def main(argv: list[str] | None = None) -> dict:
                 count_focus=FOCUS_KINDS.index(COUNT) in focus,
                 kind_weights=kind_weights,
             )
-            logits, focus_loss = packed_logits(model, batch, focus=focus)
+            logits, focus_terms = packed_logits(model, batch, focus=focus)
             loss, stats = loss_of(logits, batch)
-            if focus_loss is not None:
+            if focus_terms:  # each kind apart too: one lookup can stall while the others converge
+                focus_loss = focus_loss_of(focus_terms)
                 stats["focus_loss"] = focus_loss.item()
+                stats |= {f"focus_{kind}": terms.mean().item() for kind, terms in focus_terms.items()}
                 loss = loss + args.focus_weight * focus_loss
             if probe is not None and args.aux_weight > 0:
                 aux, probe_stats = probe.loss(batch.patch_labels)
