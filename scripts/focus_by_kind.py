@@ -1,0 +1,53 @@
+"""The focus loss of each lookup kind (position, content, count) of a training checkpoint, on validation scenes:
+
+    .venv/bin/python scripts/focus_by_kind.py runs/grid10/checkpoint.pt --scenes 8
+
+Shows which kind of lookup a run has learnt and which one is stuck (the combined focus loss hides it). The
+heads and layers are the run's own, read from the flags saved in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from st3.data.model import ModelSpec, build_model
+from st3.data.processor import build_processor
+from st3.data.tasks import SPLITS
+from st3.data.train import focus_heads_for, make_batch, packed_logits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a trainer checkpoint (<out>/checkpoint.pt)")
+    parser.add_argument("--scenes", type=int, default=8, help="validation scenes, 4 per batch")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    spec, flags = ModelSpec(**state["spec"]), state["args"]
+    model = build_model(spec)
+    model.load_state_dict(state["model"])
+    model.eval()
+    focus_layer = flags["focus_layer"] if flags["focus_layer"] >= 0 else spec.text_layers // 2
+    count_layer = flags["count_layer"] if flags["count_layer"] >= 0 else None
+    focus = focus_heads_for(focus_layer, flags["focus_heads"], count_layer)
+    tokenizer = build_processor(spec.image_size, spec.patch_size).tokenizer
+    start = SPLITS["validation"][0]
+    terms: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for first in range(start, start + args.scenes, 4):
+            seeds = list(range(first, min(first + 4, start + args.scenes)))
+            batch = make_batch(tokenizer, seeds, flags["questions"], flags["caption_weight"], spec.image_tokens,
+                               spec.patch_size, count_focus=count_layer is not None)  # fmt: skip
+            for kind, kind_terms in packed_logits(model, batch, focus=focus)[1].items():
+                terms.setdefault(kind, []).append(kind_terms)
+    print(f"step {state['step']}, {args.scenes} validation scenes:")
+    for kind, parts in terms.items():
+        values = torch.cat(parts)
+        print(f"  {kind:9s} focus loss {values.mean():.4f} over {len(values)} queries")
+
+
+if __name__ == "__main__":
+    main()
