@@ -65,7 +65,7 @@ IGNORE = -100
 POSITION_KINDS = ("shape_at", "colour_at", "occupied")  # questions that name the cell by its position
 # The focus loss's kinds of lookup: a cell named by its position, a cell named by what it holds, a count (every
 # cell at once). Each kind has heads of its own (see `packed_logits`).
-POSITION, CONTENT, COUNT = FOCUS_KINDS = ("position", "content", "count")
+POSITION, CONTENT, COUNT, WORD = FOCUS_KINDS = ("position", "content", "count", "word")
 
 
 @dataclasses.dataclass
@@ -242,7 +242,7 @@ def cells_mask(cells, cell_of_patch: torch.Tensor) -> torch.Tensor:
 
 def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: float, image_tokens: int,
                patch_size: int = PATCH_SIZE, count_focus: bool = False,
-               kind_weights: dict[str, float] | None = None) -> Batch:  # fmt: skip
+               kind_weights: dict[str, float] | None = None, word_focus: bool = False) -> Batch:  # fmt: skip
     """`questions` distinct questions and (with `caption_weight` > 0) a caption per scene, with the focus
     targets of their answer words; count questions get one (every patch) only with `count_focus`.
     `kind_weights` draws some question kinds more often (see `draw_qa`)."""
@@ -269,6 +269,12 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
             elif qa.focus:
                 kind = POSITION if qa.kind in POSITION_KINDS else CONTENT
                 focus.append((len(rows), prompt_len - 1, cells_mask(qa.focus, cell_of_patch), FOCUS_KINDS.index(kind)))
+                if word_focus and kind == CONTENT:
+                    for t, token in enumerate(tokenizer.convert_ids_to_tokens(ids[:prompt_len])):
+                        word = token.lstrip("▁Ġ ")
+                        cells = [(o.row, o.col) for o in sc.objects if word in (o.colour, o.shape)]
+                        if cells:
+                            focus.append((len(rows), t, cells_mask(cells, cell_of_patch), FOCUS_KINDS.index(WORD)))
             rows.append((ids, prompt_len))
             weights.append(1.0)
             captions.append(False)
@@ -326,13 +332,17 @@ class FocusHeads:
     uniform: bool = False  # spread evenly over the target patches, instead of merely landing on them
 
 
-def focus_heads_for(focus_layer: int | None, focus_heads: int, count_layer: int | None = None) -> dict[int, FocusHeads]:
+def focus_heads_for(
+    focus_layer: int | None, focus_heads: int, count_layer: int | None = None, word: bool = False
+) -> dict[int, FocusHeads]:
     """FOCUS_KINDS index -> heads: in `focus_layer`, heads [0, focus_heads) for lookups by position and the next
     `focus_heads` for lookups by content; with `count_layer`, head 0 of that layer for counts."""
     plan = {}
     if focus_layer is not None:
         plan[FOCUS_KINDS.index(POSITION)] = FocusHeads(focus_layer, slice(0, focus_heads))
         plan[FOCUS_KINDS.index(CONTENT)] = FocusHeads(focus_layer, slice(focus_heads, 2 * focus_heads))
+        if word:  # the content heads, queried at the colour and shape words of the question
+            plan[FOCUS_KINDS.index(WORD)] = plan[FOCUS_KINDS.index(CONTENT)]
     if count_layer is not None:
         if count_layer == focus_layer:
             raise ValueError(f"the count head needs a layer of its own, not the focus layer {focus_layer}")
@@ -528,6 +538,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch probe loss (0: off)")
+    p.add_argument("--word-focus", action="store_true", help="content heads also look, at each colour or shape word "
+                   "of a question, at the objects of that colour or shape")
     p.add_argument("--count-probes", action="store_true", help="also probe the scene's counts on every patch")
     p.add_argument("--focus-weight", type=float, default=1.0, help="weight of the attention focus loss (0: off)")
     p.add_argument("--focus-layer", type=int, default=-1, help="decoder layer of the focus loss (-1: the middle)")
@@ -594,7 +606,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not all(0 <= layer < spec.text_layers for layer in (focus_layer, count_layer) if layer is not None):
             raise SystemExit(f"--focus-layer and --count-layer must be in [0, {spec.text_layers})")
         try:
-            focus = focus_heads_for(focus_layer, args.focus_heads, count_layer)
+            focus = focus_heads_for(focus_layer, args.focus_heads, count_layer, word=args.word_focus)
         except ValueError as error:
             raise SystemExit(str(error)) from error
     elif args.count_layer >= 0:
@@ -656,6 +668,7 @@ def main(argv: list[str] | None = None) -> dict:
                 spec.image_tokens,
                 spec.patch_size,
                 count_focus=FOCUS_KINDS.index(COUNT) in focus,
+                word_focus=FOCUS_KINDS.index(WORD) in focus,
                 kind_weights=kind_weights,
             )
             logits, focus_terms = packed_logits(model, batch, focus=focus)
