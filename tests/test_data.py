@@ -289,6 +289,7 @@ def run_one_by_one(
         "position": (focus_layer, slice(0, 2)),
         "content": (focus_layer, slice(2, 4)),
         "count": (count_layer, slice(0, 1)),
+        "word": (focus_layer, slice(2, 4)),
     }
     scene_of_row = torch.arange(len(batch.repeats)).repeat_interleave(batch.repeats).tolist()
     logits, outputs = [], []
@@ -334,6 +335,31 @@ def test_packed_training_equals_separate_sequences():
     torch.testing.assert_close(packed[supervised], reference[supervised], atol=1e-5, rtol=1e-4)
 
 
+def test_word_focus_targets_the_objects_each_colour_or_shape_word_names():
+    from st3.data.train import FOCUS_KINDS, make_batch, patch_cells
+
+    tokenizer = build_processor().tokenizer
+    seeds = list(range(40, 46))
+    batch = make_batch(tokenizer, seeds, questions=8, caption_weight=0, image_tokens=324, word_focus=True)
+    assert make_batch(tokenizer, seeds, questions=8, caption_weight=0, image_tokens=324).focus_kind.tolist() == [
+        k for k in batch.focus_kind.tolist() if FOCUS_KINDS[k] != "word"
+    ], "the flag only adds the word targets"
+    scene_of_row = torch.arange(len(seeds)).repeat_interleave(batch.repeats).tolist()
+    cell_of_patch = patch_cells(324, 8)
+    words = 0
+    for row, pos, mask, kind in zip(batch.focus_rows.tolist(), batch.focus_pos.tolist(), batch.focus_mask,
+                                    batch.focus_kind.tolist()):  # fmt: skip
+        if FOCUS_KINDS[kind] != "word":
+            continue
+        words += 1
+        tokens = tokenizer.convert_ids_to_tokens(batch.suffix_ids[row].tolist())
+        word = tokens[pos]
+        assert word in COLOURS + SHAPES and pos < tokens.index("assistant"), "a colour or shape word of the question"
+        named = {(o.row, o.col) for o in scene(seeds[scene_of_row[row]]).objects if word in (o.colour, o.shape)}
+        assert named and set(cell_of_patch[mask].tolist()) == {r * GRID + c for r, c in named}
+    assert words > 10
+
+
 def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
     from st3.data.train import LABEL_HEADS, patch_labels
 
@@ -376,9 +402,11 @@ def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
 
 
 @pytest.mark.parametrize(
-    "count_layer, rope_theta", [(None, 1e4), (0, 1e6)], ids=["cells", "cells+counts, rope base 1e6"]
+    "count_layer, rope_theta, word",
+    [(None, 1e4, False), (0, 1e6, True)],
+    ids=["cells", "cells+counts+words, rope base 1e6"],
 )
-def test_focus_attention_matches_eager_attention(count_layer, rope_theta):
+def test_focus_attention_matches_eager_attention(count_layer, rope_theta, word):
     from st3.data.model import ModelSpec, build_model
     from st3.data.train import FOCUS_KINDS, focus_heads_for, make_batch, packed_logits
 
@@ -386,11 +414,11 @@ def test_focus_attention_matches_eager_attention(count_layer, rope_theta):
     model = build_model(spec).eval()
     counts = count_layer is not None
     batch = make_batch(build_processor().tokenizer, [21, 22], questions=6, caption_weight=1.5,
-                       image_tokens=spec.image_tokens, count_focus=counts)  # fmt: skip
+                       image_tokens=spec.image_tokens, count_focus=counts, word_focus=word)  # fmt: skip
     kinds = [FOCUS_KINDS[k] for k in batch.focus_kind.tolist()]
-    assert {"position", "content"} <= set(kinds) and ("count" in kinds) == counts
+    assert {"position", "content"} <= set(kinds) and ("count" in kinds) == counts and ("word" in kinds) == word
     with torch.no_grad():
-        _, terms = packed_logits(model, batch, focus=focus_heads_for(1, 2, count_layer))
+        _, terms = packed_logits(model, batch, focus=focus_heads_for(1, 2, count_layer, word=word))
         _, reference = run_one_by_one(model, batch, count_layer)
     assert terms.keys() == reference.keys() == set(kinds)
     for kind in terms:

@@ -16,14 +16,18 @@ TINY = '{"vision_layers": 2, "text_layers": 2, "vision_hidden": 32, "text_hidden
 WIDE_HEADS = TINY[:-1] + ', "text_head_dim": 16}'  # heads wider than text_hidden // text_heads
 
 
-# counts: probes, count head, kind weights, and decoder heads of a width of their own
+# counts: probes, count head, word focus, kind weights, and decoder heads of a width of their own
 @pytest.mark.parametrize("counts", [False, True], ids=["cells", "counts"])
 def test_trainer_runs_resumes_and_exports(tmp_path, capsys, counts):
     out, export = tmp_path / "run", tmp_path / "export"
     argv = ["--out", str(out), "--export", str(export), "--steps", "4", "--vision-steps", "2", "--vision-images", "2",
             "--images", "1", "--questions", "2", "--warmup", "1", "--eval-every", "100", "--eval-qa", "2",
             "--eval-captions", "1", "--spec", WIDE_HEADS if counts else TINY]  # fmt: skip
-    argv += ["--count-probes", "--count-layer", "0", "--kind-weights", '{"count_colour": 3}'] if counts else []
+    argv += (
+        ["--count-probes", "--count-layer", "0", "--word-focus", "--kind-weights", '{"count_colour": 3}']
+        if counts
+        else []
+    )
     assert main(argv + ["--stop-at", "3"]) == {"step": 3}
     assert (out / "checkpoint.pt").exists() and not export.exists()
     if not counts:  # a checkpoint from before a ModelSpec field existed resumes with that field's default

@@ -18,7 +18,8 @@ patch). Then everything trains on: cross-entropy on the answer tokens and `</s>`
 QA weighing 1 and each caption `--caption-weight`; plus `--aux-weight` times the probe loss; plus
 `--focus-weight` times the focus loss (see `packed_logits`): two attention heads of a middle decoder
 layer are taught to look, when predicting an answer word, at the grid cell the answer is read from (and, with
-`--count-layer`, one head of another layer to look evenly at the whole image for a count). The vision
+`--count-layer`, one head of another layer to look evenly at the whole image for a count; with `--word-focus`,
+the content heads also look from each colour or shape word of a question at the objects it names). The vision
 tower's learning rate is scaled by `--vision-lr-scale` in the second phase so the answer loss does not undo
 what the probe built. AdamW, linear warm-up then cosine decay, gradient clipping at 1.
 
@@ -244,7 +245,8 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
                patch_size: int = PATCH_SIZE, count_focus: bool = False,
                kind_weights: dict[str, float] | None = None, word_focus: bool = False) -> Batch:  # fmt: skip
     """`questions` distinct questions and (with `caption_weight` > 0) a caption per scene, with the focus
-    targets of their answer words; count questions get one (every patch) only with `count_focus`.
+    targets of their answer words; count questions get one (every patch) only with `count_focus`, and the
+    colour and shape words of content questions get one (the objects they name) only with `word_focus`.
     `kind_weights` draws some question kinds more often (see `draw_qa`)."""
     prefix = split_prompt(tokenizer, image_tokens)
     scenes = [scene(s) for s in seeds]
@@ -336,7 +338,8 @@ def focus_heads_for(
     focus_layer: int | None, focus_heads: int, count_layer: int | None = None, word: bool = False
 ) -> dict[int, FocusHeads]:
     """FOCUS_KINDS index -> heads: in `focus_layer`, heads [0, focus_heads) for lookups by position and the next
-    `focus_heads` for lookups by content; with `count_layer`, head 0 of that layer for counts."""
+    `focus_heads` for lookups by content (with `word`, also from the question's colour and shape words); with
+    `count_layer`, head 0 of that layer for counts."""
     plan = {}
     if focus_layer is not None:
         plan[FOCUS_KINDS.index(POSITION)] = FocusHeads(focus_layer, slice(0, focus_heads))
@@ -390,6 +393,12 @@ def packed_logits(
     both kinds of match must fit in the few rotary dimensions that turn slowly enough to ignore distance, so each
     gets its own heads. It teaches the decoder where to look, which the answer loss alone teaches only after a long
     plateau.
+
+    With word targets in the batch (`make_batch(word_focus=True)`, kind "word"), the content heads are also
+    queried at each colour or shape word of a content question and should fall on the objects of that colour
+    or shape. The word's own embedding carries the attribute, so this match can form before the answer
+    position has gathered the words; without it, the content heads of some runs settle on every object evenly
+    (a focus loss near 1.33) and stay there.
 
     With a count layer (and count queries in the batch, see `make_batch`), head 0 of that layer learns to
     spread its attention evenly over all the patches when a count is asked (loss: KL(uniform || attention)):
@@ -538,8 +547,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch probe loss (0: off)")
-    p.add_argument("--word-focus", action="store_true", help="content heads also look, at each colour or shape word "
-                   "of a question, at the objects of that colour or shape")
+    p.add_argument(
+        "--word-focus",
+        action="store_true",
+        help="the content heads also look, at each colour or shape word of a question, at the objects it names",
+    )
     p.add_argument("--count-probes", action="store_true", help="also probe the scene's counts on every patch")
     p.add_argument("--focus-weight", type=float, default=1.0, help="weight of the attention focus loss (0: off)")
     p.add_argument("--focus-layer", type=int, default=-1, help="decoder layer of the focus loss (-1: the middle)")
