@@ -1,4 +1,4 @@
-"""The focus loss of each lookup kind (position, content, count) of a training checkpoint, on validation scenes:
+"""The focus loss of each lookup kind (position, content, count, word) of a training checkpoint, on validation scenes:
 
     .venv/bin/python scripts/focus_by_kind.py runs/grid10/checkpoint.pt --scenes 8
 
@@ -32,7 +32,8 @@ def main() -> None:
     model.eval()
     focus_layer = flags["focus_layer"] if flags["focus_layer"] >= 0 else spec.text_layers // 2
     count_layer = flags["count_layer"] if flags["count_layer"] >= 0 else None
-    focus = focus_heads_for(focus_layer, flags["focus_heads"], count_layer)
+    word = flags.get("word_focus", False)  # checkpoints from before --word-focus lack the flag
+    focus = focus_heads_for(focus_layer, flags["focus_heads"], count_layer, word=word)
     tokenizer = build_processor(spec.image_size, spec.patch_size).tokenizer
     start = SPLITS["validation"][0]
     terms: dict[str, list[torch.Tensor]] = {}
@@ -40,7 +41,7 @@ def main() -> None:
         for first in range(start, start + args.scenes, 4):
             seeds = list(range(first, min(first + 4, start + args.scenes)))
             batch = make_batch(tokenizer, seeds, flags["questions"], flags["caption_weight"], spec.image_tokens,
-                               spec.patch_size, count_focus=count_layer is not None)  # fmt: skip
+                               spec.patch_size, count_focus=count_layer is not None, word_focus=word)  # fmt: skip
             for kind, kind_terms in packed_logits(model, batch, focus=focus)[1].items():
                 terms.setdefault(kind, []).append(kind_terms)
     print(f"step {state['step']}, {args.scenes} validation scenes:")

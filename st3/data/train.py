@@ -272,8 +272,7 @@ def make_batch(tokenizer, seeds: list[int], questions: int, caption_weight: floa
                 kind = POSITION if qa.kind in POSITION_KINDS else CONTENT
                 focus.append((len(rows), prompt_len - 1, cells_mask(qa.focus, cell_of_patch), FOCUS_KINDS.index(kind)))
                 if word_focus and kind == CONTENT:
-                    for t, token in enumerate(tokenizer.convert_ids_to_tokens(ids[:prompt_len])):
-                        word = token.lstrip("▁Ġ ")
+                    for t, word in enumerate(tokenizer.convert_ids_to_tokens(ids[:prompt_len])):  # word-level
                         cells = [(o.row, o.col) for o in sc.objects if word in (o.colour, o.shape)]
                         if cells:
                             focus.append((len(rows), t, cells_mask(cells, cell_of_patch), FOCUS_KINDS.index(WORD)))
