@@ -38,6 +38,7 @@ def bench(
     warmup: int = typer.Option(1, help="Untimed warm-up runs per method."),
     dtype: str = typer.Option("bf16", help="fp32, fp16 or bf16."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    attn: str = typer.Option("sdpa", help="Attention backend: sdpa, eager or flash_attention_2."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
     clock: str = typer.Option("wall", help="wall, or cpu: the process's CPU time (robust on a shared CPU)."),
     json_out: str = typer.Option("", "--json", help="Write the full result as JSON to this path."),
@@ -58,6 +59,7 @@ def bench(
             warmup=warmup,
             dtype=dtype,
             device=device,
+            attn=attn,
             threads=threads or None,
             clock=clock,
         )

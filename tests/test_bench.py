@@ -75,10 +75,11 @@ def test_cli(tmp_path):
     out, png = tmp_path / "cli.json", tmp_path / "cli.png"
     args = ["bench", "--model", "tiny", "--layers", "3", "--batch-sizes", "1", "--new-tokens", "3"]
     args += ["--repeats", "1", "--warmup", "0", "--dtype", "fp32", "--json", str(out), "--plot", str(png)]
-    args += ["--method", "st3:start_layer=1,stride=1"]
+    args += ["--method", "st3:start_layer=1,stride=1", "--attn", "eager"]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
     data = json.loads(out.read_text())
+    assert data["meta"]["config"]["attn"] == "eager"
     assert data["meta"]["shape"]["num_layers"] == 3
     assert any("truncated to 3" in note for note in data["meta"]["notes"])
     assert list(data["runs"][0]["methods"]) == ["vanilla", "st3(start_layer=1, stride=1)"]
@@ -250,5 +251,7 @@ def test_bad_options_fail_before_building():
         BenchConfig(dtype="int4")
     with pytest.raises(ValueError, match="--new-tokens"):
         BenchConfig(new_tokens=[1])
+    with pytest.raises(ValueError, match="--attn"):
+        BenchConfig(attn="flash")
     run = CliRunner().invoke(app, ["bench", "--model", "tiny", "--repeats", "0"])
     assert run.exit_code != 0 and "--repeats" in run.output

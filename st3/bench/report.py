@@ -36,8 +36,9 @@ def print_report(result: dict, console: Console | None = None) -> None:
     meta = result["meta"]
     console.print(
         escape(
-            f"st3 bench: {meta['model']['source']} ({meta['shape_text']}), {meta['dtype']} on "
-            f"{meta['device_name']} ({meta['threads']} threads); {spread_label(meta['config']['repeats'])}"
+            f"st3 bench: {meta['model']['source']} ({meta['shape_text']}), {meta['dtype']}, "
+            f"{meta['config'].get('attn', 'sdpa')} attention, on {meta['device_name']} ({meta['threads']} threads); "
+            f"{spread_label(meta['config']['repeats'])}"
         )
     )
     for block in result["runs"]:

@@ -7,6 +7,7 @@ processes, thermal state) hit every method alike. Ratios are taken between media
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
@@ -24,6 +25,7 @@ from st3.bench.methods import Resolved, resolve
 from st3.bench.shapes import DTYPES, bench_inputs, build_model, load_model_dir, shape_name, spec_for
 
 VANILLA = "vanilla"
+ATTN = ("sdpa", "eager", "flash_attention_2")
 WARMUP_TOKENS = 8
 """Tokens per warm-up run: enough to pass through ST3's first decode eviction (every 4 steps)."""
 
@@ -56,6 +58,11 @@ class BenchConfig:
         checks = (
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
             (self.clock in CLOCKS, f"--clock must be one of {', '.join(CLOCKS)}, got {self.clock!r}"),
+            (self.attn in ATTN, f"--attn must be one of {', '.join(ATTN)}, got {self.attn!r}"),
+            (
+                self.attn != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
+                "--attn flash_attention_2 needs the flash-attn package (pip install flash-attn) and a CUDA GPU",
+            ),
             (self.repeats >= 1, f"--repeats must be >= 1, got {self.repeats}"),
             (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
             (all(b >= 1 for b in self.batch_sizes), f"--batch-sizes must be >= 1, got {self.batch_sizes}"),
