@@ -15,7 +15,7 @@ import torch
 from st3.data.model import ModelSpec, build_model
 from st3.data.processor import build_processor
 from st3.data.tasks import SPLITS
-from st3.data.train import focus_heads_for, make_batch, packed_logits
+from st3.data.train import COUNT, FOCUS_KINDS, WORD, focus_plan, make_batch, packed_logits
 
 
 def main() -> None:
@@ -30,10 +30,7 @@ def main() -> None:
     model = build_model(spec)
     model.load_state_dict(state["model"])
     model.eval()
-    focus_layer = flags["focus_layer"] if flags["focus_layer"] >= 0 else spec.text_layers // 2
-    count_layer = flags["count_layer"] if flags["count_layer"] >= 0 else None
-    word = flags.get("word_focus", False)  # checkpoints from before --word-focus lack the flag
-    focus = focus_heads_for(focus_layer, flags["focus_heads"], count_layer, word=word)
+    focus = focus_plan(flags, spec)  # the run's own heads
     tokenizer = build_processor(spec.image_size, spec.patch_size).tokenizer
     start = SPLITS["validation"][0]
     terms: dict[str, list[torch.Tensor]] = {}
@@ -41,7 +38,8 @@ def main() -> None:
         for first in range(start, start + args.scenes, 4):
             seeds = list(range(first, min(first + 4, start + args.scenes)))
             batch = make_batch(tokenizer, seeds, flags["questions"], flags["caption_weight"], spec.image_tokens,
-                               spec.patch_size, count_focus=count_layer is not None, word_focus=word)  # fmt: skip
+                               spec.patch_size, count_focus=FOCUS_KINDS.index(COUNT) in focus,
+                               word_focus=FOCUS_KINDS.index(WORD) in focus)  # fmt: skip
             for kind, kind_terms in packed_logits(model, batch, focus=focus)[1].items():
                 terms.setdefault(kind, []).append(kind_terms)
     print(f"step {state['step']}, {args.scenes} validation scenes:")

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from st3.data.model import ModelSpec
 from st3.data.tasks import ALWAYS_ASKED
-from st3.data.train import main
+from st3.data.train import CONTENT, COUNT, FOCUS_KINDS, WORD, focus_plan, main, parse_args
 
 TINY = '{"vision_layers": 2, "text_layers": 2, "vision_hidden": 32, "text_hidden": 32, "text_intermediate": 64}'
 WIDE_HEADS = TINY[:-1] + ', "text_head_dim": 16}'  # heads wider than text_hidden // text_heads
@@ -63,3 +64,15 @@ def test_bad_training_flags_are_refused_before_training(tmp_path, flags, message
     with pytest.raises(SystemExit, match=re.escape(message)):
         main(["--out", str(tmp_path / "run"), "--spec", TINY, *flags])
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_focus_plan_reads_the_flags_as_parsed_or_as_saved_in_a_checkpoint():
+    spec = ModelSpec(**json.loads(TINY))
+    flags = vars(parse_args(["--out", "run", "--count-layer", "0", "--word-focus"]))
+    plan = focus_plan(flags, spec)
+    content, word, count = (FOCUS_KINDS.index(kind) for kind in (CONTENT, WORD, COUNT))
+    assert plan[word] == plan[content] and plan[content].layer == 1  # the middle of 2 layers
+    assert plan[count].layer == 0 and plan[count].uniform
+    older = {name: value for name, value in flags.items() if name != "word_focus"}  # saved before --word-focus
+    assert word not in focus_plan(older, spec) and content in focus_plan(older, spec)
+    assert focus_plan(flags | {"focus_weight": 0.0, "count_layer": -1}, spec) == {}

@@ -352,6 +352,21 @@ def focus_heads_for(
     return plan
 
 
+def focus_plan(flags: dict, spec: ModelSpec) -> dict[int, FocusHeads]:
+    """The trainer's flags (as parsed, or as saved in a checkpoint) -> `focus_heads_for`'s plan; {} without the
+    focus loss. A focus layer of -1 is the middle layer, a count layer of -1 none; ValueError names the flag."""
+    if flags["focus_weight"] <= 0:
+        if flags["count_layer"] >= 0:
+            raise ValueError("--count-layer needs the focus loss on (--focus-weight > 0)")
+        return {}
+    focus_layer = flags["focus_layer"] if flags["focus_layer"] >= 0 else spec.text_layers // 2
+    count_layer = flags["count_layer"] if flags["count_layer"] >= 0 else None
+    if not all(0 <= layer < spec.text_layers for layer in (focus_layer, count_layer) if layer is not None):
+        raise ValueError(f"--focus-layer and --count-layer must be in [0, {spec.text_layers})")
+    word = flags.get("word_focus", False)  # checkpoints from before --word-focus lack the flag
+    return focus_heads_for(focus_layer, flags["focus_heads"], count_layer, word=word)
+
+
 def head_attention(
     language_model,
     layer: int,
@@ -610,18 +625,10 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     processor = build_processor(spec.image_size, spec.patch_size)
     tokenizer = processor.tokenizer
-    focus = {}  # FOCUS_KINDS index -> the heads taught that lookup; checked now, not after the vision phase
-    if args.focus_weight > 0:
-        focus_layer = args.focus_layer if args.focus_layer >= 0 else spec.text_layers // 2
-        count_layer = args.count_layer if args.count_layer >= 0 else None
-        if not all(0 <= layer < spec.text_layers for layer in (focus_layer, count_layer) if layer is not None):
-            raise SystemExit(f"--focus-layer and --count-layer must be in [0, {spec.text_layers})")
-        try:
-            focus = focus_heads_for(focus_layer, args.focus_heads, count_layer, word=args.word_focus)
-        except ValueError as error:
-            raise SystemExit(str(error)) from error
-    elif args.count_layer >= 0:
-        raise SystemExit("--count-layer needs the focus loss on (--focus-weight > 0)")
+    try:  # checked now, not after the vision phase
+        focus = focus_plan(vars(args), spec)
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
     probe = PatchProbe(model, args.count_probes) if args.aux_weight > 0 or args.vision_steps > 0 else None
     named = list(model.named_parameters()) + (list(probe.named_parameters()) if probe else [])
     groups = []
