@@ -35,9 +35,14 @@ def test_trainer_runs_resumes_and_exports(tmp_path, capsys, counts):
         state = torch.load(out / "checkpoint.pt", weights_only=False)
         del state["spec"]["text_head_dim"]
         torch.save(state, out / "checkpoint.pt")
-    assert main(argv) == {"step": 4}
+    changed = [] if counts else ["--caption-weight", "2"]  # a resume may change the recipe, and says so
+    assert main(argv + changed) == {"step": 4}
     printed = capsys.readouterr()
     assert "at step 3" in printed.out  # resumed, not restarted
+    if counts:  # the first run's --stop-at only said where to stop: no change
+        assert "flags changed" not in printed.out
+    else:
+        assert "flags changed since: --caption-weight 1.0 -> 2.0" in printed.out
     assert "focus_position=" in printed.err and "focus_content=" in printed.err  # each lookup's own focus loss
     model = LlavaForConditionalGeneration.from_pretrained(export)
     assert model.config.text_config.hidden_size == 32

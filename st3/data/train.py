@@ -24,9 +24,10 @@ tower's learning rate is scaled by `--vision-lr-scale` in the second phase so th
 what the probe built. AdamW, linear warm-up then cosine decay, gradient clipping at 1.
 
 Every `--checkpoint-minutes` the model, optimizer, schedule and step go to `<out>/checkpoint.pt` (written
-atomically); re-running the same command resumes from it. Every `--eval-every` steps validation exact match is
-printed and appended to `<out>/log.jsonl`. At the end the model and processor are saved with
-`save_pretrained` into `--export`.
+atomically); re-running the same command resumes from it (a resume with other training flags is allowed, for
+experiments that branch from a checkpoint, and prints which flags changed). Every `--eval-every` steps
+validation exact match is printed and appended to `<out>/log.jsonl`. At the end the model and processor are
+saved with `save_pretrained` into `--export`.
 """
 
 from __future__ import annotations
@@ -513,6 +514,21 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+RUN_ONLY_FLAGS = {"out", "export", "stop_at", "threads", "eval_every", "eval_qa", "eval_captions", "export_only"}
+"""Flags that say where and how often, not what is trained: a resume may change them without notice."""
+
+
+def changed_flags(saved: dict, now: dict) -> str:
+    """The training flags a resumed run changes, as `--name old -> new, ...` ('' when none): a resume that
+    changes the recipe is allowed (experiments branch from checkpoints) but said, since the run is then a mix."""
+    names = sorted((set(saved) | set(now)) - RUN_ONLY_FLAGS)
+    return ", ".join(
+        f"--{name.replace('_', '-')} {saved.get(name)!r} -> {now.get(name)!r}"
+        for name in names
+        if saved.get(name) != now.get(name)
+    )
+
+
 def save_checkpoint(path: Path, model, probe, optimizer, step: int, args: dict, spec: ModelSpec) -> None:
     tmp = path.with_suffix(".tmp")
     state = {
@@ -650,7 +666,9 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
-        print(f"resumed from {ckpt_path} at step {step}", flush=True)
+        changed = changed_flags(state["args"], vars(args))
+        note = f"; flags changed since: {changed}" if changed else ""
+        print(f"resumed from {ckpt_path} at step {step}{note}", flush=True)
     print(f"model: {parameter_count(model) / 1e6:.2f}M parameters, spec {dataclasses.asdict(spec)}", flush=True)
     if args.export_only:  # the checkpoint as it stands (best so far), without training on
         model.eval()
