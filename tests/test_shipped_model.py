@@ -35,7 +35,7 @@ def test_shipped_model_answers_test_questions_unpruned(shipped):
     questions = [example("test", i) for i in range(24)]
     got = answers(model, processor, questions, max_new_tokens=ANSWER_TOKENS["qa"])
     right = [g == e.answer for e, g in zip(questions, got)]
-    assert sum(right) >= 22, list(zip([e.question for e in questions], [e.answer for e in questions], got))
+    assert sum(right) >= 23, list(zip([e.question for e in questions], [e.answer for e in questions], got))
 
 
 def test_shipped_model_writes_test_captions_unpruned(shipped):
@@ -43,4 +43,4 @@ def test_shipped_model_writes_test_captions_unpruned(shipped):
     captions = [example("test", i, "caption") for i in range(4)]
     got = answers(model, processor, captions, max_new_tokens=ANSWER_TOKENS["caption"])
     assert all(parse_caption(g) is not None for g in got), got
-    assert sum(g == e.answer for e, g in zip(captions, got)) >= 3, got
+    assert all(g == e.answer for e, g in zip(captions, got)), got
