@@ -18,14 +18,14 @@ from st3.data.scenes import SIZES
 from st3.data.tasks import ANSWER_TOKENS, example
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("--examples", type=int, default=3000, help="validation examples to draw questions from")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)

@@ -18,12 +18,12 @@ from st3.data.tasks import SPLITS
 from st3.data.train import COUNT, FOCUS_KINDS, WORD, focus_plan, make_batch, packed_logits
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a trainer checkpoint (<out>/checkpoint.pt)")
     parser.add_argument("--scenes", type=int, default=8, help="validation scenes, 4 per batch")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     spec, flags = ModelSpec(**state["spec"]), state["args"]

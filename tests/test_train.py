@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,18 @@ from st3.data.train import CONTENT, COUNT, FOCUS_KINDS, WORD, focus_plan, main, 
 
 TINY = '{"vision_layers": 2, "text_layers": 2, "vision_hidden": 32, "text_hidden": 32, "text_intermediate": 64}'
 WIDE_HEADS = TINY[:-1] + ', "text_head_dim": 16}'  # heads wider than text_hidden // text_heads
+
+
+def script(name: str):
+    """`main` of scripts/NAME.py, run as its users run it."""
+    return runpy.run_path(str(Path(__file__).parents[1] / "scripts" / f"{name}.py"))["main"]
+
+
+def test_colour_lookup_errors_script(scenes_model_dir, capsys):
+    script("colour_lookup_errors")([scenes_model_dir, "--examples", "40"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["unique shape", "named by size"]
+    assert all(re.search(r"\d+/\d+ right; \d+/\d+ wrong answers", line) for line in lines)
 
 
 # counts: probes, count head, word focus, kind weights, and decoder heads of a width of their own
@@ -49,6 +63,9 @@ def test_trainer_runs_resumes_and_exports(tmp_path, capsys, counts):
     assert model.config.text_config.head_dim == (16 if counts else 8)
     final = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
     assert final["step"] == 4 and 0 <= final["qa_accuracy"] <= 1
+    script("focus_by_kind")([str(out / "checkpoint.pt"), "--scenes", "8"])  # 16 questions on fixed seeds
+    kinds = re.findall(r"^  (\w+) +focus loss", capsys.readouterr().out, flags=re.M)
+    assert kinds == (["position", "content", "word", "count"] if counts else ["position", "content"])
 
 
 @pytest.mark.parametrize(
