@@ -666,7 +666,8 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
-        changed = changed_flags(state["args"], vars(args))
+        saved = vars(parse_args([])) | state["args"]  # flags added since take their defaults, as spec fields do
+        changed = changed_flags(saved, vars(args))
         note = f"; flags changed since: {changed}" if changed else ""
         print(f"resumed from {ckpt_path} at step {step}{note}", flush=True)
     print(f"model: {parameter_count(model) / 1e6:.2f}M parameters, spec {dataclasses.asdict(spec)}", flush=True)
