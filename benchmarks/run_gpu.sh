@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU runs recorded in benchmarks/README.md ("On a GPU"), in two parts that each fit a 10-minute slot:
+# The GPU runs planned in benchmarks/README.md ("Not done, and why": CUDA), not yet run, in two parts meant
+# (by estimate, not measured) to fit a 10-minute slot each:
 #   benchmarks/run_gpu.sh 1 OUTDIR   # the CUDA test, then LLaVA-1.5-7B's shape: batch 1 and 8, 64 and 256 tokens
 #   benchmarks/run_gpu.sh 2 OUTDIR   # LLaVA-NeXT-7B's 2916 visual tokens and LLaVA-1.5-13B; eager attention
 # Each run writes NAME.json, NAME.png and NAME.txt (the terminal tables) under OUTDIR.

@@ -37,7 +37,7 @@ def print_report(result: dict, console: Console | None = None) -> None:
     console.print(
         escape(
             f"st3 bench: {meta['model']['source']} ({meta['shape_text']}), {meta['dtype']}, "
-            f"{meta['config'].get('attn', 'sdpa')} attention, on {meta['device_name']} ({meta['threads']} threads); "
+            f"{meta['config']['attn']} attention, on {meta['device_name']} ({meta['threads']} threads); "
             f"{spread_label(meta['config']['repeats'])}"
         )
     )
