@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import st3
+from st3.compat import cache_of
 
 BAD_KNOBS = [
     ("ratio", -0.1),
@@ -99,7 +100,7 @@ def test_trace_summary_is_json_and_consistent(model, inputs):
     with torch.no_grad(), method(model):
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     summary = json.loads(json.dumps(method.trace.summary()))
-    cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.past_key_values.layers)
+    cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache_of(out).layers)
     assert summary["kv_bytes"] == cache_bytes
     assert summary["kv_bytes_peak"] >= cache_bytes
     assert 0 < summary["kv_ratio"] < 1 and 0 < summary["prefill_flops_ratio"] < 1

@@ -21,6 +21,7 @@ from st3.bench.methods import Choice, match_cost, parse, resolve
 from st3.bench.report import markdown, write_json, write_plot
 from st3.bench.shapes import ModelSpec, bench_inputs, build_model, llava_config, spec_for
 from st3.cli import app
+from st3.compat import cache_of
 
 
 def tiny_config(**overrides) -> BenchConfig:
@@ -105,10 +106,10 @@ def test_kv_bytes_are_the_cache_tensors_bytes(tiny):
     method = st3.ST3(start_layer=1, stride=1, anneal_steps=2, anneal_every=1)
     with method(tiny), torch.no_grad():
         out = tiny.generate(**inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    direct = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.past_key_values.layers)
+    direct = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache_of(out).layers)
     sample = timed_generate(tiny, inputs, 5, method)
     assert sample.kv_bytes_final == direct == method.trace.kv_bytes
-    assert sample.kv_bytes_per_layer == cache_bytes_per_layer(out.past_key_values)
+    assert sample.kv_bytes_per_layer == cache_bytes_per_layer(cache_of(out))
     assert sample.kv_bytes_peak == method.trace.kv_bytes_peak >= sample.kv_bytes_final
 
     vanilla = timed_generate(tiny, inputs, 5)

@@ -13,6 +13,7 @@ from conftest import single
 from reference import attention_weights, reference_logits
 
 import st3
+from st3.compat import cache_of
 
 NEW_TOKENS = 8
 
@@ -176,7 +177,7 @@ def test_cache_lengths_follow_the_schedule(every, model, inputs):
             budgets = [min(p, max(3, round(p * cosine(0.3, 5, t + 1)))) for p in prefill]
             held = [min(h, b) for h, b in zip(held, budgets)]
 
-    cache = out.past_key_values
+    cache = cache_of(out)
     for layer in range(layers):
         real = cache.layers[layer].valid.sum(-1).tolist()
         steps = len(trace.decode_keys)

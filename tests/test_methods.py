@@ -9,6 +9,7 @@ import torch
 from test_correctness import METHODS
 
 import st3
+from st3.compat import cache_of
 from st3.plan import LLAVA_15_7B, plan
 
 
@@ -58,7 +59,7 @@ def test_vtw_holds_no_visual_key_from_layer_k_on(model, inputs):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert method.trace.visual_per_layer == [36, 36, 36, 0, 0, 0]
     assert all(step[layer] == [0, 0, 0] for step in method.trace.decode_visual_counts for layer in (3, 4, 5))
-    for layer in out.past_key_values.layers[3:]:
+    for layer in cache_of(out).layers[3:]:
         assert not (layer.visual & layer.valid).any()
     assert st3.VTW().withdrawal_layer(32) == 16
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from st3 import compat
 from st3.accounting import Shape
 from st3.adapters.base import Adapter
 
@@ -34,7 +35,7 @@ class LlavaAdapter(Adapter):
         return input_ids == self.model.config.image_token_id
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+        return compat.rotary(self.language_model.rotary_emb, hidden, position_ids)
 
     def _project(self, layer: int, proj: str, hidden: torch.Tensor) -> torch.Tensor:
         decoder_layer = self.layers[layer]

@@ -27,6 +27,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from st3.accounting import Shape, decode_flops, prefill_flops
+from st3.compat import cache_of
 from st3.methods.base import Method
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -174,7 +175,7 @@ def timed_generate(model, inputs: dict, new_tokens: int, method: Method | None =
     generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
     if generated != new_tokens or len(stamps.stamps) != new_tokens:
         raise RuntimeError(f"generate made {generated} tokens ({len(stamps.stamps)} forwards), not {new_tokens}")
-    per_layer = cache_bytes_per_layer(out.past_key_values)
+    per_layer = cache_bytes_per_layer(cache_of(out))
     trace = trace_digest(method) if method is not None else None
     return Sample(
         prefill_s=stamps.stamps[0] - start,

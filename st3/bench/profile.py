@@ -22,12 +22,13 @@ from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
-from transformers.cache_utils import DynamicLayer
 
 import st3
 import st3.engine.forward as engine_forward
+from st3 import compat
 from st3.bench.measure import timed_generate
 from st3.bench.shapes import DTYPES, bench_inputs, build_model, spec_for
+from st3.compat import DynamicLayer
 from st3.engine.cache import PrunableLayer
 from st3.engine.forward import Engine
 
@@ -36,7 +37,7 @@ PROBES: tuple[tuple[object, str, str], ...] = (
     (Engine, "_prefill", "st3: prefill forward (all layers)"),
     (Engine, "_decode", "st3: decode forward (all layers)"),
     (Engine, "_layer", "st3: decoder layer call (incl. its mask)"),
-    (engine_forward, "create_causal_mask", "st3: mask building (create_causal_mask per layer)"),
+    (compat, "causal_mask", "st3: mask building (create_causal_mask per layer)"),
     (Engine, "_prefill_scores", "st3: prefill scoring (re-projected attention)"),
     (Engine, "_evict", "st3: decode eviction (scoring + select + keep)"),
     (PrunableLayer, "keep", "st3: cache keep (gather K/V + bookkeeping)"),

@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
-from transformers import DynamicCache
 
+from st3.compat import DynamicCache, cache_kwargs, rotary
 from st3.data.model import ModelSpec, build_model, parameter_count
 from st3.data.processor import IMAGE, PATCH_SIZE, build_processor, pixel_values, prompt
 from st3.data.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, scene
@@ -383,7 +383,7 @@ def head_attention(
     attention = language_model.layers[layer].self_attn
     n_heads = attention.config.num_attention_heads
     q = q.view(len(q), n_heads, attention.head_dim)[:, heads]
-    cos, sin = language_model.rotary_emb(q, position_ids=positions[:, None])
+    cos, sin = rotary(language_model.rotary_emb, q, positions[:, None])
     q = rotate_half(q, cos, sin)  # cos, sin [Q, 1, D] broadcast over heads
     kv_of_head = torch.arange(n_heads)[heads] // (n_heads // keys.shape[0])
     scores = torch.einsum("qhd,hkd->qhk", q, keys[kv_of_head]) * attention.scaling
@@ -456,7 +456,7 @@ def packed_logits(
     cache = DynamicCache(config=model.config.text_config)
     try:
         out = model(input_ids=ids, pixel_values=batch.pixel_values, attention_mask=allowed[:, None],
-                    position_ids=positions, past_key_values=cache, use_cache=True)  # fmt: skip
+                    position_ids=positions, use_cache=True, **cache_kwargs(cache))  # fmt: skip
     finally:
         for hook in hooks:
             hook.remove()

@@ -9,7 +9,8 @@ keys and values.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer
+
+from st3.compat import DynamicLayer
 
 
 def pack_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +40,16 @@ def gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class PrunableLayer(DynamicLayer):
-    """A `DynamicLayer` whose entries carry (column, valid, visual) bookkeeping and can be dropped."""
+    """A `DynamicLayer` whose entries carry (column, valid, visual) bookkeeping and can be dropped.
+
+    `get_seq_length()` is the number of slots this layer holds (padding included), not the logical
+    length of the sequence: after pruning, layers hold different numbers of slots, and layer 0's count
+    is smaller than the tokens seen whenever layer 0 prunes. The engine never derives positions from it;
+    generate() only uses it to slice off the prompt on later steps, which is right since st3 refuses
+    to continue a pruned cache with more than one new token.
+    """
+
+    is_croppable = False  # generate() (5.24+) consults this before cropping; a pruned cache cannot be cropped
 
     def __init__(self) -> None:
         super().__init__()

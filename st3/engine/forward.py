@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from st3 import compat
 from st3.adapters.base import Adapter
+from st3.compat import DynamicCache, DynamicLayer
 from st3.engine.cache import PrunableLayer, gather, pack_index
 from st3.engine.scoring import attention_received
 from st3.methods.base import Method
@@ -87,13 +87,16 @@ class Engine:
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Drop-in replacement for the decoder stack's forward (same arguments, same output type)."""
+        """Drop-in replacement for the decoder stack's forward (same arguments, same output type).
+
+        The cache comes as `cache` or `past_key_values` (the keyword changed in transformers 5.24).
+        """
         lm = self.adapter.language_model
+        past = compat.take_cache(kwargs)
         for name in _UNSUPPORTED_OUTPUTS:
             if kwargs.pop(name, None):
                 raise ValueError(f"{name}=True is not supported while a token-trimming method is applied")
@@ -105,7 +108,7 @@ class Engine:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"st3 needs a 2-D padding mask [batch, tokens]; got a {attention_mask.dim()}-D one")
 
-        cache = past_key_values if past_key_values is not None else DynamicCache(config=lm.config)
+        cache = past if past is not None else DynamicCache(config=lm.config)
         if not isinstance(cache, DynamicCache):
             raise TypeError(f"st3 needs a DynamicCache (the default of generate), got {type(cache).__name__}")
         if cache.get_seq_length() == 0 and not isinstance(cache.layers[0], PrunableLayer):
@@ -116,23 +119,17 @@ class Engine:
             raise ValueError(
                 "this KV cache was filled without st3; run the prompt inside the `with method(model):` block"
             )
-        return BaseModelOutputWithPast(last_hidden_state=lm.norm(hidden), past_key_values=cache if use_cache else None)
+        return compat.decoder_output(lm.norm(hidden), cache if use_cache else None)
 
     def _layer(self, index: int, hidden, valid, cos, sin, cache, kwargs) -> torch.Tensor:
         """Run decoder layer `index` on `hidden`, masking by the layer's own cache and `valid` [B, S+q]."""
-        mask = create_causal_mask(
-            config=self.adapter.language_model.config,
-            inputs_embeds=hidden,
-            attention_mask=valid,
-            past_key_values=cache,
-            layer_idx=index,
-        )
+        mask = compat.causal_mask(self.adapter.language_model.config, hidden, valid, cache, index)
         return self.adapter.layers[index](
             hidden,
             attention_mask=mask,
             position_embeddings=(cos, sin),
-            past_key_values=cache,
             use_cache=True,
+            **compat.cache_kwargs(cache),
             **kwargs,
         )
 

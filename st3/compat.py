@@ -1,0 +1,80 @@
+"""Every transformers calling convention or internal st3 depends on, in one place.
+
+st3 replaces a decoder stack's forward and fills its own cache layers, so it relies on a few conventions
+that transformers changes between minor releases. Each entry says which version changed what; the
+supported range is the one `pyproject.toml` declares and CI tests at both ends.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import transformers
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+__all__ = [
+    "CACHE_KWARG",
+    "DynamicCache",
+    "DynamicLayer",
+    "TRANSFORMERS_VERSION",
+    "cache_kwargs",
+    "cache_of",
+    "causal_mask",
+    "decoder_output",
+    "rotary",
+    "take_cache",
+]
+
+TRANSFORMERS_VERSION: str = transformers.__version__
+
+# 5.24 renamed the cache keyword of every model, decoder layer, attention module and `create_causal_mask`
+# from `past_key_values` to `cache` (the old name is deprecated until 5.40). Read it off the mask function,
+# whose fourth parameter is the cache in every release st3 supports.
+CACHE_KWARG: str = list(inspect.signature(create_causal_mask).parameters)[3]
+_CACHE_NAMES = ("cache", "past_key_values")
+if CACHE_KWARG not in _CACHE_NAMES:  # pragma: no cover - a release outside the declared range
+    raise ImportError(
+        f"st3 does not know transformers {TRANSFORMERS_VERSION}'s cache keyword ({CACHE_KWARG!r}); "
+        "install a version inside the range st3 declares (see pyproject.toml)"
+    )
+
+
+def take_cache(kwargs: dict):
+    """Pop the cache from a forward's keyword arguments, passed under either name (5.24: `cache`)."""
+    found = [kwargs.pop(name) for name in _CACHE_NAMES if kwargs.get(name) is not None]
+    for name in _CACHE_NAMES:
+        kwargs.pop(name, None)
+    if len(found) > 1 and found[0] is not found[1]:
+        raise ValueError("two different caches were passed (as `cache` and `past_key_values`); pass one")
+    return found[0] if found else None
+
+
+def cache_kwargs(cache) -> dict:
+    """`{keyword: cache}` for a decoder layer call, under the installed keyword."""
+    return {CACHE_KWARG: cache}
+
+
+def causal_mask(config, inputs_embeds, attention_mask, cache, layer_idx: int):
+    """The attention mask of layer `layer_idx`, sized from that layer's own cache.
+
+    `create_causal_mask(..., layer_idx=)` exists since 5.0; the cache parameter is passed by position
+    because its name changed in 5.24.
+    """
+    return create_causal_mask(config, inputs_embeds, attention_mask, cache, layer_idx=layer_idx)
+
+
+def decoder_output(last_hidden_state, cache) -> BaseModelOutputWithPast:
+    """The decoder stack's output object; its cache field is `cache` from 5.24, `past_key_values` before."""
+    return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, **{CACHE_KWARG: cache})
+
+
+def cache_of(output):
+    """The cache held by a model output, read without 5.24's deprecation warning for `.past_key_values`."""
+    return output.get(CACHE_KWARG)
+
+
+def rotary(rotary_emb, hidden, position_ids):
+    """(cos, sin) from a model's rotary module: `rotary_emb(x, position_ids)` throughout 5.x."""
+    return rotary_emb(hidden, position_ids)
