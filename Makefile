@@ -1,20 +1,26 @@
 # Two entry points do all the set-up on a fresh clone:
 #   make demo   -- the main job on an embedded default model (no download)
 #   make test   -- lint + the test suite
-# torch is installed first and pinned, so pip never swaps in a different (e.g. CUDA) build.
+# torch is installed first and pinned, so pip never swaps in a different (e.g. CUDA) build; everything
+# else comes from requirements.lock, so a fresh machine gets exactly the stack CI tested.
+# `make lock` refreshes the lock (pip-tools, newest versions inside pyproject.toml's ranges).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+PIP    := pip==26.3
+LOCK   := requirements.lock
+PIP_TOOLS := pip-tools==7.6.2
 
-$(BIN)/.st3-installed: pyproject.toml
+$(BIN)/.st3-installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(PIP)"
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint lock
 install: $(BIN)/.st3-installed
 
 demo: install
@@ -25,3 +31,12 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# torch stays out of the lock (it is installed first, CPU or CUDA build by TORCH); its own dependencies
+# are pinned in it, resolved against $(TORCH).
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q "$(PIP)" "$(PIP_TOOLS)"
+	echo "$(TORCH)" > .venv-lock/torch.txt
+	.venv-lock/bin/pip-compile --quiet --upgrade --strip-extras --extra dev --no-emit-index-url \
+		--no-emit-find-links --unsafe-package torch -c .venv-lock/torch.txt -o $(LOCK) pyproject.toml
