@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import transformers
 from packaging.specifiers import SpecifierSet
@@ -40,7 +40,7 @@ def test_the_declared_range_has_an_upper_bound_below_the_next_major():
 
 def test_the_cache_keyword_follows_the_installed_version():
     expected = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
-    assert compat.CACHE_KWARG == expected
+    assert expected == compat.CACHE_KWARG
 
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])
