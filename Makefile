@@ -38,5 +38,5 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q "$(PIP)" "$(PIP_TOOLS)"
 	echo "$(TORCH)" > .venv-lock/torch.txt
-	.venv-lock/bin/pip-compile --quiet --upgrade --strip-extras --extra dev --no-emit-index-url \
+	.venv-lock/bin/pip-compile --quiet --upgrade --strip-extras --extra cli --extra dev --no-emit-index-url \
 		--no-emit-find-links --unsafe-package torch -c .venv-lock/torch.txt -o $(LOCK) pyproject.toml

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import typer
+try:
+    import typer
+except ModuleNotFoundError as error:  # the library itself needs only torch and transformers
+    raise SystemExit(f"the st3 command needs its extra ({error.name} is missing): pip install 'st3[cli]'") from error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Trim visual tokens of vision-language models.")
 

@@ -1,0 +1,35 @@
+"""What `pip install st3` gives: the library needs only torch and transformers; the command line its extra."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+#: The `cli` extra's packages that transformers does not pull in itself.
+CLI_ONLY = ("typer", "rich", "matplotlib", "accelerate", "PIL")
+
+
+def run_without_cli_extra(code: str) -> subprocess.CompletedProcess:
+    blocked = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in CLI_ONLY)
+    return subprocess.run([sys.executable, "-c", blocked + code], capture_output=True, text=True, timeout=300)
+
+
+def test_the_library_applies_a_method_without_the_cli_extra():
+    done = run_without_cli_extra(
+        "import st3\n"
+        "from st3.tiny import tiny_inputs, tiny_llava\n"
+        "model = tiny_llava(attn='sdpa')\n"
+        "inputs = tiny_inputs(model, ((2, 3),))\n"
+        "method = st3.ST3(start_layer=1, stride=1)\n"
+        "with method(model):\n"
+        "    model.generate(**inputs, max_new_tokens=3, eos_token_id=None)\n"
+        "print(method.trace.visual_per_layer[-1] < method.trace.visual_per_layer[0], st3.match('fastv', 192).ratio)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "True"
+
+
+def test_the_command_says_which_extra_it_needs():
+    done = run_without_cli_extra("import st3.cli")
+    assert done.returncode != 0
+    assert "pip install 'st3[cli]'" in done.stderr and "typer" in done.stderr
