@@ -1,13 +1,14 @@
-"""Model-family adapters, found by the class name of the loaded model."""
+"""Model-family adapters, found by the class name of the loaded model, then checked against its decoder."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from st3.adapters.base import Adapter
+from st3.adapters.base import Adapter, Grid, UnsupportedModel
 from st3.adapters.llava import LlavaAdapter
+from st3.adapters.qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter)
 
 
 def supported_models() -> list[str]:
@@ -15,15 +16,18 @@ def supported_models() -> list[str]:
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter for `model`, or a TypeError that names the supported classes."""
+    """The adapter for `model`, or an `UnsupportedModel` (a TypeError) naming what is supported."""
     name = type(model).__name__
     for adapter in ADAPTERS:
         if name in adapter.model_classes:
             return adapter(model)
-    raise TypeError(
+    raise UnsupportedModel(
         f"st3 does not support {name}. Supported models: {', '.join(supported_models())}. "
         "Load one with e.g. LlavaForConditionalGeneration.from_pretrained(...)."
     )
 
 
-__all__ = ["Adapter", "LlavaAdapter", "adapter_for", "supported_models"]
+__all__ = [
+    "Adapter", "Grid", "LlavaAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
+    "adapter_for", "supported_models",
+]  # fmt: skip

@@ -1,78 +1,244 @@
 """The seam between the engine and a model family.
 
-An adapter answers the few model-specific questions the engine has: where the decoder stack is, which
-input tokens are visual, how positions become rotary embeddings, and how one layer projects query (and
-key) rows for scoring. Nothing model-specific lives anywhere else.
+An adapter answers every model-specific question the engine has: where the decoder stack is and how to
+embed, normalise and call its layers; which input tokens are visual (images and videos); how positions
+(of any leading shape, e.g. M-RoPE's [3, B, S]) become rotary embeddings; how one layer projects query and
+key rows for scoring (bias, q/k norms, scaling); what travels with each row besides the hidden state
+(e.g. Qwen3-VL's deepstack features); and how the visual tokens of a sample tile its images. The engine
+only moves rows and cache entries. Nothing model-specific lives anywhere else.
+
+Adapters are matched by the top-level model class, and then check the decoder they find: every layer must
+be one whose attention they can re-project exactly, or the model is refused with an error saying what is
+unsupported and what is.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from st3 import compat
 from st3.accounting import Shape
 
 
-class Adapter(ABC):
-    """Model-family specifics for one loaded model."""
+class UnsupportedModel(TypeError):
+    """The model (or its decoder) is one st3 cannot run exactly."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How one image or video of a sample lays out its visual tokens: `frames` x `rows` x `cols`, raster order."""
+
+    frames: int
+    rows: int
+    cols: int
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * self.rows * self.cols
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply rotary embeddings (cos/sin [B, R, D]) to rows x [B, heads, R, D], as Llama does."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Adapter:
+    """Model-family specifics for one loaded model; the defaults describe a Llama-style decoder.
+
+    A Llama-style layer: `input_layernorm`, then `self_attn` with `q_proj`/`k_proj` (bias or not), an
+    optional per-head `q_norm`/`k_norm` before the rotation, rotate-half rotary, full causal attention and
+    `scaling`. Subclasses name the layer/attention classes that match this exactly in `decoder_layers`.
+    """
 
     #: Class names of the top-level models this adapter serves.
     model_classes: tuple[str, ...] = ()
+    #: Decoder layer class name -> its attention class name, for every layer this adapter re-projects exactly.
+    decoder_layers: dict[str, str] = {}
+    #: Keyword arguments that reach the decoder stack from the top-level model but that no layer takes.
+    ignored_kwargs: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.check_decoder()
 
+    # --------------------------------------------------------------------------------- where things are
     @property
-    @abstractmethod
     def language_model(self) -> nn.Module:
         """The decoder stack (e.g. `LlamaModel`) whose forward the engine replaces."""
+        raise NotImplementedError
 
     @property
-    @abstractmethod
     def layers(self) -> nn.ModuleList:
         """The decoder layers, in order."""
-
-    @abstractmethod
-    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """BoolTensor [B, L]: which prompt columns hold visual tokens."""
-
-    @abstractmethod
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each [B, L, head_dim], for `position_ids`."""
-
-    @abstractmethod
-    def project_queries(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotated query rows [B, heads, R, head_dim] of layer `layer` for its input rows `hidden` [B, R, H]."""
-
-    @abstractmethod
-    def project_keys(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotated key rows [B, kv_heads, R, head_dim] of layer `layer` (as the layer would cache them)."""
-
-    @abstractmethod
-    def attention_scaling(self, layer: int) -> float:
-        """The factor applied to q.k in layer `layer`."""
-
-    @property
-    @abstractmethod
-    def shape(self) -> Shape:
-        """Decoder dimensions, for FLOPs and KV accounting."""
-
-    # ----------------------------------------------------- vision side (methods that act before the decoder)
-    def capture_vision(self, store: dict) -> list:
-        """Register removable hooks that put the vision tower's saliency inputs in `store`; return the handles."""
-        raise NotImplementedError(f"{type(self).__name__} cannot compress visual tokens before the decoder")
-
-    def vision_saliency(self, store: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """From a capture: ([CLS] attention [images, P], keys [images, P, d], projector inputs [images, P, d_v])."""
-        raise NotImplementedError(f"{type(self).__name__} cannot compress visual tokens before the decoder")
-
-    def project_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Vision features [images, P, d_v] -> decoder embeddings [images, P, H] (the multimodal projector)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot compress visual tokens before the decoder")
+        return self.language_model.layers
 
     @property
     def text_config(self):
         """The decoder's config."""
         return self.language_model.config
+
+    @property
+    def family(self) -> str:
+        return type(self.model).__name__
+
+    # ------------------------------------------------------------------------ what the adapter supports
+    def check_decoder(self) -> None:
+        """Raise `UnsupportedModel` unless every decoder layer is one this adapter re-projects exactly."""
+        supported = ", ".join(f"{layer} ({attn})" for layer, attn in self.decoder_layers.items())
+        config = self.text_config
+        problems = []
+        for index, layer in enumerate(self.layers):
+            layer_name, attn = type(layer).__name__, getattr(layer, "self_attn", None)
+            expected = self.decoder_layers.get(layer_name)
+            if expected is None:
+                problems.append(f"layer {index} is a {layer_name}")
+            elif type(attn).__name__ != expected:
+                problems.append(f"layer {index}'s attention is a {type(attn).__name__}, not {expected}")
+            elif hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
+                problems.append(f"layer {index} normalises only one of queries and keys")
+            window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
+            if window is not None:
+                problems.append(f"layer {index} uses sliding-window attention (window {window})")
+            if problems:
+                break
+        kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            problems.append(f"layer types {sorted(kinds)} (only full attention is supported)")
+        for knob in ("attn_logit_softcapping", "attention_logit_softcapping"):
+            if getattr(config, knob, None) is not None:
+                problems.append(f"attention soft-capping ({knob}={getattr(config, knob)})")
+        if problems:
+            raise UnsupportedModel(
+                f"st3 cannot run {self.family} with this decoder exactly: {'; '.join(problems)}. "
+                f"Supported decoder layers: {supported}, full causal attention without sliding window or "
+                "soft-capping. (For Mistral, set text_config.sliding_window=None if the prompts are shorter "
+                "than the window.)"
+            )
+
+    def check_method(self, method) -> None:
+        """Raise ValueError if `method` needs something this family does not have."""
+        if method.compresses_vision and not self.compresses_vision:
+            raise ValueError(
+                f"{type(method).__name__} compresses visual tokens inside the vision tower, which st3 supports on "
+                f"LLaVA (CLIP tower with a [CLS] token) only; {self.family} has no [CLS] token to rank patches "
+                "by. Use a method that prunes inside the decoder (ST3, FastV, PyramidDrop, VTW, Random, Uniform)."
+            )
+
+    def check_inputs(self, kwargs: dict) -> None:
+        """Inspect the top-level model's keyword arguments (e.g. warn about missing inputs)."""
+
+    # -------------------------------------------------------------------- the decoder stack's own steps
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.norm(hidden)
+
+    @property
+    def use_cache_default(self) -> bool:
+        return bool(self.text_config.use_cache)
+
+    def layer_kwargs(self, kwargs: dict) -> dict:
+        """The decoder stack's extra keyword arguments that its layers take."""
+        return {k: v for k, v in kwargs.items() if k not in self.ignored_kwargs}
+
+    def layer_mask(self, index: int, hidden: torch.Tensor, valid: torch.Tensor | None, cache):
+        """Layer `index`'s attention mask, sized from that layer's own cache; `valid` [B, cached + new]."""
+        return compat.causal_mask(self.text_config, hidden, valid, cache, index)
+
+    def call_layer(self, index: int, hidden, mask, cos, sin, cache, kwargs: dict) -> torch.Tensor:
+        return self.layers[index](
+            hidden, attention_mask=mask, position_embeddings=(cos, sin), use_cache=True,
+            **compat.cache_kwargs(cache), **kwargs,
+        )  # fmt: skip
+
+    # --------------------------------------------------------------------------------------- positions
+    def default_positions(self, attention_mask: torch.Tensor | None, start: int, batch: int, length: int, device):
+        """Position ids for `length` new tokens after `start` columns, when the caller passed none."""
+        if attention_mask is not None:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        return torch.arange(start, start + length, device=device).expand(batch, length)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [B, L, head_dim], for `position_ids` [..., B, L]."""
+        return compat.rotary(self.language_model.rotary_emb, hidden, position_ids)
+
+    # ----------------------------------------------------------------------------------- re-projection
+    def _project(self, layer: int, proj: str, norm: str, hidden: torch.Tensor) -> torch.Tensor:
+        decoder_layer = self.layers[layer]
+        attn = decoder_layer.self_attn
+        rows = getattr(attn, proj)(decoder_layer.input_layernorm(hidden)).view(*hidden.shape[:2], -1, attn.head_dim)
+        if hasattr(attn, norm):
+            rows = getattr(attn, norm)(rows)
+        return rows.transpose(1, 2)
+
+    def project_queries(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotated query rows [B, heads, R, head_dim] of layer `layer` for its input rows `hidden` [B, R, H]."""
+        return rotate(self._project(layer, "q_proj", "q_norm", hidden), cos, sin)
+
+    def project_keys(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotated key rows [B, kv_heads, R, head_dim] of layer `layer` (as the layer would cache them)."""
+        return rotate(self._project(layer, "k_proj", "k_norm", hidden), cos, sin)
+
+    def attention_scaling(self, layer: int) -> float:
+        """The factor applied to q.k in layer `layer`."""
+        return self.layers[layer].self_attn.scaling
+
+    # ------------------------------------------------------------------------------------ visual tokens
+    #: Token ids that hold visual features (images and videos).
+    def visual_token_ids(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """BoolTensor [B, L]: which prompt columns hold visual tokens."""
+        ids = torch.tensor(self.visual_token_ids(), device=input_ids.device)
+        return torch.isin(input_ids, ids)
+
+    def image_layout(self, inputs: dict, visual: torch.Tensor) -> list[list[Grid]]:
+        """Per sample, the grids its visual tokens tile, in prompt order (inputs: the top-level kwargs)."""
+        raise NotImplementedError(f"{self.family}: no image layout")
+
+    # ----------------------------------------------------------- what travels with each row of a prefill
+    def row_inputs(self, kwargs: dict, visual: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pop per-row decoder inputs from `kwargs` as [B, S, ...] tensors (gathered with the rows)."""
+        return {}
+
+    def after_layer(self, index: int, hidden: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the decoder stack does to the hidden states after layer `index` (default: nothing)."""
+        return hidden
+
+    # ----------------------------------------------------- vision side (methods that act before the decoder)
+    compresses_vision: bool = False
+
+    def capture_vision(self, store: dict) -> list:
+        """Register removable hooks that put the vision tower's saliency inputs in `store`; return the handles."""
+        raise NotImplementedError(f"{self.family} cannot compress visual tokens before the decoder")
+
+    def vision_saliency(self, store: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From a capture: ([CLS] attention [images, P], keys [images, P, d], projector inputs [images, P, d_v])."""
+        raise NotImplementedError(f"{self.family} cannot compress visual tokens before the decoder")
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features [images, P, d_v] -> decoder embeddings [images, P, H] (the multimodal projector)."""
+        raise NotImplementedError(f"{self.family} cannot compress visual tokens before the decoder")
+
+    # ------------------------------------------------------------------------------------- accounting
+    @property
+    def shape(self) -> Shape:
+        """Decoder dimensions, for FLOPs and KV accounting."""
+        cfg = self.text_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return Shape(
+            num_layers=cfg.num_hidden_layers,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim,
+        )

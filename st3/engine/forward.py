@@ -37,6 +37,7 @@ class Rows:
     columns: torch.Tensor
     valid: torch.Tensor
     visual: torch.Tensor
+    extra: dict[str, torch.Tensor]  # per-row decoder inputs the adapter names (e.g. deepstack features)
 
     def keep(self, keep: torch.Tensor) -> Rows:
         """The rows where `keep` [B, S] holds, per sample in order, left-padded with invalid filler."""
@@ -49,6 +50,7 @@ class Rows:
             columns=gather(self.columns, index, 1),
             valid=gather(self.valid, index, 1) & filled,
             visual=gather(self.visual, index, 1) & filled,
+            extra={name: gather(value, index, 1) for name, value in self.extra.items()},
         )
 
     def without_visual(self, kept: torch.Tensor) -> Rows:
@@ -68,6 +70,7 @@ class Engine:
         self.adapter = adapter
         self.method = method
         self.input_ids: torch.Tensor | None = None
+        self.inputs: dict = {}  # the top-level model's keyword arguments of the last call
         self.trace: Trace | None = None
         # What the adapter's vision hooks captured. generate() encodes images before its first forward, so
         # this is filled before the prefill that consumes (and clears) it.
@@ -77,6 +80,8 @@ class Engine:
     def capture_inputs(self, module, args, kwargs) -> None:
         """Forward pre-hook on the top-level model: remember `input_ids` to locate visual tokens."""
         self.input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self.inputs = {**kwargs, "input_ids": self.input_ids}
+        self.adapter.check_inputs(self.inputs)
 
     @property
     def num_layers(self) -> int:
@@ -95,20 +100,20 @@ class Engine:
 
         The cache comes as `cache` or `past_key_values` (the keyword changed in transformers 5.24).
         """
-        lm = self.adapter.language_model
+        adapter = self.adapter
         past = compat.take_cache(kwargs)
         for name in _UNSUPPORTED_OUTPUTS:
             if kwargs.pop(name, None):
                 raise ValueError(f"{name}=True is not supported while a token-trimming method is applied")
         kwargs.pop("return_dict", None)
         if inputs_embeds is None:
-            inputs_embeds = lm.embed_tokens(input_ids)
+            inputs_embeds = adapter.embed(input_ids)
         if use_cache is None:
-            use_cache = lm.config.use_cache
+            use_cache = adapter.use_cache_default
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"st3 needs a 2-D padding mask [batch, tokens]; got a {attention_mask.dim()}-D one")
 
-        cache = past if past is not None else DynamicCache(config=lm.config)
+        cache = past if past is not None else DynamicCache(config=adapter.text_config)
         if not isinstance(cache, DynamicCache):
             raise TypeError(f"st3 needs a DynamicCache (the default of generate), got {type(cache).__name__}")
         if cache.get_seq_length() == 0 and not isinstance(cache.layers[0], PrunableLayer):
@@ -119,19 +124,12 @@ class Engine:
             raise ValueError(
                 "this KV cache was filled without st3; run the prompt inside the `with method(model):` block"
             )
-        return compat.decoder_output(lm.norm(hidden), cache if use_cache else None)
+        return compat.decoder_output(adapter.final_norm(hidden), cache if use_cache else None)
 
     def _layer(self, index: int, hidden, valid, cos, sin, cache, kwargs) -> torch.Tensor:
         """Run decoder layer `index` on `hidden`, masking by the layer's own cache and `valid` [B, S+q]."""
-        mask = compat.causal_mask(self.adapter.language_model.config, hidden, valid, cache, index)
-        return self.adapter.layers[index](
-            hidden,
-            attention_mask=mask,
-            position_embeddings=(cos, sin),
-            use_cache=True,
-            **compat.cache_kwargs(cache),
-            **kwargs,
-        )
+        mask = self.adapter.layer_mask(index, hidden, valid, cache)
+        return self.adapter.call_layer(index, hidden, mask, cos, sin, cache, kwargs)
 
     # ------------------------------------------------------------------------------------- prefill
     def _prefill(self, embeds, attention_mask, position_ids, cache: DynamicCache, kwargs) -> torch.Tensor:
@@ -146,11 +144,13 @@ class Engine:
             raise ValueError("st3 needs left padding (the last prompt token must be real): set padding_side='left'")
         visual, note = self._visual_mask(batch, length, device)
         if position_ids is None:
-            position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = self.adapter.default_positions(attention_mask, 0, batch, length, device)
         position_ids = position_ids.expand(*position_ids.shape[:-2], batch, length)
         cos, sin = (t.expand(batch, -1, -1) for t in self.adapter.rotary(embeds, position_ids))
         columns = torch.arange(length, device=device).expand(batch, length)
-        rows = Rows(embeds, cos, sin, position_ids, columns, valid, visual & valid)
+        extra = self.adapter.row_inputs(kwargs, visual & valid)
+        kwargs = self.adapter.layer_kwargs(kwargs)
+        rows = Rows(embeds, cos, sin, position_ids, columns, valid, visual & valid, extra)
 
         trace = self._new_trace(batch, length, valid, rows.visual, embeds.dtype, note)
         if any(type(layer) is not DynamicLayer for layer in cache.layers):
@@ -168,6 +168,7 @@ class Engine:
                 rows = rows.without_visual(self.method.select(scores, rows.visual, keep, patch_index(rows.visual)))
             previous = rows.hidden
             rows.hidden = self._layer(index, rows.hidden, rows.valid, rows.cos, rows.sin, cache, kwargs)
+            rows.hidden = self.adapter.after_layer(index, rows.hidden, rows.extra)
             layer = cache.layers[index]
             layer.record(rows.columns, rows.valid, rows.visual)
             layer.visual_after_prefill = layer.visual_held
@@ -270,10 +271,8 @@ class Engine:
         first = cache.layers[0]
         step = first.steps
         if position_ids is None:
-            if attention_mask is not None:
-                position_ids = attention_mask.long().sum(-1, keepdim=True) - 1
-            else:
-                position_ids = torch.full((batch, 1), first.next_column, device=device)
+            position_ids = self.adapter.default_positions(attention_mask, first.next_column, batch, 1, device)
+        kwargs = self.adapter.layer_kwargs(kwargs)
         cos, sin = self.adapter.rotary(embeds, position_ids)
         column = torch.full((batch, 1), first.next_column, device=device)
         new_valid = torch.ones(batch, 1, dtype=torch.bool, device=device)

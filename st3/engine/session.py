@@ -30,6 +30,7 @@ class Session:
         self.method = method
         self.model = model
         self.adapter = adapter_for(model)
+        self.adapter.check_method(method)
         method.validate_for(self.adapter.shape.num_layers)
         self.engine = Engine(self.adapter, method)
         self._saved_forward = _ABSENT
