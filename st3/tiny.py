@@ -20,8 +20,17 @@ def tiny_llava(
     patch_size: int = 8,
     attn: str = "sdpa",
     seed: int = 0,
+    text_model: str = "llama",
+    **text_overrides,
 ) -> LlavaForConditionalGeneration:
-    """A LLaVA-1.5-shaped model (CLIP tower, MLP projector, Llama decoder with GQA), fp32, eval mode."""
+    """A LLaVA-1.5-shaped model (CLIP tower, MLP projector, Llama decoder with GQA), fp32, eval mode.
+
+    text_model picks another decoder ("qwen2", "qwen3", "mistral"); text_overrides go to its config.
+    """
+    import transformers as tf
+
+    text_config = {"llama": LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
+                   "mistral": tf.MistralConfig}[text_model]  # fmt: skip
     torch.manual_seed(seed)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
@@ -32,7 +41,7 @@ def tiny_llava(
             image_size=image_size,
             patch_size=patch_size,
         ),
-        text_config=LlamaConfig(
+        text_config=text_config(
             hidden_size=hidden,
             intermediate_size=2 * hidden,
             num_hidden_layers=layers,
@@ -41,6 +50,7 @@ def tiny_llava(
             vocab_size=vocab,
             max_position_embeddings=1024,
             pad_token_id=PAD_TOKEN,
+            **text_overrides,
         ),
         image_token_index=IMAGE_TOKEN,
         image_seq_length=(image_size // patch_size) ** 2,
@@ -90,6 +100,7 @@ def tiny_qwen_vl(family: str, *, layers: int = 4, hidden: int = 64, attn: str = 
     text = dict(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024, pad_token_id=PAD_TOKEN,
+        bos_token_id=None, eos_token_id=None,
     )  # fmt: skip
     vision = dict(depth=2, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
     ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
@@ -137,7 +148,7 @@ def tiny_qwen_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
     merge = vision.spatial_merge_size
     per_patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     per_frame_blocks = type(model).__name__.startswith("Qwen3")
-    rows, types, pixels = [], [], {"image": [], "video": []}
+    rows, pixels = [], {"image": [], "video": []}
     grids = {"image": [], "video": []}
 
     def text(n: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """An independent, straightforward computation to check pruned runs against.
 
 The unpatched model, eager attention, the full sequence (prompt + fed tokens) in one pass, every row
-computed at every layer. Pruning is expressed only as per-layer attention masks: a query row may see a
+computed at every layer, through the model's own forward (its embedding, image scatter, M-RoPE positions
+from its own `get_rope_index`, deepstack). Pruning is expressed only as per-layer attention masks: a query row may see a
 visual key iff the pruned run's trace says that layer held it when that row was processed (the prefill
 kept set for prompt rows, the decode forward's attended set for fed tokens). Nothing of st3's engine is
 used here.
@@ -88,37 +89,85 @@ def attention_weights(model, inputs: dict, trace, fed: torch.Tensor | None = Non
     return captured
 
 
+def visual_token_ids(config) -> list[int]:
+    """The token ids that hold image or video features, read off the model's config."""
+    names = ("image_token_id", "video_token_id")
+    return [getattr(config, name) for name in names if getattr(config, name, None) is not None]
+
+
+def full_positions(model, inputs: dict, ids: torch.Tensor, attention: torch.Tensor, types) -> torch.Tensor:
+    """Position ids of the whole sequence as the model defines them: M-RoPE [4, B, L] (text row first) from
+    the model's own `get_rope_index` where it has one, else 1-D positions counted over real tokens."""
+    text = (attention.cumsum(-1) - 1).clamp(min=0)
+    if types is None:
+        return text
+    grids = {key: inputs.get(key) for key in ("image_grid_thw", "video_grid_thw")}
+    rope, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, attention_mask=attention, **grids)
+    return torch.cat([text[None], rope])
+
+
 def masked_forward(model, inputs: dict, trace, fed: torch.Tensor | None, rewrite=None) -> torch.Tensor:
-    """The reference pass itself, on an eager `model`; `rewrite(embeds)` may replace rows first."""
+    """The reference pass itself, on an eager `model`; `rewrite(embeds)` may replace rows first.
+
+    The model runs its own forward (embedding, image features, positions, deepstack, norms); only each
+    decoder layer's attention mask is replaced, by a forward pre-hook, with the per-row mask of the trace.
+    """
     ids, attention = inputs["input_ids"], inputs["attention_mask"]
+    types = inputs.get("mm_token_type_ids")
     batch, prompt_len = ids.shape
     steps = 0 if fed is None else fed.shape[1]
-    visual = ids == model.config.image_token_id
+    visual = torch.isin(ids, torch.tensor(visual_token_ids(model.config)))
     if steps:
-        ids = torch.cat([ids, fed], dim=1)
+        # A generated token that happens to be a visual id is text (decode forwards carry no image): feed
+        # a neutral id and put the generated token's own embedding back (below) so the model scatters nothing.
+        fed_visual = torch.isin(fed, torch.tensor(visual_token_ids(model.config)))
+        ids = torch.cat([ids, fed.masked_fill(fed_visual, 0)], dim=1)
         attention = torch.cat([attention, torch.ones_like(fed)], dim=1)
         visual = torch.cat([visual, torch.zeros_like(fed, dtype=torch.bool)], dim=1)
+        types = None if types is None else torch.cat([types, torch.zeros_like(fed)], dim=1)
     length = ids.shape[1]
 
-    lm = model.model.language_model
-    embeds = lm.embed_tokens(ids.masked_fill(visual, 0))
-    if visual.any():
-        features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        embeds[visual] = torch.cat(list(features)).to(embeds.dtype)
-    if rewrite is not None:
-        rewrite(embeds)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    cos, sin = lm.rotary_emb(embeds, positions)
-
     causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    hidden = embeds
-    for index, layer in enumerate(lm.layers):
+    masks = []
+    for index in range(len(model.model.language_model.layers)):
         allowed = causal[None].repeat(batch, 1, 1) & attention.bool()[:, None, :]
         for b in range(batch):
             for row, keys in enumerate(visible_visual_keys(trace, index, b, prompt_len, steps)):
                 hidden_visual = visual[b].clone()
                 hidden_visual[list(keys)] = False
                 allowed[b, row] &= ~hidden_visual
-        mask = torch.zeros(batch, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
-    return model.lm_head(lm.norm(hidden))
+        masks.append(torch.zeros(batch, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min))
+
+    def set_mask(index):
+        def hook(module, args, kwargs):
+            return args, {**kwargs, "attention_mask": masks[index]}
+
+        return hook
+
+    lm = model.model.language_model
+    hooks = [layer.register_forward_pre_hook(set_mask(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
+    if steps and fed_visual.any():
+        where = torch.cat([torch.zeros(batch, prompt_len, dtype=torch.bool), fed_visual], dim=1)
+
+        def embed_fed(module, args, output):
+            output = output.clone()
+            output[where] = module.weight[fed[fed_visual]].to(output.dtype)
+            return output
+
+        hooks.append(model.get_input_embeddings().register_forward_hook(embed_fed))
+    if rewrite is not None:
+
+        def rewrite_embeds(module, args, kwargs):
+            embeds = kwargs["inputs_embeds"].clone()
+            rewrite(embeds)
+            return args, {**kwargs, "inputs_embeds": embeds}
+
+        hooks.append(lm.register_forward_pre_hook(rewrite_embeds, with_kwargs=True))
+    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    extra = {} if types is None else {"mm_token_type_ids": types}
+    try:
+        return model(input_ids=ids, attention_mask=attention, position_ids=full_positions(model, inputs, ids, attention,
+                     types), use_cache=False, **vision, **extra).logits  # fmt: skip
+    finally:
+        for hook in hooks:
+            hook.remove()

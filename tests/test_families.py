@@ -1,0 +1,280 @@
+"""Every model family x every method: the proofs of tests/test_correctness.py, one row per family.
+
+A family row builds a tiny random model (sdpa and eager) and a left-padded batch of 3 whose visual token
+counts differ (images of different sizes; a video sample where the family has video), and says how to cut
+one sample out of the batch. Adding a family is adding a row to `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from reference import attention_weights, reference_logits, visual_token_ids
+from test_correctness import METHODS
+
+import st3
+from st3.adapters import UnsupportedModel, adapter_for
+from st3.tiny import tiny_inputs, tiny_llava, tiny_qwen_inputs, tiny_qwen_vl
+
+NEW_TOKENS = 6
+LLAVA_BATCH = ((4, 6), (2, 9), (5, 3))
+#: (text before, text after, kind, (t, h, w) patch grid): 16, 24 and 32 visual tokens after the 2x2 merge.
+QWEN_BATCH = ((3, 5, "image", (1, 8, 8)), (2, 7, "image", (1, 8, 12)), (4, 2, "video", (2, 8, 8)))
+
+
+def llava_single(inputs: dict, b: int) -> dict:
+    keep = inputs["attention_mask"][b].bool()
+    return {
+        "input_ids": inputs["input_ids"][b : b + 1, keep],
+        "attention_mask": inputs["attention_mask"][b : b + 1, keep],
+        "pixel_values": inputs["pixel_values"][b : b + 1],
+    }
+
+
+def qwen_single(inputs: dict, b: int) -> dict:
+    """Sample b without padding, with its own image or video (each sample of QWEN_BATCH has one)."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b : b + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for kind, pixels, grids in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos",
+                                                                             "video_grid_thw")):  # fmt: skip
+        owners = [i for i, sample in enumerate(QWEN_BATCH) if sample[2] == kind]
+        if b in owners:
+            j = owners.index(b)
+            sizes = inputs[grids].prod(-1)
+            start = int(sizes[:j].sum())
+            out[pixels] = inputs[pixels][start : start + int(sizes[j])]
+            out[grids] = inputs[grids][j : j + 1]
+    return out
+
+
+@dataclass(frozen=True)
+class Family:
+    build: Callable[[str], torch.nn.Module]
+    inputs: Callable[[torch.nn.Module], dict]
+    single: Callable[[dict, int], dict]
+    #: methods refused on this family, with a phrase of the error
+    refused: tuple[tuple[str, str], ...] = ()
+
+
+QWEN_REFUSED = (("visionzip", "no \\[CLS\\] token"),)
+FAMILIES = {
+    "llava": Family(lambda attn: tiny_llava(attn=attn), lambda m: tiny_inputs(m, LLAVA_BATCH), llava_single),
+    "llava-qwen3": Family(
+        lambda attn: tiny_llava(attn=attn, text_model="qwen3", head_dim=16),
+        lambda m: tiny_inputs(m, LLAVA_BATCH),
+        llava_single,
+    ),
+    **{
+        name: Family(lambda attn, name=name: tiny_qwen_vl(name, layers=6, attn=attn),
+                     lambda m: tiny_qwen_inputs(m, QWEN_BATCH), qwen_single, QWEN_REFUSED)  # fmt: skip
+        for name in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+    },
+}
+
+_MODELS: dict = {}
+
+
+def models(family: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """(sdpa model, eager model, inputs) of a family, built once per session."""
+    if family not in _MODELS:
+        row = FAMILIES[family]
+        sdpa, eager = row.build("sdpa"), row.build("eager")
+        _MODELS[family] = (sdpa, eager, row.inputs(sdpa))
+    return _MODELS[family]
+
+
+def generate(model, inputs, method=None, **extra):
+    kwargs = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "output_logits": True,
+              "return_dict_in_generate": True, **extra}  # fmt: skip
+    with torch.no_grad():
+        if method is None:
+            return model.generate(**inputs, **kwargs)
+        with method(model):
+            return model.generate(**inputs, **kwargs)
+
+
+def new_tokens(out, inputs):
+    return out.sequences[:, inputs["input_ids"].shape[1] :]
+
+
+def applicable(family: str, name: str) -> None:
+    """Skip-free refusal check: a refused method must raise its clear error, then the test ends."""
+    for refused, phrase in FAMILIES[family].refused:
+        if name == refused:
+            sdpa, _, inputs = models(family)
+            with pytest.raises(ValueError, match=phrase):
+                generate(sdpa, inputs, METHODS[name]())
+            return False
+    return True
+
+
+MATRIX = [(f, m) for f in FAMILIES for m in sorted(METHODS)]
+
+
+# ------------------------------------------------------------------------------------ pruning nothing
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_pruning_nothing_equals_the_original_model(family, attn):
+    sdpa, eager, inputs = models(family)
+    model = sdpa if attn == "sdpa" else eager
+    noop = st3.ST3(ratio=0.0, anneal_final=1.0)
+    original = generate(model, inputs)
+    pruned = generate(model, inputs, noop)
+    assert torch.equal(original.sequences, pruned.sequences)
+    for a, b in zip(original.logits, pruned.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not noop.trace.pruned
+    assert len(set(noop.trace.visual_tokens)) == 3 or family.startswith("llava")  # counts differ per sample
+
+
+# ------------------------------------------------------------------------------- masked reference
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family,name", MATRIX)
+def test_pruned_run_equals_masked_reference(family, name, attn):
+    if not applicable(family, name):
+        return
+    sdpa, eager, inputs = models(family)
+    model = sdpa if attn == "sdpa" else eager
+    method = METHODS[name]()
+    method.record_positions = True
+    out = generate(model, inputs, method)
+    assert method.trace.pruned
+    fed = new_tokens(out, inputs)[:, :-1]
+    with torch.no_grad():
+        reference = reference_logits(model, inputs, method.trace, fed, method)
+    start = inputs["input_ids"].shape[1] - 1
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, reference[:, start + step], atol=1e-4, rtol=0)
+        assert torch.equal(reference[:, start + step].argmax(-1), new_tokens(out, inputs)[:, step])
+
+
+@pytest.mark.parametrize("name", ["st3", "st3-text-query", "fastv", "fastv-all-rows", "pyramiddrop"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prefill_keeps_the_top_k_of_previous_layer_attention(family, name):
+    model, _, inputs = models(family)
+    method = METHODS[name]()
+    with torch.no_grad(), method(model):
+        model(**inputs)
+    trace = method.trace
+    with torch.no_grad():
+        weights = attention_weights(model, inputs, trace)
+    visual = torch.isin(inputs["input_ids"], torch.tensor(visual_token_ids(model.config)))
+    checked = 0
+    for layer in range(1, len(weights)):
+        for b in range(inputs["input_ids"].shape[0]):
+            before = trace.prefill_visual_positions[layer - 1][b]
+            after = trace.prefill_visual_positions[layer][b]
+            if len(after) == len(before):
+                continue
+            probs = weights[layer - 1][b].mean(0)  # [rows, keys], mean over heads
+            real = inputs["attention_mask"][b].bool()
+            if method.query_rows == "last":
+                score = probs[-1]
+            elif method.query_rows == "all":
+                score = probs[real].mean(0)
+            else:
+                rows = real & ~visual[b]
+                rows[: int(visual[b].nonzero().max()) + 1] = False
+                score = probs[rows].mean(0)
+            expected = before[score[before].topk(len(after)).indices].sort().values
+            assert torch.equal(after, expected)
+            checked += 1
+    assert checked > 0
+
+
+# ----------------------------------------------------------------------------- batches and backends
+@pytest.mark.parametrize("family,name", MATRIX)
+def test_a_padded_batch_equals_its_samples_one_by_one(family, name):
+    if not applicable(family, name):
+        return
+    model, _, inputs = models(family)
+    method = METHODS[name]()
+    batch = generate(model, inputs, method)
+    batch_trace = method.trace
+    width = inputs["input_ids"].shape[1]
+    for b in range(3):
+        alone_inputs = FAMILIES[family].single(inputs, b)
+        alone = generate(model, alone_inputs, method)
+        pad = width - alone_inputs["input_ids"].shape[1]
+        assert torch.equal(new_tokens(batch, inputs)[b], new_tokens(alone, alone_inputs)[0])
+        for a, c in zip(batch.logits, alone.logits):
+            torch.testing.assert_close(a[b], c[0], atol=1e-4, rtol=0)
+        for layer, positions in enumerate(method.trace.prefill_visual_positions):
+            assert torch.equal(batch_trace.prefill_visual_positions[layer][b] - pad, positions[0])
+
+
+@pytest.mark.parametrize("family,name", MATRIX)
+def test_eager_and_sdpa_agree(family, name):
+    if not applicable(family, name):
+        return
+    sdpa, eager, inputs = models(family)
+    a, b = generate(sdpa, inputs, METHODS[name]()), generate(eager, inputs, METHODS[name]())
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_beams_and_sampling_run(family):
+    model, _, inputs = models(family)
+    beams = dict(max_new_tokens=NEW_TOKENS, num_beams=3, num_return_sequences=2, do_sample=False)
+    with torch.no_grad():
+        original = model.generate(**inputs, **beams)
+        with st3.ST3(ratio=0.0, anneal_final=1.0)(model):
+            noop = model.generate(**inputs, **beams)
+        method = METHODS["st3"]()
+        with method(model):
+            pruned = model.generate(**inputs, **beams)
+            torch.manual_seed(5)
+            sampled = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=20)
+    assert torch.equal(original, noop)
+    assert pruned.shape == original.shape
+    assert method.trace.pruned and sampled.shape[0] == 3
+
+
+# ------------------------------------------------------------------------------ refused, clearly
+def test_qwen_vl_refuses_visual_tokens_without_mm_token_type_ids():
+    model, _, inputs = models("qwen2-vl")
+    bare = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    with pytest.raises(ValueError, match="mm_token_type_ids"), torch.no_grad(), st3.FastV(layer=1)(model):
+        model.generate(**bare, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "overrides,phrase",
+    [
+        (dict(text_model="mistral", sliding_window=16), "sliding-window attention \\(window 16\\)"),
+        (dict(text_model="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2), "sliding"),
+    ],
+)
+def test_llava_refuses_decoders_it_cannot_reproject(overrides, phrase):
+    model = tiny_llava(layers=3, **overrides)
+    with pytest.raises(UnsupportedModel, match=phrase) as error:
+        st3.FastV(layer=1)(model)
+    assert "Supported decoder layers: LlamaDecoderLayer" in str(error.value)
+
+
+def test_llava_runs_mistral_without_sliding_window_exactly():
+    model = tiny_llava(layers=3, text_model="mistral", sliding_window=None)
+    assert adapter_for(model).decoder_layers["MistralDecoderLayer"] == "MistralAttention"
+
+
+def test_an_unknown_decoder_layer_class_is_refused():
+    model = tiny_llava(layers=3)
+
+    class NewDecoderLayer(type(model.model.language_model.layers[1])):
+        pass
+
+    model.model.language_model.layers[1].__class__ = NewDecoderLayer
+    with pytest.raises(UnsupportedModel, match="layer 1 is a NewDecoderLayer"):
+        st3.FastV(layer=1)(model)
+
+
+def test_attention_soft_capping_is_refused():
+    model = tiny_llava(layers=3)
+    model.model.language_model.config.attn_logit_softcapping = 50.0
+    with pytest.raises(UnsupportedModel, match="soft-capping"):
+        st3.FastV(layer=1)(model)
