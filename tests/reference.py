@@ -136,7 +136,8 @@ def masked_forward(model, inputs: dict, trace, fed: torch.Tensor | None, rewrite
                 hidden_visual = visual[b].clone()
                 hidden_visual[list(keys)] = False
                 allowed[b, row] &= ~hidden_visual
-        masks.append(torch.zeros(batch, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min))
+        lowest = torch.finfo(torch.float32).min
+        masks.append(torch.zeros(batch, 1, length, length).masked_fill(~allowed[:, None], lowest))
 
     def set_mask(index):
         def hook(module, args, kwargs):

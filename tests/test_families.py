@@ -7,8 +7,8 @@ one sample out of the batch. Adding a family is adding a row to `FAMILIES`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
