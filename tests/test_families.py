@@ -17,6 +17,8 @@ from test_correctness import METHODS
 
 import st3
 from st3.adapters import UnsupportedModel, adapter_for
+from st3.compat import cache_kwargs as compat_cache
+from st3.compat import cache_of
 from st3.tiny import tiny_inputs, tiny_llava, tiny_qwen_inputs, tiny_qwen_vl
 
 NEW_TOKENS = 6
@@ -278,3 +280,20 @@ def test_attention_soft_capping_is_refused():
     model.model.language_model.config.attn_logit_softcapping = 50.0
     with pytest.raises(UnsupportedModel, match="soft-capping"):
         st3.FastV(layer=1)(model)
+
+
+def test_a_manual_decode_loop_on_qwen_vl_needs_positions_never_the_pruned_cache_length():
+    model, _, inputs = models("qwen2-vl")
+    method = METHODS["fastv"]()
+    expected = generate(model, inputs, method, max_new_tokens=2)
+    with torch.no_grad(), method(model):
+        out = model(**inputs, use_cache=True)
+        cache = cache_of(out)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        text = inputs["attention_mask"].sum(-1, keepdim=True)  # the new token's text position
+        positions = torch.cat([text[None], (text + model.model.rope_deltas)[None].expand(3, -1, -1)])
+        step = model(input_ids=token, position_ids=positions, use_cache=True, **compat_cache(cache))
+        with pytest.raises(ValueError, match="cache length"):
+            model(input_ids=token, use_cache=True, **compat_cache(cache))
+    assert torch.equal(token[:, 0], new_tokens(expected, inputs)[:, 0])
+    torch.testing.assert_close(step.logits[:, -1], expected.logits[1], atol=1e-5, rtol=0)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from st3.adapters.base import Adapter, Grid
+from st3.engine.cache import PrunableLayer
 
 
 class QwenVLAdapter(Adapter):
@@ -31,6 +32,15 @@ class QwenVLAdapter(Adapter):
         return (config.image_token_id, config.video_token_id)
 
     def check_inputs(self, kwargs: dict) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        pruned = any(isinstance(layer, PrunableLayer) for layer in getattr(cache, "layers", ()))
+        if pruned and kwargs.get("position_ids") is None:
+            raise ValueError(
+                f"{self.family} would derive the new tokens' M-RoPE positions from the cache length, which a pruned "
+                "cache does not equal (and from a full-width attention_mask transformers 5.24 builds positions of "
+                "the wrong width); pass `position_ids` [4, batch, new tokens] to every forward that continues a "
+                "pruned cache, as generate does"
+            )
         ids = kwargs.get("input_ids")
         if ids is None or kwargs.get("mm_token_type_ids") is not None or not bool(self.visual_mask(ids).any()):
             return
