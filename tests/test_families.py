@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from reference import attention_weights, reference_logits, visual_token_ids
+from reference import attention_weights, full_positions, reference_logits, visual_token_ids
 from test_correctness import METHODS
 
 import st3
@@ -297,3 +297,27 @@ def test_a_manual_decode_loop_on_qwen_vl_needs_positions_never_the_pruned_cache_
             model(input_ids=token, use_cache=True, **compat_cache(cache))
     assert torch.equal(token[:, 0], new_tokens(expected, inputs)[:, 0])
     torch.testing.assert_close(step.logits[:, -1], expected.logits[1], atol=1e-5, rtol=0)
+
+
+def test_uniform_spreads_over_each_image_and_frame_grid():
+    from st3.adapters import Grid
+    from st3.methods.controls import lattice, uniform_cells
+
+    assert lattice(6, 6, 6) == [7, 9, 11, 25, 27, 29]
+    assert lattice(4, 4, 4) == [5, 7, 13, 15]
+    assert lattice(2, 3, 9) == list(range(6))
+    # two frames of 2 x 2 and one 4 x 4 image share 6 tokens by size (2 : 4), the frames 1 : 1
+    assert uniform_cells([Grid(2, 2, 2), Grid(1, 4, 4)], 6) == [3, 4 + 3, 8 + 5, 8 + 7, 8 + 13, 8 + 15]
+    model, _, inputs = models("qwen2-vl")
+    visual = torch.isin(inputs["input_ids"], torch.tensor([3, 4]))
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
+    positions = full_positions(model, inputs, ids, mask, types)
+    layout = adapter_for(model).image_layout(inputs, visual, positions)
+    assert layout == [[Grid(1, 4, 4)], [Grid(1, 4, 6)], [Grid(2, 4, 4)]]
+    method = st3.Uniform(keep=8, layer=1)
+    with torch.no_grad(), method(model):
+        model(**inputs)
+    visual = torch.isin(inputs["input_ids"], torch.tensor([3, 4]))
+    for b, grids in enumerate(layout):
+        columns = visual[b].nonzero().squeeze(-1)
+        assert method.trace.prefill_visual_positions[1][b].tolist() == columns[uniform_cells(grids, 8)].tolist()

@@ -200,8 +200,11 @@ class Adapter:
         ids = torch.tensor(self.visual_token_ids(), device=input_ids.device)
         return torch.isin(input_ids, ids)
 
-    def image_layout(self, inputs: dict, visual: torch.Tensor) -> list[list[Grid]]:
-        """Per sample, the grids its visual tokens tile, in prompt order (inputs: the top-level kwargs)."""
+    def image_layout(self, inputs: dict, visual: torch.Tensor, position_ids: torch.Tensor) -> list[list[Grid]]:
+        """Per sample, the grids its visual tokens tile, in prompt order.
+
+        inputs: the top-level model's keyword arguments; visual [B, S]; position_ids: what the decoder got.
+        """
         raise NotImplementedError(f"{self.family}: no image layout")
 
     # ----------------------------------------------------------- what travels with each row of a prefill

@@ -29,7 +29,7 @@ class LlavaAdapter(Adapter):
     def visual_token_ids(self) -> tuple[int, ...]:
         return (self.model.config.image_token_id,)
 
-    def image_layout(self, inputs: dict, visual: torch.Tensor) -> list[list[Grid]]:
+    def image_layout(self, inputs: dict, visual: torch.Tensor, position_ids: torch.Tensor) -> list[list[Grid]]:
         """One square grid per image (CLIP patches in raster order)."""
         per_image = self.model.config.image_seq_length
         side = math.isqrt(per_image)

@@ -59,41 +59,30 @@ class QwenVLAdapter(Adapter):
             position_ids = position_ids[1:]
         return super().rotary(hidden, position_ids)
 
-    def image_layout(self, inputs: dict, visual: torch.Tensor) -> list[list[Grid]]:
-        """Per sample, one grid per image and per video (or per frame, where frames are separate blocks)."""
-        config = self.model.config
-        merge = config.vision_config.spatial_merge_size
-        queues, pending = {}, {}
-        for token, key in ((config.image_token_id, "image_grid_thw"), (config.video_token_id, "video_grid_thw")):
-            grids = inputs.get(key)
-            queues[token] = [] if grids is None else [tuple(g) for g in grids.tolist()]
-            pending[token] = [0, None]  # frames of the current video still to come as separate blocks
+    def image_layout(self, inputs: dict, visual: torch.Tensor, position_ids: torch.Tensor) -> list[list[Grid]]:
+        """Per sample, one grid per contiguous block of image or video tokens, read off its M-RoPE positions.
 
-        def take(token: int, run: int) -> Grid:
-            left, grid = pending[token]
-            if left:
-                pending[token][0] -= 1
-            else:
-                grid = queues[token].pop(0)
-            t, rows, cols = grid[0], grid[1] // merge, grid[2] // merge
-            if not left and run == t * rows * cols:
-                return Grid(t, rows, cols)
-            if run == rows * cols:
-                if not left:
-                    pending[token] = [t - 1, grid]
-                return Grid(1, rows, cols)
-            raise ValueError(f"a block of {run} visual tokens matches neither grid {grid} nor one of its frames")
-
+        The positions are the geometry (generate passes no `image_grid_thw` to the forward in 5.24): a block's
+        distinct temporal / height / width positions are its frames / rows / columns.
+        """
+        if position_ids.dim() != 3 or position_ids.shape[0] < 3:
+            raise ValueError("no M-RoPE positions: the image layout is unknown")
+        thw = position_ids[-3:]
+        ids = inputs["input_ids"]
         layout = []
-        for row in inputs["input_ids"].tolist():
-            grids, run, token = [], 0, None
-            for value in [*row, None]:
-                if value == token:
-                    run += 1
-                    continue
-                if token in queues:
-                    grids.append(take(token, run))
-                token, run = value, 1
+        for b in range(ids.shape[0]):
+            columns = visual[b].nonzero().squeeze(-1).tolist()
+            blocks, grids = [], []
+            for column in columns:  # contiguous runs of one visual token id
+                if blocks and column == blocks[-1][-1] + 1 and ids[b, column] == ids[b, blocks[-1][-1]]:
+                    blocks[-1].append(column)
+                else:
+                    blocks.append([column])
+            for block in blocks:
+                t, h, w = (len(torch.unique(thw[axis, b, block])) for axis in range(3))
+                if t * h * w != len(block):
+                    raise ValueError(f"a block of {len(block)} visual tokens is no {t} x {h} x {w} grid")
+                grids.append(Grid(t, h, w))
             layout.append(grids)
         return layout
 

@@ -153,6 +153,7 @@ class Engine:
         rows = Rows(embeds, cos, sin, position_ids, columns, valid, visual & valid, extra)
 
         trace = self._new_trace(batch, length, valid, rows.visual, embeds.dtype, note)
+        self.method._layout = self._image_layout(rows.visual, position_ids)
         if any(type(layer) is not DynamicLayer for layer in cache.layers):
             raise TypeError("st3 supports full-attention DynamicCache layers only (no sliding window or offloading)")
         cache.layers[:] = [PrunableLayer() for _ in range(self.num_layers)]
@@ -212,6 +213,15 @@ class Engine:
             return empty, "no input_ids reached the model: visual tokens cannot be located, nothing was pruned"
         visual = self.adapter.visual_mask(ids).to(device)
         return visual, "" if visual.any() else "the input has no visual tokens: nothing to prune"
+
+    def _image_layout(self, visual: torch.Tensor, position_ids: torch.Tensor) -> list | None:
+        """Per sample, the grids its visual tokens tile (for spatial methods), or None where unknown."""
+        if not bool(visual.any()):
+            return None
+        try:
+            return self.adapter.image_layout(self.inputs, visual, position_ids)
+        except (NotImplementedError, ValueError, KeyError):
+            return None
 
     def _new_trace(self, batch, length, valid, visual, dtype, note) -> Trace:
         self.trace = Trace(

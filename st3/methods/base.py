@@ -39,6 +39,9 @@ class Method:
     """Also record which visual columns each decode forward attended to, per layer (costs memory)."""
 
     _trace: Trace | None = field(default=None, init=False, repr=False, compare=False)
+    #: Per sample, the image/frame grids (`st3.adapters.Grid`) of the current prefill, set by the engine for
+    #: methods that place tokens spatially (None where the model's adapter gives no layout).
+    _layout: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()

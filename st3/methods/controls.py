@@ -1,12 +1,13 @@
 """Controls: keep visual tokens by a rule that ignores attention, on FastV's schedule.
 
 If attention-based scoring earns its keep, FastV/ST3 must beat these at the same keep count. Both pick
-patches by their index in the image (raster order), so every sample of a batch keeps the same patches
-whatever its padding.
+patches by their place in the image (Random by raster index, Uniform on the image's patch grid), so every
+sample of a batch keeps the same patches whatever its padding.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -55,11 +56,61 @@ class Random(_KeepCount):
 @register("uniform")
 @dataclass(kw_only=True)
 class Uniform(_KeepCount):
-    """Keep `keep` visual tokens evenly spaced over the image in raster order (every n-th patch)."""
+    """Keep `keep` visual tokens spread evenly over each image's patch grid (a lattice per image / frame).
+
+    The budget is shared among a sample's images (and a video's frames) by their token counts; inside a
+    grid of rows x cols the kept cells form a lattice of about sqrt(keep * rows / cols) rows. Where the
+    model's adapter gives no grid layout, every n-th visual token in prompt order is kept instead.
+    """
 
     def select(self, scores, candidates: torch.Tensor, keep: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        layout = self._layout
+        counts = candidates.sum(-1).tolist()
+        if layout is not None and all(sum(g.tokens for g in grids) == n for grids, n in zip(layout, counts)):
+            chosen = torch.zeros_like(candidates)
+            for b, grids in enumerate(layout):
+                cells = torch.tensor(uniform_cells(grids, int(keep[b])), dtype=patches.dtype, device=patches.device)
+                chosen[b] = candidates[b] & torch.isin(patches[b], cells)
+            return chosen
         n = candidates.sum(-1, keepdim=True).double()
         slots = torch.arange(int(keep.max()), device=keep.device).double()
         centres = torch.floor((slots + 0.5) * n / keep.clamp(min=1)[:, None])  # [B, keep]: evenly spaced patches
         centres = centres.masked_fill(slots >= keep[:, None], -1)
         return candidates & (patches[..., None] == centres[:, None, :]).any(-1)
+
+
+def share(total: int, sizes: list[int]) -> list[int]:
+    """Split `total` over parts of `sizes` in proportion (largest remainder), never above a part's size."""
+    whole = sum(sizes)
+    if total >= whole:
+        return list(sizes)
+    exact = [total * size / whole for size in sizes]
+    parts = [math.floor(x) for x in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: parts[i] - exact[i])[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def lattice(rows: int, cols: int, keep: int) -> list[int]:
+    """`keep` raster indices of a rows x cols grid, spread as a lattice over both axes."""
+    if keep >= rows * cols:
+        return list(range(rows * cols))
+    if keep == 0:
+        return []
+    r = min(rows, max(1, round(math.sqrt(keep * rows / cols))))
+    c = min(cols, math.ceil(keep / r))
+    r = min(rows, math.ceil(keep / c))
+    points = [math.floor((i + 0.5) * rows / r) * cols + math.floor((j + 0.5) * cols / c)
+              for i in range(r) for j in range(c)]  # fmt: skip
+    return sorted(points[math.floor((s + 0.5) * len(points) / keep)] for s in range(keep))
+
+
+def uniform_cells(grids: list, keep: int) -> list[int]:
+    """Indices (over the sample's visual tokens, in prompt order) of `keep` cells spread over its grids."""
+    cells, offset = [], 0
+    for grid, count in zip(grids, share(keep, [g.tokens for g in grids])):
+        frame = grid.rows * grid.cols
+        for f, part in enumerate(share(count, [frame] * grid.frames)):
+            cells += [offset + f * frame + i for i in lattice(grid.rows, grid.cols, part)]
+        offset += grid.tokens
+    return cells
