@@ -168,7 +168,7 @@ def evaluate(
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help="A LLaVA checkpoint directory, or a hub id in the local cache."),
+    model: str = typer.Argument(..., help="A LLaVA or Qwen-VL checkpoint directory, or a hub id in the local cache."),
     image: str = typer.Option(..., help="The image to ask about."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A question; repeatable (answered as a batch)."),
     method: str = typer.Option("st3", "--method", "-m", help="Registered method name (see `st3 methods`)."),
@@ -194,7 +194,8 @@ def generate(
         raise typer.BadParameter(str(error)) from None
     print_comparison(result)
     if plot:
-        plot_kept_patches(picture, chosen.trace, result["image_columns"], plot, title=f"{method}: patches kept")
+        plot_kept_patches(picture, chosen.trace, result["image_columns"], plot, title=f"{method}: patches kept",
+                          grid=result.get("image_grid"))  # fmt: skip
         typer.echo(f"wrote {plot}")
     if json_out:
         with open(json_out, "w") as f:

@@ -1,6 +1,6 @@
 """Side by side: the same prompts about one image, answered unpruned and under a method.
 
-Used by `st3 generate` (any LLaVA checkpoint on disk or in the local hub cache) and by the main job.
+Used by `st3 generate` (any supported checkpoint on disk or in the local hub cache) and by the main job.
 """
 
 from __future__ import annotations
@@ -16,8 +16,15 @@ from st3.methods.base import Method
 
 
 def load(model_id: str, dtype: str = "auto"):
-    """(model, processor) from a directory or a hub id available locally; clear errors otherwise."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """(model, processor) from a directory or a hub id available locally; clear errors otherwise.
+
+    The model class is the checkpoint's own architecture, if st3 supports it (LLaVA, Qwen2-VL, Qwen2.5-VL,
+    Qwen3-VL); it is checked before any weight is read.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    from st3.adapters import supported_models
 
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
@@ -25,10 +32,25 @@ def load(model_id: str, dtype: str = "auto"):
     if not Path(model_id).is_dir() and Path(model_id).exists():
         raise ValueError(f"model: {model_id!r} is a file; pass a checkpoint directory or a hub id")
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(model_id, dtype=dtypes[dtype])
-        processor = AutoProcessor.from_pretrained(model_id)
+        config = AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"model: cannot load {model_id!r} ({str(error).splitlines()[0]})") from None
+    architecture = (getattr(config, "architectures", None) or ["?"])[0]
+    if architecture not in supported_models():
+        raise ValueError(f"model: st3 does not support {architecture}; supported: {', '.join(supported_models())}")
+    try:
+        model = getattr(transformers, architecture).from_pretrained(model_id, dtype=dtypes[dtype])
     except OSError as error:
         raise ValueError(f"model: cannot load {model_id!r} ({str(error).splitlines()[0]})") from None
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+    except OSError as error:
+        raise ValueError(f"model: cannot load {model_id!r}'s processor ({str(error).splitlines()[0]})") from None
+    except (AttributeError, ImportError) as error:  # processors with a video slot import torchvision
+        raise ValueError(
+            f"model: {architecture}'s processor needs torchvision ({type(error).__name__}: {error}); install the "
+            "torchvision build that matches your torch (see https://pytorch.org/get-started/locally/)"
+        ) from None
     processor.tokenizer.padding_side = "left"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor
@@ -85,6 +107,7 @@ def compare(
         "method": {"name": method.name, "knobs": method.knobs(), "answers": pruned, "seconds": seconds},
         "trace": summary,
         "image_columns": (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(-1).cpu(),
+        "image_grid": method._layout[0][0] if method._layout else None,  # the first image's patch grid
     }
 
 

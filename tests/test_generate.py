@@ -50,3 +50,20 @@ def test_generate_rejects_bad_input_clearly(change, message, scenes_model_dir, i
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+
+
+def test_load_picks_the_checkpoints_own_supported_class_and_refuses_others(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from st3.compare import load
+    from st3.tiny import tiny_qwen_vl
+
+    qwen = tmp_path / "qwen"
+    tiny_qwen_vl("qwen2.5-vl", layers=2).save_pretrained(qwen)
+    with pytest.raises(ValueError, match="cannot load .*'s processor"):  # the model loads; no processor saved
+        load(str(qwen))
+    bert = tmp_path / "bert"
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(config).save_pretrained(bert)
+    with pytest.raises(ValueError, match="st3 does not support BertModel; supported: LlavaForConditionalGeneration"):
+        load(str(bert))
