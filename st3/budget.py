@@ -14,8 +14,9 @@ token for a quarter of the layers unless its `stages` are moved.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
-from st3.accounting import Shape
+from st3.accounting import Shape, decode_flops, prefill_flops
 from st3.methods.base import Method, get
 from st3.plan import LLAVA_15_7B, plan
 
@@ -28,7 +29,7 @@ def match(
     *,
     metric: str = "visual_per_layer",
     shape: Shape = LLAVA_15_7B,
-    visual: int = 576,
+    visual: int | Sequence[int] = 576,
     text: int = 60,
     new_tokens: int = 64,
     tolerance: float | None = None,
@@ -38,6 +39,8 @@ def match(
 
     `method` is a registered name (with `knobs`) or an instance (its other knobs are kept). `metric` is the
     mean visual tokens per layer after prefill, or a FLOPs ratio (prefill or total) to the unpruned model.
+    `visual` may list one count per sample (e.g. Qwen-VL images of different sizes): the target is then the
+    batch's mean tokens per layer, or its FLOPs summed over samples against the unpruned sum.
     """
     if metric not in METRICS:
         raise ValueError(f"metric: must be one of {METRICS}, got {metric!r}")
@@ -51,13 +54,15 @@ def match(
     def cost(value) -> float | None:
         try:
             candidate = dataclasses.replace(base, **{knob: value})
-            result = plan(candidate, shape, visual=visual, text=text, new_tokens=steps)
+            return batch_cost(candidate, metric, shape, counts, text, steps)
         except ValueError:  # outside the knob's valid range
             return None
-        return result.mean_visual_per_layer if metric == "visual_per_layer" else getattr(result, metric)
 
+    counts = [visual] if isinstance(visual, int) else list(visual)
+    if not counts or min(counts) < 0:
+        raise ValueError(f"visual: needs one or more counts >= 0, got {visual!r}")
     integer = isinstance(getattr(base, knob), int) or getattr(base, knob) is None
-    low, high = (0, max(visual, shape.num_layers)) if integer else (0.0, 1.0)
+    low, high = (0, max(max(counts), shape.num_layers)) if integer else (0.0, 1.0)
     while cost(high) is None:  # e.g. ST3's ratio must stay below 1
         high = high - 1 if integer else high - 1e-6
     best = _bisect(cost, low, high, target, integer)
@@ -69,6 +74,20 @@ def match(
             f"({knob}={best!r}); pass tolerance= to accept it, or change its other knobs"
         )
     return dataclasses.replace(base, **{knob: best})
+
+
+def batch_cost(method: Method, metric: str, shape: Shape, visual: list[int], text: int, new_tokens: int) -> float:
+    """`metric` of a batch of samples with `visual` tokens each: mean tokens per layer, or summed FLOPs ratios."""
+    plans = [plan(method, shape, visual=n, text=text, new_tokens=new_tokens) for n in visual]
+    if metric == "visual_per_layer":
+        return sum(p.mean_visual_per_layer for p in plans) / len(plans)
+    layers, generated = shape.num_layers, new_tokens - 1
+    full = [prefill_flops(shape, [n + text] * layers) for n in visual]
+    if metric == "total_flops_ratio":
+        full = [f + sum(decode_flops(shape, [n + text + t + 1] * layers) for t in range(generated))
+                for f, n in zip(full, visual)]  # fmt: skip
+    ratio = "prefill_flops_ratio" if metric == "prefill_flops_ratio" else "total_flops_ratio"
+    return sum(getattr(p, ratio) * f for p, f in zip(plans, full)) / sum(full)
 
 
 def _bisect(cost, low, high, target: float, integer: bool):
