@@ -5,6 +5,7 @@ No timing is asserted: the machine is shared."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -178,6 +179,34 @@ def test_real_shapes(name, shape, visual):
     assert spec_for(name, layers=2).layers == 2
     with pytest.raises(ValueError, match="--layers"):
         spec_for(name, layers=shape.num_layers + 1)
+
+
+@pytest.mark.parametrize(
+    "name, shape, visual",
+    [
+        ("qwen2.5-vl-7b", Shape(28, 3584, 18944, 28, 4, 128), 1064),
+        ("qwen3-vl-8b", Shape(36, 4096, 12288, 32, 8, 128), 1056),
+    ],
+)
+def test_qwen_vl_shapes(name, shape, visual):
+    from st3.adapters import adapter_for
+    from st3.bench.shapes import model_class, qwen_config
+
+    spec = spec_for(name)
+    with init_empty_weights():
+        model = model_class(spec)(qwen_config(spec))
+    assert adapter_for(model).shape == shape and spec.visual_tokens == visual
+    tiny = replace(spec, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32,
+                   head_dim=16 if spec.head_dim else None, grid=(8, 12))  # fmt: skip
+    model = build_model(tiny, torch.float32)
+    inputs = bench_inputs(model, 2, 3, 4)
+    assert int(adapter_for(model).visual_mask(inputs["input_ids"]).sum()) == 2 * 24
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        method = st3.FastV(layer=1, ratio=0.5)
+        with method(model):
+            pruned = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape == pruned.shape and method.trace.visual_tokens == [24, 24]
 
 
 # ---------------------------------------------------------------------------------------------- methods

@@ -19,7 +19,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from st3.adapters.llava import LlavaAdapter
+from st3.adapters import adapter_for
 from st3.bench.measure import CLOCKS, Sample, spread, timed_generate, unpruned_flops
 from st3.bench.methods import Resolved, resolve
 from st3.bench.shapes import DTYPES, bench_inputs, build_model, load_model_dir, shape_name, spec_for
@@ -101,8 +101,8 @@ def run_bench(config: BenchConfig) -> dict:
     load_start = time.perf_counter()
     model, source = load(config, device)
     build_s = time.perf_counter() - load_start
-    shape = LlavaAdapter(model).shape
-    visual = model.config.image_seq_length
+    shape = adapter_for(model).shape
+    visual = int(adapter_for(model).visual_mask(bench_inputs(model, 1)["input_ids"]).sum())
     text = config.text_before + config.text_after
     blocks = []
     plans = [
@@ -137,7 +137,7 @@ def run_block(model, config: BenchConfig, batch_size: int, new_tokens: int, meth
     except torch.cuda.OutOfMemoryError as error:  # larger batches where memory allows
         torch.cuda.empty_cache()
         return {"batch_size": batch_size, "new_tokens": new_tokens, "skipped": f"out of memory: {error}"}
-    shape = LlavaAdapter(model).shape
+    shape = adapter_for(model).shape
     prompt_tokens = inputs["attention_mask"].sum(-1).tolist()
     vanilla_flops = unpruned_flops(shape, prompt_tokens, new_tokens)
     results = {e.label: summarise(e, samples[e.label], vanilla_flops) for e in entries}
@@ -145,7 +145,7 @@ def run_block(model, config: BenchConfig, batch_size: int, new_tokens: int, meth
         "batch_size": batch_size,
         "new_tokens": new_tokens,
         "prompt_tokens": prompt_tokens[0],
-        "visual_tokens": int((inputs["input_ids"][0] == model.config.image_token_id).sum()),
+        "visual_tokens": int(adapter_for(model).visual_mask(inputs["input_ids"][:1]).sum()),
         "notes": notes,
         "methods": results,
         "ratios": {label: ratios(results[VANILLA], r) for label, r in results.items() if label != VANILLA},

@@ -47,9 +47,17 @@ class ModelSpec:
     """CLIP-L's width: the projector's input dimension."""
     vision_layers: int = 1
     note: str = ""
+    family: str = "llava"
+    """"llava", or a Qwen-VL family ("qwen2.5-vl", "qwen3-vl") built with its own classes."""
+    grid: tuple[int, int] = (0, 0)
+    """Qwen-VL: the image's patch grid (rows, cols) before the 2 x 2 merge."""
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
 
     @property
     def visual_tokens(self) -> int:
+        if self.family != "llava":
+            return self.grid[0] * self.grid[1] // 4
         return (self.image_size // self.patch_size) ** 2
 
 
@@ -72,6 +80,16 @@ SPECS: dict[str, ModelSpec] = {
                 "NeXT's 672x672 anyres image gives 2880 features (+48 newline tokens = 2928); a square grid "
                 "cannot give 2880, and 2916 lies between the two"
             ),
+        ),
+        ModelSpec(
+            "qwen2.5-vl-7b", 3584, 28, 28, 4, 18944, 152064, image_size=0, vision_hidden=1280, family="qwen2.5-vl",
+            grid=(56, 76), rope_theta=1e6,
+            note="Qwen2.5-VL-7B-Instruct's decoder; a 784x1064 image: 56x76 patches of 14, merged 2x2 to 1064 tokens",
+        ),
+        ModelSpec(
+            "qwen3-vl-8b", 4096, 36, 32, 8, 12288, 151936, image_size=0, patch_size=16, vision_hidden=1152,
+            family="qwen3-vl", grid=(48, 88), head_dim=128, rope_theta=5e6,
+            note="Qwen3-VL-8B-Instruct's decoder; a 768x1408 image: 48x88 patches of 16, merged 2x2 to 1056 tokens",
         ),
         ModelSpec(
             "tiny",
@@ -133,6 +151,48 @@ def llava_config(spec: ModelSpec) -> LlavaConfig:
     )
 
 
+QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def mrope_sections(real: list[int], head_dim: int) -> list[int]:
+    """The real (t, h, w) rotary sections (for head_dim 128) scaled to `head_dim` (smaller test shapes)."""
+    half = head_dim // 2
+    scaled = [x * half // sum(real) for x in real]
+    scaled[-1] += half - sum(scaled)
+    return scaled
+
+
+def qwen_config(spec: ModelSpec):
+    """A Qwen2.5-VL / Qwen3-VL config with the spec's decoder and a one-layer vision tower of the real width."""
+    import transformers as tf
+
+    text = dict(hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_hidden_layers=spec.layers,
+                num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, vocab_size=spec.vocab,
+                max_position_embeddings=32768, pad_token_id=PAD_TOKEN, tie_word_embeddings=False)  # fmt: skip
+    vision = dict(depth=spec.vision_layers, hidden_size=spec.vision_hidden, out_hidden_size=spec.hidden,
+                  num_heads=16 if spec.vision_hidden >= 1024 else 2, patch_size=spec.patch_size, spatial_merge_size=2,
+                  temporal_patch_size=2)  # fmt: skip
+    if spec.family == "qwen2.5-vl":
+        sections = mrope_sections([16, 24, 24], spec.hidden // spec.heads)
+        rope = {"rope_type": "default", "rope_theta": spec.rope_theta, "mrope_section": sections}
+        return tf.Qwen2_5_VLConfig(text_config=dict(**text, rope_parameters=rope),
+                                   vision_config=dict(**vision, intermediate_size=3420, fullatt_block_indexes=[0]),
+                                   **QWEN_IDS)  # fmt: skip
+    rope = {"rope_type": "default", "rope_theta": spec.rope_theta, "mrope_section": mrope_sections([24, 20, 20],
+            spec.head_dim or spec.hidden // spec.heads),
+            "mrope_interleaved": True}  # fmt: skip
+    return tf.Qwen3VLConfig(text_config=dict(**text, head_dim=spec.head_dim, rope_parameters=rope),
+                            vision_config=dict(**vision, intermediate_size=4304, deepstack_visual_indexes=[0]),
+                            **QWEN_IDS)  # fmt: skip
+
+
+def model_class(spec: ModelSpec):
+    import transformers as tf
+
+    return {"llava": LlavaForConditionalGeneration, "qwen2.5-vl": tf.Qwen2_5_VLForConditionalGeneration,
+            "qwen3-vl": tf.Qwen3VLForConditionalGeneration}[spec.family]  # fmt: skip
+
+
 def build_model(
     spec: ModelSpec, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", attn: str = "sdpa"
 ) -> LlavaForConditionalGeneration:
@@ -143,7 +203,8 @@ def build_model(
     `init_empty_weights` leaves them alone, and keep their own dtype.
     """
     with init_empty_weights(include_buffers=False):
-        model = LlavaForConditionalGeneration(llava_config(spec))
+        model = model_class(spec)(llava_config(spec) if spec.family == "llava" else qwen_config(spec))
+    model.bench_grid = spec.grid  # the Qwen-VL image grid bench_inputs builds
     materialize(model, dtype, torch.device(device))
     fill_random(model)
     return prepare(model, attn)
@@ -256,6 +317,8 @@ def bench_inputs(
     costs the same and tokens per second is well defined."""
     config = model.config
     generator = torch.Generator().manual_seed(seed)
+    if getattr(config, "video_token_id", None) is not None:
+        return qwen_bench_inputs(model, batch_size, text_before, text_after, generator)
     vocab = config.text_config.vocab_size
     image_token = config.image_token_id
     low = 1
@@ -270,4 +333,27 @@ def bench_inputs(
         "input_ids": input_ids.to(device),
         "attention_mask": torch.ones_like(input_ids, device=device),
         "pixel_values": pixel_values,
+    }
+
+
+def qwen_bench_inputs(model, batch_size: int, text_before: int, text_after: int, generator) -> dict[str, torch.Tensor]:
+    """The same prompt layout for Qwen-VL: text, <vision_start>, the merged image tokens, <vision_end>, text,
+    with flattened patches, the image grid and the token types M-RoPE needs."""
+    config = model.config
+    rows, cols = model.bench_grid
+    vision = config.vision_config
+    visual = rows * cols // vision.spatial_merge_size**2
+    text = torch.randint(1, config.vision_start_token_id, (batch_size, text_before + text_after), generator=generator)
+    image = torch.tensor([config.vision_start_token_id, *[config.image_token_id] * visual, config.vision_end_token_id])
+    input_ids = torch.cat([text[:, :text_before], image.expand(batch_size, -1), text[:, text_before:]], dim=1)
+    types = (input_ids == config.image_token_id).long()
+    per_patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    device, dtype = model.device, model.dtype
+    pixels = torch.randn(batch_size * rows * cols, per_patch, generator=generator).to(device, dtype)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids, device=device),
+        "mm_token_type_ids": types.to(device),
+        "pixel_values": pixels,
+        "image_grid_thw": torch.tensor([[1, rows, cols]] * batch_size, device=device),
     }
