@@ -216,10 +216,13 @@ def meta(config: BenchConfig, model, shape, source: dict, device: torch.device, 
         )
     if not config.model_dir:
         vision = model.config.vision_config
+        depth = getattr(vision, "num_hidden_layers", None) or vision.depth
+        kind, real = ("CLIP", "LLaVA's: 24 of width 1024") if hasattr(vision, "num_hidden_layers") else (
+            "ViT", "the real tower has 32 (Qwen2.5-VL) or 27 (Qwen3-VL)")  # fmt: skip
         notes.append(
-            f"random weights; vision tower: {vision.num_hidden_layers} CLIP layer(s) of width {vision.hidden_size} "
-            "(LLaVA's: 24 of width 1024), projector at the model's shape; its cost is paid alike by every method, "
-            "so measured speed-ups are slightly conservative"
+            f"random weights; vision tower: {depth} {kind} layer(s) of width {vision.hidden_size} ({real}), "
+            "projector at the model's shape; its cost is paid alike by every method, so measured speed-ups are "
+            "slightly conservative"
         )
     if source.get("note"):
         notes.append(source["note"])
