@@ -49,7 +49,12 @@ def stage_layers(trace: Trace, sample: int = 0, most: int = 8) -> list[int]:
 
 
 def plot_kept_patches(
-    image: Image.Image, trace: Trace, image_columns: torch.Tensor, path: str, sample: int = 0, title: str = "",
+    image: Image.Image,
+    trace: Trace,
+    image_columns: torch.Tensor,
+    path: str,
+    sample: int = 0,
+    title: str = "",
     grid=None,
 ) -> list[int]:
     """Write a PNG: the image once per stage, dropped patches dimmed; return the layers drawn."""
@@ -59,9 +64,7 @@ def plot_kept_patches(
     for ax, layer in zip(axes[0], layers):
         kept = kept_grid(trace, image_columns, layer, sample, grid).numpy()
         block = (math.ceil(pixels.shape[0] / kept.shape[0]), math.ceil(pixels.shape[1] / kept.shape[1]))
-        cell = np.kron(kept, np.ones(block))[
-            : pixels.shape[0], : pixels.shape[1]
-        ]
+        cell = np.kron(kept, np.ones(block))[: pixels.shape[0], : pixels.shape[1]]
         shown = pixels * (0.2 + 0.8 * cell[..., None])
         ax.imshow(shown)
         ax.set_title(f"layer {layer}: {int(kept.sum())}/{kept.size}", fontsize=9)

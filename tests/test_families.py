@@ -70,8 +70,12 @@ FAMILIES = {
         llava_single,
     ),
     **{
-        name: Family(lambda attn, name=name: tiny_qwen_vl(name, layers=6, attn=attn),
-                     lambda m: tiny_qwen_inputs(m, QWEN_BATCH), qwen_single, QWEN_REFUSED)  # fmt: skip
+        name: Family(
+            lambda attn, name=name: tiny_qwen_vl(name, layers=6, attn=attn),
+            lambda m: tiny_qwen_inputs(m, QWEN_BATCH),
+            qwen_single,
+            QWEN_REFUSED,
+        )  # fmt: skip
         for name in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
     },
 }
