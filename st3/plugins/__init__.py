@@ -1,0 +1,1 @@
+"""Integrations of st3 with other tools (each an optional extra; nothing here is imported by `import st3`)."""

@@ -1,0 +1,363 @@
+"""lmms-eval plugin: every st3 method on lmms-eval's own model classes, registered by entry point (no fork).
+
+    pip install "st3[lmms]"     # see docs/lmms-eval.md for a clean install (torchvision must not be importable)
+    lmms-eval --model st3_llava_hf --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=st3,ratio=0.3 --tasks mme
+
+lmms-eval (>= 0.7) loads the manifests of the entry-point group `lmms_eval.models` (see pyproject.toml); each
+`st3_<id>` model is lmms-eval's class `<id>` with `St3Model` in front of it, built on first use, so adding a
+family is one row of `FAMILIES`. Model arguments, besides the wrapped class's own:
+
+- `method=NAME` (default `st3`; `none` runs unpruned), any registered method (`st3.methods()`);
+- every knob of that method by name (`ratio=0.3`, `query=text`, ...), validated by the method itself;
+- `budget=0.33`: the share of the image's visual tokens kept per layer on average, matched exactly as
+  `st3 eval --budget` matches it (layer knobs scaled to the model's depth, then `st3.match`);
+- `figures=PATH`: where to write the run's st3 figures (a `.json` file, or a directory to write into).
+
+Bad arguments (unknown method, unknown or invalid knob) raise a ValueError before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import st3
+
+#: lmms-eval model id -> (its class, whether st3's batched HF generate replaces its `generate_until`).
+#: Adding a family whose st3 adapter exists is one row here.
+FAMILIES: dict[str, tuple[str, bool]] = {
+    "llava_hf": ("lmms_eval.models.simple.llava_hf.LlavaHf", True),
+}
+PLUGIN_ARGS = ("method", "budget", "figures")
+IMAGE_TOKEN = "<image>"
+
+
+def class_name(model_id: str) -> str:
+    """`llava_hf` -> `St3LlavaHf`, the attribute of this module that lmms-eval imports."""
+    return "St3" + "".join(part.capitalize() for part in model_id.split("_"))
+
+
+def manifests() -> list:
+    """The entry-point payload: one `ModelManifest` per wrapped family (`st3_<id>`)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [
+        ModelManifest(model_id=f"st3_{model_id}", simple_class_path=f"{__name__}.{class_name(model_id)}")
+        for model_id in FAMILIES
+    ]
+
+
+def __getattr__(name: str):
+    """Build `St3<Family>` on first access: lmms-eval's class with `St3Model` (and batching) in front."""
+    for model_id, (path, batched) in FAMILIES.items():
+        if name == class_name(model_id):
+            module, _, base_name = path.rpartition(".")
+            base = getattr(importlib.import_module(module), base_name)
+            bases = (St3Model, BatchedHF, base) if batched else (St3Model, base)
+            cls = type(name, bases, {"__module__": __name__, "family": model_id, "__doc__": St3Model.__doc__})
+            globals()[name] = cls
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------------------------------- figures
+@dataclass
+class Figures:
+    """Totals over every forward call of a run, summed from each call's `Trace.summary()`."""
+
+    samples: int = 0
+    calls: int = 0
+    visual_sum: float = 0.0
+    visual_per_layer_sum: list[float] = field(default_factory=list)
+    prompt_visual: int = 0
+    flops: dict[str, int] = field(default_factory=dict)
+    kv_bytes: int = 0
+    kv_bytes_unpruned: int = 0
+    notes: set[str] = field(default_factory=set)
+    wall_seconds: float = 0.0
+    requests: int = 0
+
+    def add(self, summary: dict) -> None:
+        batch = summary["batch_size"]
+        self.samples += batch
+        self.calls += 1
+        self.visual_sum += summary["mean_visual_per_layer"] * batch
+        layers = [v * batch for v in summary["visual_per_layer"]]
+        if not self.visual_per_layer_sum:
+            self.visual_per_layer_sum = [0.0] * len(layers)
+        self.visual_per_layer_sum = [a + b for a, b in zip(self.visual_per_layer_sum, layers)]
+        self.prompt_visual += sum(summary["visual_tokens"])
+        for key, value in summary["flops"].items():
+            self.flops[key] = self.flops.get(key, 0) + value
+        self.kv_bytes += summary["kv_bytes"]
+        self.kv_bytes_unpruned += summary["kv_bytes_unpruned"]
+        if summary["note"]:
+            self.notes.add(summary["note"])
+
+    def digest(self) -> dict:
+        def ratio(a: str, b: str) -> float:
+            return self.flops[a] / self.flops[b] if self.flops.get(b) else 1.0
+
+        n = max(self.samples, 1)
+        return {
+            "requests": self.requests,
+            "forward_calls": self.calls,
+            "samples": self.samples,
+            "visual_tokens_per_sample": self.prompt_visual / n,
+            "mean_visual_per_layer": self.visual_sum / n,
+            "visual_per_layer": [v / n for v in self.visual_per_layer_sum],
+            "prefill_flops_ratio": ratio("prefill", "prefill_unpruned"),
+            "total_flops_ratio": ratio("total", "total_unpruned"),
+            "kv_ratio": self.kv_bytes / self.kv_bytes_unpruned if self.kv_bytes_unpruned else 1.0,
+            "flops": dict(self.flops),
+            "wall_seconds": self.wall_seconds,
+            "notes": sorted(self.notes),
+        }
+
+
+# --------------------------------------------------------------------------------------------- model
+def split_args(method: str, kwargs: dict, base_params: set[str], family: str) -> tuple[st3.Method | None, dict, dict]:
+    """(method built from its knobs, those knobs, the wrapped class's own arguments), or a ValueError that says
+    what is wrong."""
+    if method.lower() == "none":
+        knobs = {k: v for k, v in kwargs.items() if k not in base_params}
+        if knobs:
+            raise ValueError(f"st3_{family}: method=none takes no knobs, got {sorted(knobs)}")
+        return None, {}, kwargs
+    if method.lower() not in st3.methods():
+        raise ValueError(f"st3_{family}: unknown method {method!r}; available: {', '.join(st3.methods())}, none")
+    valid = set(st3.get(method).knobs())
+    knobs = {k: v for k, v in kwargs.items() if k not in base_params}
+    unknown = sorted(set(knobs) - valid)
+    if unknown:
+        raise ValueError(
+            f"st3_{family}: unknown model_args {unknown}: not knobs of {method} ({', '.join(sorted(valid))}) "
+            f"nor arguments of {family} ({', '.join(sorted(base_params))}) nor st3's ({', '.join(PLUGIN_ARGS)})"
+        )
+    try:
+        built = st3.get(method, **knobs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"st3_{family}: method={method}: {error}") from None
+    return built, knobs, {k: v for k, v in kwargs.items() if k in base_params}
+
+
+class St3Model:
+    """An lmms-eval model with an st3 method applied to every request (model_args: see st3.plugins.lmms_eval)."""
+
+    family: str = "?"
+
+    def __init__(self, method: str = "st3", budget: float | None = None, figures: str | None = None, **kwargs):
+        base = next(c for c in type(self).__mro__[1:] if c not in (St3Model, BatchedHF))
+        base_params = {p for p in inspect.signature(base.__init__).parameters if p not in ("self", "kwargs")}
+        self.st3_method, knobs, base_kwargs = split_args(str(method), kwargs, base_params, self.family)
+        if budget is not None:
+            budget = float(budget)
+            if self.st3_method is None or not 0.0 < budget <= 1.0:
+                raise ValueError(f"st3_{self.family}: budget must be in (0, 1] and needs a method, got {budget}")
+        if "device" in base_params and "device" not in base_kwargs:
+            base_kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        super().__init__(**base_kwargs)
+        self.st3_budget, self.st3_figures_path = budget, figures
+        if budget is not None:
+            self.st3_method = matched(self.st3_method.name, knobs, budget, self.model)
+        if self.st3_method is not None:
+            self.st3_method(self.model)  # checks the model family and the method's depth now, not mid-run
+        self.st3_figures = Figures()
+
+    @contextmanager
+    def _st3_applied(self, requests: int):
+        """Apply the method around one batch of requests; add every forward call's trace to the figures."""
+        start, last = time.perf_counter(), []
+
+        def collect(module, args, output) -> None:
+            trace = self.st3_method.trace
+            if not last or last[0] is not trace:
+                if last:
+                    self.st3_figures.add(last[0].summary())
+                last[:] = [trace]
+
+        try:
+            if self.st3_method is None:
+                yield
+            else:
+                hook = self.model.register_forward_hook(collect)
+                try:
+                    with self.st3_method(self.model):
+                        yield
+                finally:
+                    hook.remove()
+                    if last:
+                        self.st3_figures.add(last[0].summary())
+        finally:
+            self.st3_figures.wall_seconds += time.perf_counter() - start
+            self.st3_figures.requests += requests
+            self.write_figures()
+
+    def generate_until(self, requests):
+        with self._st3_applied(len(requests)):
+            return super().generate_until(requests)
+
+    def loglikelihood(self, requests):
+        with self._st3_applied(len(requests)):
+            return super().loglikelihood(requests)
+
+    def st3_report(self) -> dict:
+        """The run's figures: method and knobs, visual tokens per layer, FLOPs and KV ratios, wall time."""
+        method = self.st3_method
+        return {
+            "model": f"st3_{self.family}",
+            "pretrained": getattr(self, "pretrained", None),
+            "method": "none" if method is None else method.name,
+            "knobs": {} if method is None else {k: v for k, v in method.knobs().items()},
+            "budget": self.st3_budget,
+            "rank": getattr(self, "rank", 0),
+            "st3_version": st3.__version__,
+            **self.st3_figures.digest(),
+        }
+
+    def write_figures(self) -> Path | None:
+        """Write the figures as JSON to `figures=` (a directory gets `st3_figures.json`; rank r > 0 a suffix)."""
+        if not self.st3_figures_path:
+            return None
+        path = Path(self.st3_figures_path)
+        if path.is_dir() or path.suffix != ".json":
+            path = path / "st3_figures.json"
+        rank = getattr(self, "rank", 0)
+        if rank:
+            path = path.with_name(f"{path.stem}.rank{rank}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.st3_report(), indent=2, default=str))
+        return path
+
+
+def matched(name: str, knobs: dict, budget: float, model) -> st3.Method | None:
+    """Method `name` with `knobs` at `budget` (share of visual tokens per layer), configured exactly as
+    `st3 eval --budget` does (None at a budget of 1: unpruned, as there)."""
+    from st3.adapters import adapter_for
+    from st3.evaluation import configure
+
+    given = [f"{k}={v!r}" for k, v in knobs.items()]
+    if any("," in item for item in given):
+        raise ValueError(f"budget=: knobs with commas cannot be combined with a budget: {given}")
+    shape = adapter_for(model).shape
+    visual = int(getattr(model.config, "image_seq_length", 576))
+    try:
+        return configure(":".join([name, ",".join(given)]), budget, shape.num_layers, visual, 60, shape)
+    except ValueError as error:
+        raise ValueError(f"budget={budget}: {error}") from None
+
+
+# ------------------------------------------------------------------------------- batched HF generate
+class BatchedHF:
+    """`generate_until` and `loglikelihood` for models with a Hugging Face processor, in left-padded batches.
+
+    lmms-eval's `llava_hf` answers one request at a time and renders prompts through the tokenizer's chat
+    template with the image as text; this renders the processor's chat template with the images as content
+    (what the model was trained on) and batches up to `batch_size` requests with the same generation
+    arguments. Errors propagate: an answer st3 cannot compute is refused, never scored as empty.
+    """
+
+    def _prompt(self, context: str, images: int) -> str:
+        processor = self._image_processor
+        template = self.chat_template or getattr(processor, "chat_template", None)
+        if template is None:
+            raise ValueError(f"st3_{self.family}: the processor has no chat template; pass chat_template=...")
+        text = context.replace(IMAGE_TOKEN, "").strip()
+        content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
+        return processor.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+
+    def _inputs(self, texts: list[str], images: list):
+        kwargs = {"images": images} if images else {}
+        inputs = self._image_processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+        return inputs.to(self.device, self.model.dtype)
+
+    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+        visuals = [v for v in (visuals or []) if v is not None]
+        if any(isinstance(v, str) for v in visuals):
+            raise NotImplementedError(f"st3_{self.family}: video requests are not supported; use images")
+        return [v.convert("RGB") for v in visuals]
+
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
+        results: list[str | None] = [None] * len(requests)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                for i, text in zip(chunk, self._generate([requests[i].args for i in chunk])):
+                    results[i] = text
+        return results
+
+    def _generate(self, batch: list[tuple]) -> list[str]:
+        gen = dict(batch[0][1])
+        until = gen.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        texts, images = [], []
+        for context, _, doc_to_visual, doc_id, task, split in batch:
+            visuals = self._visuals(doc_to_visual, task, split, doc_id)
+            texts.append(self._prompt(context, len(visuals)))
+            images.extend(visuals)
+        inputs = self._inputs(texts, images)
+        temperature = float(gen.get("temperature", 0) or 0)
+        sample = bool(gen.get("do_sample", temperature > 0))
+        options = {"temperature": temperature, "top_p": gen.get("top_p")} if sample else {}
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        out = self.model.generate(
+            **inputs,
+            max_new_tokens=int(gen.get("max_new_tokens", 1024)),
+            do_sample=sample,
+            num_beams=int(gen.get("num_beams", 1) or 1),
+            use_cache=True,
+            pad_token_id=pad,
+            eos_token_id=self.eot_token_id,
+            **options,
+        )
+        decoded = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers = []
+        for text in decoded:
+            for stop in until:
+                if stop:
+                    text = text.split(stop)[0]
+            answers.append(text)
+        return answers
+
+    @torch.no_grad()
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """(log-probability of the continuation, whether greedy decoding would produce it), one request a time.
+
+        Pruning shortens the sequence the model returns logits for, but never removes text: the continuation
+        and the token before it are the last rows, so their logits are read from the end.
+        """
+        results = []
+        for context, doc_to_target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
+            doc = self.task_dict[task][split][doc_id]
+            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+            visuals = self._visuals(doc_to_visual, task, split, doc_id)
+            prompt = self._prompt(context, len(visuals))
+            context_ids = self._inputs([prompt], visuals)["input_ids"]
+            inputs = self._inputs([prompt + continuation], visuals)
+            ids = inputs["input_ids"]
+            n = ids.shape[1] - context_ids.shape[1]
+            if n <= 0 or not torch.equal(ids[0, : context_ids.shape[1]], context_ids[0]):
+                raise ValueError(
+                    f"st3_{self.family}: the continuation {continuation!r} does not tokenize as a suffix of its "
+                    "context; its log-likelihood would not be that of the continuation alone"
+                )
+            logits = self.model(**inputs).logits[0, -n - 1 : -1].float()
+            target = ids[0, -n:].to(logits.device)
+            logprob = torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum()
+            results.append((float(logprob), bool((logits.argmax(-1) == target).all())))
+        return results
