@@ -161,8 +161,12 @@ class St3Model:
             budget = float(budget)
             if self.st3_method is None or not 0.0 < budget <= 1.0:
                 raise ValueError(f"st3_{self.family}: budget must be in (0, 1] and needs a method, got {budget}")
-        if "device" in base_params and "device" not in base_kwargs:
+        if "device" in base_params and base_kwargs.get("device") is None:
             base_kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        if "device_map" in base_params and "device_map" not in base_kwargs and single_process():
+            # llava_hf passes its default device_map="" to from_pretrained, which transformers 5 rejects;
+            # under data parallel (several processes) it picks cuda:<rank> itself
+            base_kwargs["device_map"] = str(base_kwargs["device"])
         super().__init__(**base_kwargs)
         self.st3_budget, self.st3_figures_path = budget, figures
         if budget is not None:
@@ -235,6 +239,12 @@ class St3Model:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.st3_report(), indent=2, default=str))
         return path
+
+
+def single_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().num_processes == 1
 
 
 def matched(name: str, knobs: dict, budget: float, model) -> st3.Method | None:
