@@ -223,8 +223,15 @@ class St3Model:
             "budget": self.st3_budget,
             "rank": getattr(self, "rank", 0),
             "st3_version": st3.__version__,
-            **self.st3_figures.digest(),
+            **self._digest(),
         }
+
+    def _digest(self) -> dict:
+        digest = self.st3_figures.digest()
+        if self.st3_method is None:  # no trace when nothing is applied: only the counts of the run are known
+            keep = ("requests", "wall_seconds", "notes")
+            digest = {k: (v if k in keep else None) for k, v in digest.items()}
+        return digest
 
     def write_figures(self) -> Path | None:
         """Write the figures as JSON to `figures=` (a directory gets `st3_figures.json`; rank r > 0 a suffix)."""
