@@ -9,7 +9,28 @@ print(method.trace.summary())
 
 from st3.adapters import supported_models
 from st3.budget import match
-from st3.methods import ST3, VTW, FastV, Method, PyramidDrop, Random, Uniform, VisionZip, get, methods, register
+from st3.methods import (
+    DART,
+    ST3,
+    VTA,
+    VTW,
+    Attention,
+    CDPruner,
+    DivPrune,
+    FastV,
+    Keep,
+    Method,
+    PyramidDrop,
+    Random,
+    RandomPick,
+    Selector,
+    Uniform,
+    UniformPick,
+    VisionZip,
+    get,
+    methods,
+    register,
+)
 from st3.trace import Trace
 
 __all__ = [
@@ -21,6 +42,15 @@ __all__ = [
     "Random",
     "Uniform",
     "Method",
+    "Keep",
+    "Selector",
+    "Attention",
+    "RandomPick",
+    "UniformPick",
+    "DivPrune",
+    "DART",
+    "CDPruner",
+    "VTA",
     "Trace",
     "get",
     "match",

@@ -150,6 +150,7 @@ def evaluate(
     qa: int = typer.Option(200, help="One-word questions per method and budget."),
     captions: int = typer.Option(50, help="Captions per method and budget."),
     batch_size: int = typer.Option(16),
+    first: int = typer.Option(0, help="Index of the split's first example (a held-out range of seeds)."),
     json_out: str = typer.Option("", "--json", help="Write the rows as JSON to this path."),
     plot: str = typer.Option("", help="Write a PNG of accuracy vs prefill FLOPs to this path."),
 ) -> None:
@@ -158,7 +159,7 @@ def evaluate(
     from st3.evaluation import print_table, write_json, write_plot
 
     try:
-        result = run(model_dir, split, tuple(method), tuple(budget), qa, captions, batch_size)
+        result = run(model_dir, split, tuple(method), tuple(budget), qa, captions, batch_size, first)
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from None
     print_table(result)

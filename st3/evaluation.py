@@ -53,9 +53,12 @@ def depth_scaled(name: str, num_layers: int) -> dict:
     def scale(layer: int) -> int:
         return max(1, round(layer * num_layers / 32))
 
-    if name == "st3":
+    schedule = st3.get(name)
+    if isinstance(schedule, st3.ST3):
         return {"start_layer": scale(2), "stride": scale(3)}
-    if name in ("fastv", "random", "uniform"):
+    if isinstance(schedule, (st3.FastV, st3.Random, st3.Uniform)) or (
+        isinstance(schedule, st3.Keep) and schedule.layer
+    ):
         return {"layer": scale(2)}
     return {}
 
@@ -115,8 +118,11 @@ def evaluate(
     qa: int = 200,
     captions: int = 50,
     batch_size: int = 16,
+    first: int = 0,
 ) -> dict:
-    """Run every method at every budget on both tasks; return the rows and the settings."""
+    """Run every method at every budget on both tasks; return the rows and the settings.
+
+    `first`: index of the split's first example used (a held-out range: report on rows never tuned on)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     if split not in SPLITS:
@@ -140,8 +146,8 @@ def evaluate(
     processor = AutoProcessor.from_pretrained(model_dir)
     shape = adapter_for(model).shape
     tasks = {
-        "qa": [example(split, i, "qa") for i in range(qa)],
-        "caption": [example(split, i, "caption") for i in range(captions)],
+        "qa": [example(split, first + i, "qa") for i in range(qa)],
+        "caption": [example(split, first + i, "caption") for i in range(captions)],
     }
     tasks = {task: examples for task, examples in tasks.items() if examples}
     visual = model.config.image_seq_length
@@ -185,6 +191,7 @@ def evaluate(
     return {
         "model": model_dir,
         "split": split,
+        "first": first,
         "visual_tokens": visual,
         "text_tokens": text,
         "num_layers": shape.num_layers,

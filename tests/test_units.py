@@ -6,7 +6,7 @@ import torch
 
 from st3.accounting import Shape, decode_flops, prefill_flops
 from st3.engine.cache import PrunableLayer, gather, pack_index
-from st3.engine.scoring import top_k_mask
+from st3.methods.selectors import top_k_mask
 
 
 def test_pack_index_keeps_order_and_left_pads():

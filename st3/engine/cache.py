@@ -58,6 +58,7 @@ class PrunableLayer(DynamicLayer):
         self.visual: torch.Tensor | None = None  # [B, S] True for visual tokens
         self.visual_after_prefill: torch.Tensor | None = None  # [B] visual slots held when prefill ended
         self.padded = False  # whether any slot is padding; kept on the host so masks need no device sync
+        self.received: torch.Tensor | None = None  # [B, S] attention summed over decode steps (if a rule reads it)
 
     # ------------------------------------------------------------------------------------ bookkeeping
     def record(self, columns: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> None:
@@ -69,6 +70,8 @@ class PrunableLayer(DynamicLayer):
             self.columns = torch.cat([self.columns, columns], dim=-1)
             self.valid = torch.cat([self.valid, valid], dim=-1)
             self.visual = torch.cat([self.visual, visual], dim=-1)
+            if self.received is not None:
+                self.received = torch.cat([self.received, self.received.new_zeros(visual.shape)], dim=-1)
 
     @property
     def visual_held(self) -> torch.Tensor:
@@ -83,11 +86,13 @@ class PrunableLayer(DynamicLayer):
         self.columns = gather(self.columns, index, dim=1)
         self.valid = gather(self.valid, index, dim=1) & valid
         self.visual = gather(self.visual, index, dim=1)
+        if self.received is not None:
+            self.received = gather(self.received, index, dim=1)
         self.padded = not bool(self.valid.all())
 
     # ----------------------------------------------------------------- batch operations of generate()
     def _batch(self, fn) -> None:
-        for name in ("columns", "valid", "visual", "visual_after_prefill"):
+        for name in ("columns", "valid", "visual", "visual_after_prefill", "received"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, fn(value))

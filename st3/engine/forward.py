@@ -21,6 +21,7 @@ from st3.compat import DynamicCache, DynamicLayer
 from st3.engine.cache import PrunableLayer, gather, pack_index
 from st3.engine.scoring import attention_received
 from st3.methods.base import Method
+from st3.methods.selectors import View
 from st3.trace import Trace
 
 _UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
@@ -165,8 +166,7 @@ class Engine:
             held = rows.visual.sum(-1)
             keep = self.method.prefill_keep(index, self.num_layers, held)
             if keep is not None and bool((keep < held).any()):
-                scores = self._prefill_scores(index, rows, previous, cache) if self.method.needs_scores else None
-                rows = rows.without_visual(self.method.select(scores, rows.visual, keep, patch_index(rows.visual)))
+                rows = rows.without_visual(self.method.choose(self._prefill_view(index, rows, previous, cache, keep)))
             previous = rows.hidden
             rows.hidden = self._layer(index, rows.hidden, rows.valid, rows.cos, rows.sin, cache, kwargs)
             rows.hidden = self.adapter.after_layer(index, rows.hidden, rows.extra)
@@ -174,6 +174,8 @@ class Engine:
             layer.record(rows.columns, rows.valid, rows.visual)
             layer.visual_after_prefill = layer.visual_held
             layer.next_column, layer.steps = length, 0
+            if self._accumulates:
+                layer.received = torch.zeros(layer.valid.shape, device=device)
             trace.log_prefill_layer(rows.columns, rows.valid, rows.visual)
         self._measure_kv(cache)
         return rows.hidden
@@ -238,11 +240,29 @@ class Engine:
         self.method._trace = self.trace
         return self.trace
 
-    def _query_rows(self, columns, valid, visual) -> torch.Tensor:
+    @property
+    def _accumulates(self) -> bool:
+        """Whether each decode step's attention is summed into the cache (for eviction rules that read it)."""
+        annealing = self.method.annealing
+        return annealing is not None and annealing.accumulates
+
+    def _prefill_view(self, index: int, rows: Rows, previous: torch.Tensor, cache, keep: torch.Tensor) -> View:
+        """What a selector may read entering layer `index` (each part computed only if read)."""
+        return View(
+            layer=index,
+            candidates=rows.visual,
+            keep=keep,
+            patches=patch_index(rows.visual),
+            attention=lambda query: self._prefill_scores(index, rows, previous, cache, query),
+            hidden=lambda: rows.hidden,
+            keys=lambda: self.adapter.project_keys(index, rows.hidden, rows.cos, rows.sin),
+            text=lambda: self._query_rows(rows.columns, rows.valid, rows.visual, "text"),
+        )
+
+    def _query_rows(self, columns, valid, visual, mode: str) -> torch.Tensor:
         """BoolTensor [B, S]: the rows whose attention ranks the visual tokens."""
         last = torch.zeros_like(valid)
         last[:, -1] = True
-        mode = self.method.query_rows
         if mode == "last":
             return last
         if mode == "all":
@@ -251,7 +271,7 @@ class Engine:
         text = valid & ~visual & (columns > image_end)
         return torch.where(text.any(-1, keepdim=True), text, last)
 
-    def _prefill_scores(self, index: int, rows: Rows, previous: torch.Tensor, cache) -> torch.Tensor:
+    def _prefill_scores(self, index: int, rows: Rows, previous: torch.Tensor, cache, query: str) -> torch.Tensor:
         """Attention each current row received at layer index - 1 (at layer 0: its own attention).
 
         `previous` holds the rows' inputs to layer index - 1: nothing was removed since that layer ran.
@@ -259,7 +279,7 @@ class Engine:
         scored = max(index - 1, 0)
         project_keys = self.adapter.project_keys
         keys = cache.layers[scored].keys if index > 0 else project_keys(0, rows.hidden, rows.cos, rows.sin)
-        picked, picked_valid = pack_index(self._query_rows(rows.columns, rows.valid, rows.visual))
+        picked, picked_valid = pack_index(self._query_rows(rows.columns, rows.valid, rows.visual, query))
         queries = self.adapter.project_queries(
             scored, gather(previous, picked, 1), gather(rows.cos, picked, 1), gather(rows.sin, picked, 1)
         )
@@ -301,27 +321,51 @@ class Engine:
             keys.append(layer.valid.sum(-1))
             if self.method.record_positions:
                 positions.append([c[m] for c, m in zip(layer.columns, layer.valid & layer.visual)])
+            current = None
+            if self._accumulates:
+                current = self._current_attention(index, layer, layer_input, cos, sin)
+                layer.received = layer.received + current
             budget = self.method.decode_budget(index, step + 1, layer.visual_after_prefill)
             if budget is not None and bool((layer.visual_held > budget).any()):
-                self._evict(index, layer, layer_input, cos, sin, budget)
+                self._evict(index, layer, layer_input, cos, sin, budget, current)
         self.trace.log_decode_step(torch.stack(counts), torch.stack(keys))
         if self.method.record_positions:
             self.trace.decode_visual_positions.append(positions)
         self._measure_kv(cache)
         return hidden
 
-    def _evict(self, index: int, layer: PrunableLayer, layer_input, cos, sin, budget: torch.Tensor) -> None:
-        """Drop from `layer`'s cache the visual entries beyond `budget`, ranked by the current token."""
+    def _current_attention(self, index: int, layer: PrunableLayer, layer_input, cos, sin) -> torch.Tensor:
+        """Attention [B, S] the token being written gives each slot of `layer` (its own included)."""
+        queries = self.adapter.project_queries(index, layer_input, cos, sin)
+        row = torch.ones(layer.valid.shape[0], 1, device=layer.valid.device)
+        return attention_received(
+            queries, layer.keys, self.adapter.attention_scaling(index), layer.valid[:, None, :], row
+        )
+
+    def _evict(
+        self, index: int, layer: PrunableLayer, layer_input, cos, sin, budget: torch.Tensor, current=None
+    ) -> None:
+        """Drop from `layer`'s cache the visual entries beyond `budget`, chosen by the method's eviction rule."""
         candidates = layer.valid & layer.visual
-        scores = None
-        if self.method.needs_scores:
-            queries = self.adapter.project_queries(index, layer_input, cos, sin)
-            row = torch.ones(layer.valid.shape[0], 1, device=layer.valid.device)
-            scores = attention_received(
-                queries, layer.keys, self.adapter.attention_scaling(index), layer.valid[:, None, :], row
-            )
-        selected = self.method.select(scores, candidates, budget, patch_index(candidates))
-        layer.keep((layer.valid & ~layer.visual) | selected)
+        memo = {} if current is None else {"current": current}
+
+        def attention(query: str) -> torch.Tensor:
+            if "current" not in memo:
+                memo["current"] = self._current_attention(index, layer, layer_input, cos, sin)
+            return memo["current"]
+
+        view = View(
+            layer=index,
+            candidates=candidates,
+            keep=budget,
+            patches=patch_index(candidates),
+            attention=attention,
+            hidden=lambda: None,
+            keys=lambda: layer.keys,
+            received=layer.received,
+            decoding=True,
+        )
+        layer.keep((layer.valid & ~layer.visual) | self.method.evict(view))
 
     def _measure_kv(self, cache: DynamicCache) -> None:
         size = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)

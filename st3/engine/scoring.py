@@ -38,11 +38,3 @@ def attention_received(
     weights = row_weight.float() / row_weight.float().sum(-1, keepdim=True).clamp(min=1e-9)
     return torch.einsum("bkgrs,br->bs", probs, weights) / (kv_heads * groups)
 
-
-def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """BoolTensor [B, S]: the k[b] highest-scoring candidates of each row (ties broken by position)."""
-    masked = scores.masked_fill(~candidates, float("-inf"))
-    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return candidates & (ranks < k[:, None])

@@ -1,14 +1,28 @@
 """Token-trimming methods: each a validated dataclass, all run by the same engine."""
 
 from st3.methods.base import Method, get, methods, register
+from st3.methods.composed import CDPrunerMethod, DARTMethod, DivPruneMethod, Keep
 from st3.methods.controls import Random, Uniform
 from st3.methods.fastv import FastV
 from st3.methods.pyramiddrop import PyramidDrop
+from st3.methods.selectors import DART, VTA, Attention, CDPruner, DivPrune, RandomPick, Selector, UniformPick
 from st3.methods.st3 import ST3
 from st3.methods.visionzip import VisionZip
 from st3.methods.vtw import VTW
 
 __all__ = [
+    "DART",
+    "VTA",
+    "Attention",
+    "CDPruner",
+    "CDPrunerMethod",
+    "DARTMethod",
+    "DivPrune",
+    "DivPruneMethod",
+    "Keep",
+    "RandomPick",
+    "Selector",
+    "UniformPick",
     "ST3",
     "FastV",
     "Method",

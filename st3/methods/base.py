@@ -2,17 +2,19 @@
 
 The engine owns the mechanics (removing rows and cache entries, masks, positions, scoring); a method only
 decides how many visual tokens each layer keeps, during prefill and during decoding, and which ones.
+A method is a schedule (its own class: where and how many) composed with an optional `selector` (which
+ones, st3.methods.selectors) and an optional decode schedule `decode` (`VTA`, visual token annealing).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 
-from st3.engine.scoring import top_k_mask
+from st3.methods.selectors import QUERY_ROWS, VTA, Selector, View, check, selector, top_k_mask
 
 if TYPE_CHECKING:
     from torch import nn
@@ -20,7 +22,13 @@ if TYPE_CHECKING:
     from st3.engine.session import Session
     from st3.trace import Trace
 
-QUERY_ROWS = ("last", "text", "all")
+__all__ = ["QUERY_ROWS", "Method", "check", "get", "methods", "register", "share"]
+
+
+def share(n: torch.Tensor, kept: float, min_keep: int) -> torch.Tensor:
+    """max(min_keep, ceil(kept * n)), never above n (the epsilon absorbs float error in kept * n)."""
+    k = torch.ceil(kept * n.double() - 1e-9).long()
+    return torch.minimum(k.clamp(min=min_keep), n)
 
 
 @dataclass(kw_only=True)
@@ -37,13 +45,29 @@ class Method:
 
     record_positions: bool = False
     """Also record which visual columns each decode forward attended to, per layer (costs memory)."""
+    selector: Selector | str | None = None
+    """Which visual tokens the schedule keeps (e.g. `st3.DivPrune()`); None: the method's own rule."""
+    decode: VTA | str | None = None
+    """A decode schedule (`st3.VTA(...)` or 'vta'): anneal the visual tokens while generating; None: none."""
 
     _trace: Trace | None = field(default=None, init=False, repr=False, compare=False)
     #: Per sample, the image/frame grids (`st3.adapters.Grid`) of the current prefill, set by the engine for
     #: methods that place tokens spatially (None where the model's adapter gives no layout).
     _layout: list | None = field(default=None, init=False, repr=False, compare=False)
 
+    #: Whether the schedule accepts a `selector` (methods that keep no or merged tokens do not).
+    selectable: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
+        self.selector = selector(self.selector)
+        if isinstance(self.decode, str):
+            check(self.decode.lower() == "vta", "decode", f"must be a VTA or 'vta', got {self.decode!r}")
+            self.decode = VTA()
+        check(
+            self.selector is None or self.selectable,
+            "selector",
+            f"{type(self).__name__} keeps no choice of tokens to make; leave selector unset",
+        )
         self.validate()
 
     # ------------------------------------------------------------------------------- to override
@@ -76,9 +100,28 @@ class Method:
         """
         raise NotImplementedError
 
+    @property
+    def annealing(self) -> VTA | None:
+        """The decode schedule, if any."""
+        return self.decode
+
     def decode_budget(self, layer: int, step: int, visual_after_prefill: torch.Tensor) -> torch.Tensor | None:
         """Visual tokens layer `layer` may hold for decode forward `step` (0-based); None: no limit."""
-        return None
+        return None if self.annealing is None else self.annealing.budget(step, visual_after_prefill)
+
+    def choose(self, view: View) -> torch.Tensor:
+        """Prefill: the candidates of `view` to keep, by the selector, else by the method's own `select`."""
+        if self.selector is not None:
+            return self.selector.select(view)
+        scores = view.attention(self.query_rows) if self.needs_scores else None
+        return self.select(scores, view.candidates, view.keep, view.patches)
+
+    def evict(self, view: View) -> torch.Tensor:
+        """Decode: the cached visual entries to keep, by the decode schedule's eviction rule."""
+        if self.annealing is not None:
+            return self.annealing.select(view)
+        scores = view.attention("current") if self.needs_scores else None
+        return self.select(scores, view.candidates, view.keep, view.patches)
 
     def select(
         self, scores: torch.Tensor | None, candidates: torch.Tensor, keep: torch.Tensor, patches: torch.Tensor
@@ -92,8 +135,14 @@ class Method:
 
     # ----------------------------------------------------------------------------------- the API
     def knobs(self) -> dict:
-        """The method's settings (its constructor arguments), e.g. for JSON."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        """The method's settings (its constructor arguments), e.g. for JSON (a selector or VTA as a dict)."""
+
+        def plain(value):
+            if isinstance(value, (Selector, VTA)):
+                return {"name": getattr(value, "name", "vta"), **asdict(value)}
+            return value
+
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.init}
 
     def __call__(self, model: nn.Module) -> Session:
         """A context manager that applies this method to `model` and restores it on exit."""
@@ -107,12 +156,6 @@ class Method:
         if self._trace is None:
             raise RuntimeError(f"{type(self).__name__} has no trace yet: run the model inside `with method(model):`")
         return self._trace
-
-
-def check(condition: bool, knob: str, message: str) -> None:
-    """Raise a ValueError naming `knob` unless `condition` holds."""
-    if not condition:
-        raise ValueError(f"{knob}: {message}")
 
 
 # ------------------------------------------------------------------------------------------ registry

@@ -14,8 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from st3.methods.base import Method, check, register
-from st3.methods.st3 import keep_fraction
+from st3.methods.base import Method, check, register, share
 
 
 @register("fastv")
@@ -45,4 +44,4 @@ class FastV(Method):
         return self.query
 
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
-        return keep_fraction(visual, self.ratio, 0) if layer == self.layer else None
+        return share(visual, 1.0 - self.ratio, 0) if layer == self.layer else None

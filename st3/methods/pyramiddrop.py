@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from st3.methods.base import Method, check, register
+from st3.methods.base import Method, check, register, share
 
 
 @register("pyramiddrop")
@@ -53,4 +53,4 @@ class PyramidDrop(Method):
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
         if layer not in self.boundaries(num_layers):
             return None
-        return torch.ceil(visual.double() * self.keep - 1e-9).long().clamp(max=visual) if self.keep < 1 else visual
+        return share(visual, self.keep, 0)

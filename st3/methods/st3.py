@@ -16,36 +16,24 @@ where a falls from a(0) = 1 to `anneal_final` over `anneal_steps` generated toke
 `anneal_curve`. Every `anneal_every` steps, after a decode forward, a layer holding more than its next
 budget evicts from its KV cache the visual tokens that the current token attended to least at that layer
 (the current step's attention, not accumulated: the token being written is what decides what is still
-looked at).
+looked at). That is `anneal_evict='current'`, the default; the alternatives ('accumulated', 'protected',
+'diverse') and `anneal_delay` are st3's (see `st3.VTA` and docs/methods.md).
+
+Composition: `selector=` replaces the attention ranking at the pruning layers (e.g. `st3.DivPrune()`), the
+schedule and annealing stay ST3's.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from st3.methods.base import QUERY_ROWS, Method, check, register
+from st3.methods.base import QUERY_ROWS, Method, check, register, share
+from st3.methods.selectors import CURVES, VTA, anneal
 
-CURVES = ("linear", "cosine", "exponential")
-
-
-def anneal(curve: str, final: float, steps: int, t: int) -> float:
-    """a(t): 1 at t = 0, `final` from t = steps on, non-increasing in between."""
-    x = min(t / steps, 1.0)
-    if curve == "linear":
-        return 1.0 - (1.0 - final) * x
-    if curve == "cosine":
-        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * x))
-    return final**x  # exponential: a constant factor per step
-
-
-def keep_fraction(n: torch.Tensor, ratio: float, min_keep: int) -> torch.Tensor:
-    """max(min_keep, ceil((1 - ratio) * n)), never above n (the epsilon absorbs float error in (1-ratio)*n)."""
-    k = torch.ceil((1.0 - ratio) * n.double() - 1e-9).long()
-    return torch.minimum(k.clamp(min=min_keep), n)
+__all__ = ["CURVES", "ST3", "anneal"]
 
 
 @register("st3")
@@ -73,6 +61,12 @@ class ST3(Method):
     """Generated tokens over which a(t) falls from 1 to anneal_final."""
     anneal_every: int = 4
     """Re-evaluate budgets (and evict) every this many decode steps."""
+    anneal_evict: str = "current"
+    """Eviction rule: 'current' (the paper), 'accumulated', 'protected' or 'diverse' (see `st3.VTA`)."""
+    anneal_protect: float = 0.5
+    """'protected' only: share of each budget kept by accumulated attention."""
+    anneal_delay: int = 0
+    """Decode steps before annealing starts."""
 
     def validate(self) -> None:
         check(self.start_layer >= 0, "start_layer", f"must be >= 0, got {self.start_layer}")
@@ -80,10 +74,8 @@ class ST3(Method):
         check(0.0 <= self.ratio < 1.0, "ratio", f"must be in [0, 1), got {self.ratio}")
         check(self.min_keep >= 0, "min_keep", f"must be >= 0, got {self.min_keep}")
         check(self.query in QUERY_ROWS[:2], "query", f"must be 'last' or 'text', got {self.query!r}")
-        check(self.anneal_curve in CURVES, "anneal_curve", f"must be one of {CURVES}, got {self.anneal_curve!r}")
-        check(0.0 < self.anneal_final <= 1.0, "anneal_final", f"must be in (0, 1], got {self.anneal_final}")
-        check(self.anneal_steps >= 1, "anneal_steps", f"must be >= 1, got {self.anneal_steps}")
-        check(self.anneal_every >= 1, "anneal_every", f"must be >= 1, got {self.anneal_every}")
+        check(self.decode is None, "decode", "ST3 anneals by its own anneal_* knobs; leave decode unset")
+        _ = self.annealing  # building the VTA validates the anneal_* knobs
 
     def validate_for(self, num_layers: int) -> None:
         check(
@@ -99,14 +91,20 @@ class ST3(Method):
     def is_pruning_layer(self, layer: int) -> bool:
         return layer >= self.start_layer and (layer - self.start_layer) % self.stride == 0
 
+    @property
+    def annealing(self) -> VTA:
+        return VTA(
+            curve=self.anneal_curve,
+            final=self.anneal_final,
+            steps=self.anneal_steps,
+            every=self.anneal_every,
+            min_keep=self.min_keep,
+            evict=self.anneal_evict,
+            protect=self.anneal_protect,
+            delay=self.anneal_delay,
+        )
+
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
         if not self.is_pruning_layer(layer) or self.ratio == 0.0:
             return None
-        return keep_fraction(visual, self.ratio, self.min_keep)
-
-    def decode_budget(self, layer: int, step: int, visual_after_prefill: torch.Tensor) -> torch.Tensor | None:
-        if self.anneal_final == 1.0 or step % self.anneal_every:
-            return None
-        a = anneal(self.anneal_curve, self.anneal_final, self.anneal_steps, step)
-        budget = torch.round(visual_after_prefill.double() * a).long().clamp(min=self.min_keep)
-        return torch.minimum(budget, visual_after_prefill)
+        return share(visual, 1.0 - self.ratio, self.min_keep)

@@ -29,6 +29,7 @@ class VisionZip(Method):
 
     compresses_vision: ClassVar[bool] = True
     needs_scores: ClassVar[bool] = False
+    selectable: ClassVar[bool] = False
     budget_knob: ClassVar[str] = "dominant"
 
     dominant: int = 54

@@ -22,6 +22,7 @@ class VTW(Method):
     """Withdraw all visual tokens from layer K on."""
 
     needs_scores: ClassVar[bool] = False
+    selectable: ClassVar[bool] = False
     budget_knob: ClassVar[str] = "layer"
 
     layer: int | None = None

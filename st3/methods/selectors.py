@@ -1,0 +1,365 @@
+"""Selectors: which visual tokens a schedule keeps, given how many (kvpress-style composition).
+
+A method is a schedule (where, when and how many: `ST3`, `FastV`, `PyramidDrop`, a keep count at one layer,
+plus an optional decode schedule `VTA`) times a selector (which ones). `st3.ST3(selector=st3.DivPrune())`
+keeps ST3's progressive counts and chooses by diversity. The engine hands a selector a `View` of the layer
+where it acts; everything in it is computed lazily, so a rule pays only for what it reads.
+
+Every rule here is per sample: a sample's choice depends on its own tokens only, never on its batch-mates
+(padding, other images), which the tests check for every selector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+QUERY_ROWS = ("last", "text", "all")
+
+
+def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """BoolTensor [B, S]: the k[b] highest-scoring candidates of each row (ties broken by position)."""
+    masked = scores.masked_fill(~candidates, float("-inf"))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return candidates & (ranks < k[:, None])
+
+
+@dataclass
+class View:
+    """What a selector may read where it acts. Tensors are [B, S] over the slots the layer holds.
+
+    attention(rows): attention each slot received from the query rows ('last', 'text', 'all'; in decode only
+    'current', the token being written), heads averaged, at the scoring layer (the layer before, in prefill).
+    hidden(): the slots' hidden states entering the layer [B, S, H] (before the decoder: the embeddings).
+    keys(): the slots' keys at the layer [B, kv_heads, S, D] (rotated; norms and cosines do not depend on it).
+    text(): BoolTensor [B, S], the instruction's rows (after the image), or None where they are gone (decode).
+    received: attention accumulated over decode steps [B, S] (None outside decode).
+    """
+
+    layer: int
+    candidates: torch.Tensor
+    keep: torch.Tensor
+    patches: torch.Tensor
+    attention: Callable[[str], torch.Tensor]
+    hidden: Callable[[], torch.Tensor | None]
+    keys: Callable[[], torch.Tensor]
+    text: Callable[[], torch.Tensor | None] = lambda: None
+    received: torch.Tensor | None = None
+    decoding: bool = False
+
+
+def check(condition: bool, knob: str, message: str) -> None:
+    """Raise a ValueError naming `knob` unless `condition` holds."""
+    if not condition:
+        raise ValueError(f"{knob}: {message}")
+
+
+@dataclass(kw_only=True)
+class Selector:
+    """Base: `select(view)` returns BoolTensor [B, S], view.keep[b] of the candidates of each sample."""
+
+    name: ClassVar[str] = "selector"
+    #: Whether the rule reads attention (then a decoder layer must have run: not before the decoder).
+    needs_attention: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the knob when a setting is out of range."""
+
+    def select(self, view: View) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class Attention(Selector):
+    """The attention ranking of FastV/ST3/PyramidDrop: the most attended visual tokens, from `query` rows."""
+
+    name: ClassVar[str] = "attention"
+    needs_attention: ClassVar[bool] = True
+    query: str = "last"
+    """'last' prompt token, 'text' rows after the image (mean), or 'all' rows (mean)."""
+
+    def validate(self) -> None:
+        check(self.query in QUERY_ROWS, "query", f"must be one of {QUERY_ROWS}, got {self.query!r}")
+
+    def select(self, view: View) -> torch.Tensor:
+        return top_k_mask(view.attention("current" if view.decoding else self.query), view.candidates, view.keep)
+
+
+@dataclass(kw_only=True)
+class RandomPick(Selector):
+    """Seeded random patches: the same draw for every sample (by patch index), so batches do not matter."""
+
+    name: ClassVar[str] = "random"
+    seed: int = 0
+
+    def select(self, view: View) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        draw = torch.rand(int(view.patches.max()) + 1, generator=generator).to(view.patches.device)
+        return top_k_mask(draw[view.patches.clamp(min=0)], view.candidates, view.keep)
+
+
+@dataclass(kw_only=True)
+class UniformPick(Selector):
+    """Evenly spaced patches in raster order (every n-th)."""
+
+    name: ClassVar[str] = "uniform"
+
+    def select(self, view: View) -> torch.Tensor:
+        candidates, keep, patches = view.candidates, view.keep, view.patches
+        n = candidates.sum(-1, keepdim=True).double()
+        slots = torch.arange(int(keep.max()), device=keep.device).double()
+        centres = torch.floor((slots + 0.5) * n / keep.clamp(min=1)[:, None])  # [B, keep]: evenly spaced patches
+        centres = centres.masked_fill(slots >= keep[:, None], -1)
+        return candidates & (patches[..., None] == centres[:, None, :]).any(-1)
+
+
+def _features(view: View, source: str) -> torch.Tensor:
+    """[B, S, d] float features of the slots: 'hidden' states (embeddings before the decoder) or 'keys'."""
+    if source == "hidden":
+        hidden = view.hidden()
+        if hidden is not None:
+            return hidden.float()
+    keys = view.keys()
+    return keys.transpose(1, 2).flatten(2).float()  # [B, S, kv_heads * D]
+
+
+def max_min_diverse(features: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Greedy max-min diversity (DivPrune's solver): add the candidate farthest (cosine) from the chosen set.
+
+    The first pick is the candidate whose nearest other candidate is farthest (the most unique token).
+    """
+    unit = F.normalize(features, dim=-1)
+    distance = 1.0 - unit @ unit.transpose(1, 2)  # [B, S, S]
+    pair = candidates[:, :, None] & candidates[:, None, :]
+    eye = torch.eye(distance.shape[-1], dtype=torch.bool, device=distance.device)
+    inf = torch.tensor(float("inf"), device=distance.device)
+    nearest = torch.where(pair & ~eye, distance, inf).amin(-1)  # [B, S]
+    nearest = torch.where(torch.isinf(nearest), torch.zeros_like(nearest), nearest)
+    chosen = torch.zeros_like(candidates)
+    closest = torch.full_like(nearest, float("inf"))  # distance of each candidate to the chosen set
+    rows = torch.arange(candidates.shape[0], device=candidates.device)
+    for step in range(int(keep.max()) if keep.numel() else 0):
+        active = keep > step
+        score = nearest if step == 0 else closest
+        score = score.masked_fill(~candidates | chosen, float("-inf"))
+        pick = score.argmax(-1)
+        chosen[rows[active], pick[active]] = True
+        closest = torch.minimum(closest, distance[rows, pick])
+    return chosen & candidates
+
+
+@dataclass(kw_only=True)
+class DivPrune(Selector):
+    """DivPrune (Alvar et al., CVPR 2025, arXiv 2503.02175): the max-min diverse subset of the visual tokens.
+
+    Rule: cosine distance between the tokens' features; greedily add the token whose distance to the nearest
+    token already chosen is largest. No attention, no instruction: before the decoder it reads the visual
+    embeddings (the projector's outputs), at a decoder layer the hidden states entering it.
+    """
+
+    name: ClassVar[str] = "divprune"
+    features: str = "hidden"
+    """'hidden' (the paper: the visual tokens' features) or 'keys' (the layer's keys)."""
+
+    def validate(self) -> None:
+        check(self.features in ("hidden", "keys"), "features", f"must be 'hidden' or 'keys', got {self.features!r}")
+
+    def select(self, view: View) -> torch.Tensor:
+        return max_min_diverse(_features(view, self.features), view.candidates, view.keep)
+
+
+@dataclass(kw_only=True)
+class DART(Selector):
+    """DART (Wen et al., EMNLP 2025, arXiv 2502.11494): keep the tokens least duplicated by a few pivots.
+
+    Rule, per sample: the `pivots` visual tokens with the largest key norm at the layer (L2 over the kv heads'
+    keys) are kept; every other token is scored by its largest cosine similarity (hidden states entering the
+    layer) to any pivot, and the least similar fill the rest of the budget. No attention map is needed.
+    (The paper splits the budget evenly among pivots; the max-similarity score here is its union form.)
+    """
+
+    name: ClassVar[str] = "dart"
+    pivots: int = 8
+    """Pivot tokens per sample (paper default 8); never more than the budget."""
+
+    def validate(self) -> None:
+        check(self.pivots >= 1, "pivots", f"must be >= 1, got {self.pivots}")
+
+    def select(self, view: View) -> torch.Tensor:
+        candidates, keep = view.candidates, view.keep
+        norms = view.keys().float().norm(dim=-1).pow(2).sum(1).sqrt()  # [B, S]
+        pivots = top_k_mask(norms, candidates, keep.clamp(max=self.pivots))
+        unit = F.normalize(_features(view, "hidden"), dim=-1)
+        similarity = unit @ unit.transpose(1, 2)  # [B, S, S]
+        duplication = similarity.masked_fill(~pivots[:, None, :], float("-inf")).amax(-1)
+        rest = top_k_mask(-duplication, candidates & ~pivots, keep - pivots.sum(-1))
+        return pivots | rest
+
+
+@dataclass(kw_only=True)
+class CDPruner(Selector):
+    """CDPruner (Zhang et al., arXiv 2506.10967): a conditional DPP over visual tokens, relevance-weighted.
+
+    Rule, per sample: similarity S = cosine of the visual features (embeddings before the decoder); relevance
+    r = mean cosine of each visual token to the instruction's token embeddings, min-max normalised over the
+    sample's own visual tokens (the official code normalises over the batch: a sample's choice then depends
+    on its batch-mates; here it does not); kernel L = diag(q) S diag(q) with q = exp(theta r / (2 (1 - theta)));
+    the kept set is the greedy MAP of the DPP (incremental Cholesky). theta = 0: diversity alone.
+    Without an instruction after the image, r = 1.
+    """
+
+    name: ClassVar[str] = "cdpruner"
+    theta: float = 0.5
+    """Relevance vs diversity (paper default 0.5); in [0, 1)."""
+
+    def validate(self) -> None:
+        check(0.0 <= self.theta < 1.0, "theta", f"must be in [0, 1), got {self.theta}")
+
+    def relevance(self, view: View, unit: torch.Tensor) -> torch.Tensor:
+        text = view.text()
+        hidden = view.hidden()
+        if text is None or hidden is None or not bool(text.any()):
+            return torch.ones(unit.shape[:2], device=unit.device)
+        words = F.normalize(hidden.float(), dim=-1)
+        cos = (unit @ words.transpose(1, 2)).masked_fill(~text[:, None, :], 0.0)
+        r = cos.sum(-1) / text.sum(-1, keepdim=True).clamp(min=1)
+        low = r.masked_fill(~view.candidates, float("inf")).amin(-1, keepdim=True)
+        high = r.masked_fill(~view.candidates, float("-inf")).amax(-1, keepdim=True)
+        r = (r - low) / (high - low).clamp(min=1e-6)
+        return torch.where(text.any(-1, keepdim=True), r, torch.ones_like(r))
+
+    def select(self, view: View) -> torch.Tensor:
+        candidates, keep = view.candidates, view.keep
+        unit = F.normalize(_features(view, "hidden"), dim=-1)
+        alpha = self.theta / (2.0 * (1.0 - self.theta))
+        quality = torch.exp(alpha * self.relevance(view, unit))
+        kernel = quality[:, :, None] * (unit @ unit.transpose(1, 2)) * quality[:, None, :]
+        return dpp_greedy(kernel.double(), candidates, keep)
+
+
+def dpp_greedy(kernel: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Greedy MAP of a DPP per sample (Chen et al., 2018): add the item with the largest marginal gain.
+
+    kernel: [B, S, S] positive semi-definite. Gains are the residual diagonal after projecting out the items
+    chosen so far (kept as incremental Cholesky rows); a sample whose residual vanishes (its rank is spent)
+    fills its budget with the largest residuals left, ties by position.
+    """
+    batch, slots, _ = kernel.shape
+    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    rows: list[torch.Tensor] = []
+    chosen = torch.zeros_like(candidates)
+    index = torch.arange(batch, device=kernel.device)
+    for step in range(int(keep.max()) if keep.numel() else 0):
+        active = keep > step
+        score = gains.masked_fill(~candidates | chosen, float("-inf"))
+        pick = score.argmax(-1)
+        chosen[index[active], pick[active]] = True
+        picked_gain = gains[index, pick].clamp(min=1e-12)
+        row = kernel[index, pick]  # [B, S]
+        for previous in rows:
+            row = row - previous[index, pick][:, None] * previous
+        row = row / picked_gain.sqrt()[:, None]
+        row = torch.where(active[:, None], row, torch.zeros_like(row))
+        rows.append(row)
+        gains = gains - row.pow(2)
+    return chosen & candidates
+
+
+# --------------------------------------------------------------------------------- decode: VTA
+EVICTION = ("current", "accumulated", "protected", "diverse")
+CURVES = ("linear", "cosine", "exponential")
+
+
+def anneal(curve: str, final: float, steps: int, t: int) -> float:
+    """a(t): 1 at t = 0, `final` from t = steps on, non-increasing in between."""
+    x = min(t / steps, 1.0)
+    if curve == "linear":
+        return 1.0 - (1.0 - final) * x
+    if curve == "cosine":
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * x))
+    return final**x  # exponential: a constant factor per step
+
+
+@dataclass(kw_only=True)
+class VTA:
+    """Visual token annealing (ST3's decode schedule), applicable to any prefill schedule.
+
+    Layer l's budget for decode forward t is max(min_keep, round(n_l * a(t - delay))) (a = 1 before `delay`),
+    n_l its visual tokens after prefill; every `every` steps a layer above budget evicts by `evict`:
+    'current' (the paper): least attended by the current token; 'accumulated': least attention summed over
+    every decode step so far; 'protected': the `protect` share of the budget goes to the tokens with the most
+    accumulated attention, the rest to those the current token attends to most; 'diverse': the max-min
+    diverse subset of the cached keys (no attention).
+    """
+
+    curve: str = "cosine"
+    final: float = 0.3
+    steps: int = 32
+    every: int = 4
+    min_keep: int = 4
+    evict: str = "current"
+    protect: float = 0.5
+    """'protected' only: share of each budget kept by accumulated attention."""
+    delay: int = 0
+    """Decode steps before annealing starts (an answer's first words are written with every token)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        check(self.curve in CURVES, "anneal_curve", f"must be one of {CURVES}, got {self.curve!r}")
+        check(0.0 < self.final <= 1.0, "anneal_final", f"must be in (0, 1], got {self.final}")
+        check(self.steps >= 1, "anneal_steps", f"must be >= 1, got {self.steps}")
+        check(self.every >= 1, "anneal_every", f"must be >= 1, got {self.every}")
+        check(self.min_keep >= 0, "min_keep", f"must be >= 0, got {self.min_keep}")
+        check(self.evict in EVICTION, "evict", f"must be one of {EVICTION}, got {self.evict!r}")
+        check(0.0 <= self.protect <= 1.0, "protect", f"must be in [0, 1], got {self.protect}")
+        check(self.delay >= 0, "delay", f"must be >= 0, got {self.delay}")
+
+    @property
+    def accumulates(self) -> bool:
+        """Whether the engine must sum each decode step's attention into the cache."""
+        return self.final < 1.0 and self.evict in ("accumulated", "protected")
+
+    def budget(self, step: int, visual_after_prefill: torch.Tensor) -> torch.Tensor | None:
+        if self.final == 1.0 or step % self.every or step <= self.delay:
+            return None
+        a = anneal(self.curve, self.final, self.steps, step - self.delay)
+        budget = torch.round(visual_after_prefill.double() * a).long().clamp(min=self.min_keep)
+        return torch.minimum(budget, visual_after_prefill)
+
+    def select(self, view: View) -> torch.Tensor:
+        if self.evict == "current":
+            return top_k_mask(view.attention("current"), view.candidates, view.keep)
+        if self.evict == "accumulated":
+            return top_k_mask(view.received, view.candidates, view.keep)
+        if self.evict == "diverse":
+            return max_min_diverse(_features(view, "keys"), view.candidates, view.keep)
+        protected = top_k_mask(view.received, view.candidates, torch.floor(view.keep * self.protect).long())
+        rest = top_k_mask(view.attention("current"), view.candidates & ~protected, view.keep - protected.sum(-1))
+        return protected | rest
+
+
+SELECTORS: dict[str, type[Selector]] = {
+    cls.name: cls for cls in (Attention, RandomPick, UniformPick, DivPrune, DART, CDPruner)
+}
+
+
+def selector(spec: Selector | str | None) -> Selector | None:
+    """A selector from an instance or a name (for specs such as `st3:selector=divprune`)."""
+    if spec is None or isinstance(spec, Selector):
+        return spec
+    try:
+        return SELECTORS[str(spec).lower()]()
+    except KeyError:
+        raise ValueError(f"selector: unknown {spec!r}; available: {', '.join(sorted(SELECTORS))}") from None
