@@ -30,6 +30,27 @@ METHODS = {
     "st3-text-query": lambda: st3.ST3(start_layer=2, stride=1, ratio=0.3, min_keep=2, query="text", anneal_every=1),
     "st3-layer0": lambda: st3.ST3(start_layer=0, stride=3, ratio=0.6, min_keep=2, anneal_curve="linear"),
     "st3-exponential": lambda: st3.ST3(start_layer=1, stride=1, ratio=0.2, anneal_curve="exponential", anneal_every=1),
+    # compositions: schedule x selector (+ decode schedule)
+    "divprune": lambda: st3.get("divprune", keep=10),
+    "divprune-layer2-keys": lambda: st3.get("divprune", keep=12, layer=2, selector=st3.DivPrune(features="keys")),
+    "dart": lambda: st3.get("dart", keep=12, layer=2, selector=st3.DART(pivots=3)),
+    "cdpruner": lambda: st3.get("cdpruner", keep=9),
+    "st3+dart-accumulated": lambda: st3.get(
+        "st3+dart", start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=6, anneal_every=2,
+        anneal_evict="accumulated",
+    ),
+    "st3+divprune-protected": lambda: st3.get(
+        "st3+divprune", start_layer=1, stride=2, ratio=0.4, min_keep=2, anneal_steps=4, anneal_every=1,
+        anneal_evict="protected", anneal_delay=1,
+    ),
+    "st3+cdpruner-diverse": lambda: st3.get(
+        "st3+cdpruner", start_layer=0, stride=3, ratio=0.5, min_keep=2, anneal_steps=4, anneal_every=2,
+        anneal_evict="diverse",
+    ),
+    "fastv+vta": lambda: st3.get("fastv+vta", layer=2, ratio=0.5, decode=st3.VTA(steps=4, every=1, min_keep=2)),
+    "pyramiddrop+vta-text": lambda: st3.PyramidDrop(
+        keep=0.5, selector=st3.Attention(query="text"), decode=st3.VTA(steps=6, every=2, evict="accumulated")
+    ),
 }
 
 

@@ -1,0 +1,135 @@
+"""Selectors, one by one: each rule against a straightforward re-computation, and batch independence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import single
+
+import st3
+from st3.methods.selectors import View, dpp_greedy, max_min_diverse
+
+
+def view(hidden: torch.Tensor, keep: list[int], keys: torch.Tensor | None = None, text=None) -> View:
+    batch, slots, _ = hidden.shape
+    candidates = torch.ones(batch, slots, dtype=torch.bool)
+    if text is not None:
+        candidates = ~text
+    keys = hidden[:, None] if keys is None else keys
+    return View(
+        layer=0,
+        candidates=candidates,
+        keep=torch.tensor(keep),
+        patches=torch.where(candidates, candidates.long().cumsum(-1) - 1, -1),
+        attention=lambda query: torch.rand(batch, slots),
+        hidden=lambda: hidden,
+        keys=lambda: keys,
+        text=(lambda: text) if text is not None else (lambda: None),
+    )
+
+
+def test_divprune_adds_the_token_farthest_from_those_chosen():
+    torch.manual_seed(0)
+    features = torch.randn(1, 12, 5)
+    kept = st3.DivPrune().select(view(features, [5]))
+    unit = torch.nn.functional.normalize(features[0], dim=-1)
+    distance = 1 - unit @ unit.T
+    off = distance + torch.eye(12) * 9
+    chosen = [int(off.amin(-1).argmax())]
+    while len(chosen) < 5:
+        rest = [i for i in range(12) if i not in chosen]
+        chosen.append(max(rest, key=lambda i: float(distance[i, chosen].min())))
+    assert kept[0].nonzero().squeeze(-1).tolist() == sorted(chosen)
+
+
+def test_divprune_drops_duplicates_first():
+    base = torch.randn(4, 6)
+    features = torch.cat([base, base[:2] * 2.0])[None]  # two scaled copies: cosine-identical to tokens 0, 1
+    kept = max_min_diverse(features, torch.ones(1, 6, dtype=torch.bool), torch.tensor([4]))
+    assert not (kept[0, 0] and kept[0, 4]) and not (kept[0, 1] and kept[0, 5])
+
+
+def test_dart_keeps_key_norm_pivots_and_the_least_duplicated():
+    torch.manual_seed(1)
+    hidden = torch.randn(1, 10, 6)
+    keys = torch.randn(1, 2, 10, 3)
+    kept = st3.DART(pivots=2).select(view(hidden, [5], keys))
+    norms = keys[0].pow(2).sum(-1).sum(0)
+    pivots = norms.topk(2).indices.tolist()
+    unit = torch.nn.functional.normalize(hidden[0], dim=-1)
+    duplication = (unit @ unit[pivots].T).amax(-1)
+    rest = [i for i in duplication.argsort().tolist() if i not in pivots][:3]
+    assert kept[0].nonzero().squeeze(-1).tolist() == sorted(pivots + rest)
+
+
+def test_dpp_greedy_adds_the_item_that_raises_the_log_determinant_most():
+    torch.manual_seed(2)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    kernel = x @ x.T + 0.1 * torch.eye(9, dtype=torch.float64)
+    kept = dpp_greedy(kernel[None], torch.ones(1, 9, dtype=torch.bool), torch.tensor([4]))
+    chosen: list[int] = []
+    for _ in range(4):
+        rest = [i for i in range(9) if i not in chosen]
+        chosen.append(max(rest, key=lambda i: float(torch.logdet(kernel[chosen + [i]][:, chosen + [i]]))))
+    assert kept[0].nonzero().squeeze(-1).tolist() == sorted(chosen)
+
+
+def test_cdpruner_choice_does_not_depend_on_batch_mates():
+    torch.manual_seed(3)
+    text = torch.zeros(1, 14, dtype=torch.bool)
+    text[:, 10:] = True
+    sample = torch.randn(1, 14, 8)
+    others = [torch.randn(2, 14, 8) * scale for scale in (0.1, 30.0)]
+    alone = st3.CDPruner().select(view(sample, [4], text=text))
+    for mates in others:
+        batch = torch.cat([sample, mates])
+        kept = st3.CDPruner().select(view(batch, [4, 3, 5], text=text.expand(3, -1)))
+        assert torch.equal(kept[0], alone[0])
+
+
+def test_cdpruner_relevance_moves_the_choice():
+    torch.manual_seed(4)
+    text = torch.zeros(1, 14, dtype=torch.bool)
+    text[:, 10:] = True
+    hidden = torch.randn(1, 14, 8)
+    diverse = st3.CDPruner(theta=0.0).select(view(hidden, [3], text=text))
+    relevant = st3.CDPruner(theta=0.95).select(view(hidden, [3], text=text))
+    assert not torch.equal(diverse, relevant)
+
+
+def test_cdpruner_in_the_model_is_batch_independent(model, inputs):
+    """Sample 1's kept patches are the same alone, in the batch, and with its batch-mates reordered."""
+    method = st3.get("cdpruner", keep=9)
+
+    def kept(batch_inputs, sample):
+        with torch.no_grad(), method(model):
+            model(**batch_inputs)
+        positions = method.trace.prefill_visual_positions[0][sample]
+        ids = batch_inputs["input_ids"][sample]
+        first = int((ids == model.config.image_token_id).nonzero().min())
+        return (positions - first).tolist()
+
+    order = torch.tensor([2, 1, 0])
+    swapped = {k: v[order] for k, v in inputs.items()}
+    assert kept(inputs, 1) == kept(single(inputs, 1), 0) == kept(swapped, 1)
+
+
+@pytest.mark.parametrize("name", st3.methods())
+def test_every_registered_method_and_composition_matches_a_budget(name):
+    if name == "vtw":
+        pytest.skip("VTW's average moves a layer at a time (tested in test_budget)")
+    matched = st3.match(name, 192, tolerance=8.0)
+    assert type(matched) is type(st3.get(name))
+
+
+def test_a_selector_composes_with_every_selectable_schedule():
+    for schedule in (st3.ST3, st3.FastV, st3.PyramidDrop, st3.Random, st3.Keep):
+        method = schedule(selector="divprune")
+        assert isinstance(method.selector, st3.DivPrune)
+    with pytest.raises(ValueError, match="selector"):
+        st3.VTW(selector=st3.DART())
+    with pytest.raises(ValueError, match="decode"):
+        st3.ST3(decode=st3.VTA())
+    with pytest.raises(ValueError, match="evict"):
+        st3.VTA(evict="oldest")
+    assert st3.get("fastv+vta").knobs()["decode"]["evict"] == "current"
