@@ -47,6 +47,10 @@ METHODS = {
         "st3+cdpruner", start_layer=0, stride=3, ratio=0.5, min_keep=2, anneal_steps=4, anneal_every=2,
         anneal_evict="diverse",
     ),
+    "st3+uniform-coverage": lambda: st3.get(
+        "st3+uniform", start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=4, anneal_every=1,
+        anneal_evict="coverage", anneal_protect=0.3,
+    ),
     "fastv+vta": lambda: st3.get("fastv+vta", layer=2, ratio=0.5, decode=st3.VTA(steps=4, every=1, min_keep=2)),
     "pyramiddrop+vta-text": lambda: st3.PyramidDrop(
         keep=0.5, selector=st3.Attention(query="text"), decode=st3.VTA(steps=6, every=2, evict="accumulated")

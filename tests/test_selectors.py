@@ -133,3 +133,10 @@ def test_a_selector_composes_with_every_selectable_schedule():
     with pytest.raises(ValueError, match="evict"):
         st3.VTA(evict="oldest")
     assert st3.get("fastv+vta").knobs()["decode"]["evict"] == "current"
+
+
+def test_dpp_greedy_fills_budgets_above_the_kernel_rank():
+    torch.manual_seed(5)
+    x = torch.randn(2, 20, 3, dtype=torch.float64)
+    kept = dpp_greedy(x @ x.transpose(1, 2), torch.ones(2, 20, dtype=torch.bool), torch.tensor([12, 7]))
+    assert kept.sum(-1).tolist() == [12, 7]

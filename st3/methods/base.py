@@ -112,14 +112,14 @@ class Method:
     def choose(self, view: View) -> torch.Tensor:
         """Prefill: the candidates of `view` to keep, by the selector, else by the method's own `select`."""
         if self.selector is not None:
-            return self.selector.select(view)
+            return _counted(self.selector.select(view), view, self.selector)
         scores = view.attention(self.query_rows) if self.needs_scores else None
         return self.select(scores, view.candidates, view.keep, view.patches)
 
     def evict(self, view: View) -> torch.Tensor:
         """Decode: the cached visual entries to keep, by the decode schedule's eviction rule."""
         if self.annealing is not None:
-            return self.annealing.select(view)
+            return _counted(self.annealing.select(view), view, self.annealing)
         scores = view.attention("current") if self.needs_scores else None
         return self.select(scores, view.candidates, view.keep, view.patches)
 
@@ -156,6 +156,15 @@ class Method:
         if self._trace is None:
             raise RuntimeError(f"{type(self).__name__} has no trace yet: run the model inside `with method(model):`")
         return self._trace
+
+
+def _counted(selected: torch.Tensor, view: View, rule) -> torch.Tensor:
+    """`selected`, after checking it keeps exactly the budget (the planner and st3.match rely on it)."""
+    want = torch.minimum(view.keep, view.candidates.sum(-1))
+    got = (selected & view.candidates).sum(-1)
+    if not torch.equal(got, want):
+        raise RuntimeError(f"{type(rule).__name__} kept {got.tolist()} visual tokens, not {want.tolist()}")
+    return selected & view.candidates
 
 
 # ------------------------------------------------------------------------------------------ registry

@@ -251,32 +251,34 @@ def dpp_greedy(kernel: torch.Tensor, candidates: torch.Tensor, keep: torch.Tenso
     """Greedy MAP of a DPP per sample (Chen et al., 2018): add the item with the largest marginal gain.
 
     kernel: [B, S, S] positive semi-definite. Gains are the residual diagonal after projecting out the items
-    chosen so far (kept as incremental Cholesky rows); a sample whose residual vanishes (its rank is spent)
-    fills its budget with the largest residuals left, ties by position.
+    chosen so far (kept as incremental Cholesky rows). Once a sample's kernel rank is spent (budgets above the
+    feature width), every residual is ~0: the rest of its budget goes by the kernel's diagonal (quality).
     """
     batch, slots, _ = kernel.shape
-    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    diagonal = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    gains = diagonal.clone()
     rows: list[torch.Tensor] = []
     chosen = torch.zeros_like(candidates)
     index = torch.arange(batch, device=kernel.device)
     for step in range(int(keep.max()) if keep.numel() else 0):
         active = keep > step
-        score = gains.masked_fill(~candidates | chosen, float("-inf"))
+        score = (gains.clamp(min=0) + 1e-9 * diagonal).masked_fill(~candidates | chosen, float("-inf"))
         pick = score.argmax(-1)
         chosen[index[active], pick[active]] = True
-        picked_gain = gains[index, pick].clamp(min=1e-12)
+        picked_gain = gains[index, pick]
+        spent = picked_gain <= 1e-9 * diagonal[index, pick]  # nothing left to project out
         row = kernel[index, pick]  # [B, S]
         for previous in rows:
             row = row - previous[index, pick][:, None] * previous
-        row = row / picked_gain.sqrt()[:, None]
-        row = torch.where(active[:, None], row, torch.zeros_like(row))
+        row = row / picked_gain.clamp(min=1e-30).sqrt()[:, None]
+        row = torch.where((active & ~spent)[:, None], row, torch.zeros_like(row))
         rows.append(row)
         gains = gains - row.pow(2)
     return chosen & candidates
 
 
 # --------------------------------------------------------------------------------- decode: VTA
-EVICTION = ("current", "accumulated", "protected", "diverse")
+EVICTION = ("current", "accumulated", "protected", "coverage", "diverse")
 CURVES = ("linear", "cosine", "exponential")
 
 
@@ -298,8 +300,10 @@ class VTA:
     n_l its visual tokens after prefill; every `every` steps a layer above budget evicts by `evict`:
     'current' (the paper): least attended by the current token; 'accumulated': least attention summed over
     every decode step so far; 'protected': the `protect` share of the budget goes to the tokens with the most
-    accumulated attention, the rest to those the current token attends to most; 'diverse': the max-min
-    diverse subset of the cached keys (no attention).
+    accumulated attention, the rest to those the current token attends to most; 'coverage': the `protect`
+    share to the tokens the current token attends to most, the rest to those with the *least* accumulated
+    attention (not read yet: a caption's cells still to describe); 'diverse': the max-min diverse subset of
+    the cached keys (no attention).
     """
 
     curve: str = "cosine"
@@ -309,7 +313,7 @@ class VTA:
     min_keep: int = 4
     evict: str = "current"
     protect: float = 0.5
-    """'protected' only: share of each budget kept by accumulated attention."""
+    """'protected': share of each budget kept by accumulated attention; 'coverage': by the current token's."""
     delay: int = 0
     """Decode steps before annealing starts (an answer's first words are written with every token)."""
 
@@ -329,7 +333,7 @@ class VTA:
     @property
     def accumulates(self) -> bool:
         """Whether the engine must sum each decode step's attention into the cache."""
-        return self.final < 1.0 and self.evict in ("accumulated", "protected")
+        return self.final < 1.0 and self.evict in ("accumulated", "protected", "coverage")
 
     def budget(self, step: int, visual_after_prefill: torch.Tensor) -> torch.Tensor | None:
         if self.final == 1.0 or step % self.every or step <= self.delay:
@@ -345,7 +349,12 @@ class VTA:
             return top_k_mask(view.received, view.candidates, view.keep)
         if self.evict == "diverse":
             return max_min_diverse(_features(view, "keys"), view.candidates, view.keep)
-        protected = top_k_mask(view.received, view.candidates, torch.floor(view.keep * self.protect).long())
+        share = torch.floor(view.keep * self.protect).long()
+        if self.evict == "coverage":
+            attended = top_k_mask(view.attention("current"), view.candidates, share)
+            unread = top_k_mask(-view.received, view.candidates & ~attended, view.keep - attended.sum(-1))
+            return attended | unread
+        protected = top_k_mask(view.received, view.candidates, share)
         rest = top_k_mask(view.attention("current"), view.candidates & ~protected, view.keep - protected.sum(-1))
         return protected | rest
 

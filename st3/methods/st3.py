@@ -62,9 +62,9 @@ class ST3(Method):
     anneal_every: int = 4
     """Re-evaluate budgets (and evict) every this many decode steps."""
     anneal_evict: str = "current"
-    """Eviction rule: 'current' (the paper), 'accumulated', 'protected' or 'diverse' (see `st3.VTA`)."""
+    """Eviction rule: 'current' (the paper), 'accumulated', 'protected', 'coverage' or 'diverse' (`st3.VTA`)."""
     anneal_protect: float = 0.5
-    """'protected' only: share of each budget kept by accumulated attention."""
+    """'protected'/'coverage': the share of each budget kept by accumulated / current attention."""
     anneal_delay: int = 0
     """Decode steps before annealing starts."""
 
