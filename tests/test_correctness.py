@@ -305,3 +305,29 @@ def test_forward_returns_the_surviving_rows(model, inputs):
     trace = method.trace
     survivors = max(trace.prefill_rows[-1])
     assert logits.shape[1] == survivors < inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("rule", ["accumulated", "coverage"])
+def test_annealing_by_accumulated_attention_evicts_by_the_sum_over_steps(rule, model, inputs):
+    method = st3.ST3(start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=4, anneal_every=1,
+                     anneal_evict=rule, anneal_protect=0.0)  # fmt: skip
+    method.record_positions = True
+    out = generate(model, inputs, method)
+    trace = method.trace
+    fed = new_tokens(out, inputs)[:, :-1]
+    with torch.no_grad():
+        weights = attention_weights(model, inputs, trace, fed)
+    prompt = inputs["input_ids"].shape[1]
+    checked = 0
+    for t in range(len(trace.decode_visual_positions) - 1):
+        for layer, probs in enumerate(weights):
+            for b in range(fed.shape[0]):
+                attended = trace.decode_visual_positions[t][layer][b]
+                kept = trace.decode_visual_positions[t + 1][layer][b]
+                if len(kept) == len(attended):
+                    continue
+                received = probs[b, :, prompt : prompt + t + 1].mean(0).sum(0)[attended]
+                order = received.topk(len(kept), largest=rule == "accumulated").indices
+                assert torch.equal(kept, attended[order].sort().values)
+                checked += 1
+    assert checked > 0

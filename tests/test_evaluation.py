@@ -64,3 +64,25 @@ def test_eval_keeps_knobs_given_in_the_method_spec(scenes_model_dir, tmp_path):
     assert rows["st3:query=text"]["knobs"]["query"] == "text"
     assert rows["fastv:layer=2"]["knobs"]["layer"] == 2
     assert abs(rows["st3:query=text"]["visual_per_layer"] - 0.5 * 324) <= 1
+
+
+def test_eval_first_reads_a_held_out_range_of_the_split(scenes_model_dir, monkeypatch):
+    import st3.evaluation as evaluation
+
+    seen = []
+    original = evaluation.example
+
+    def spy(split, n, task):
+        seen.append((split, n, task))
+        return original(split, n, task)
+
+    monkeypatch.setattr(evaluation, "example", spy)
+    result = evaluation.evaluate(scenes_model_dir, "test", ("random",), (1.0,), qa=2, captions=1, first=5000)
+    assert sorted(seen) == [("test", 5000, "caption"), ("test", 5000, "qa"), ("test", 5001, "qa")]
+    assert result["first"] == 5000
+
+
+def test_layer_knobs_scale_with_depth_for_compositions():
+    assert depth_scaled("st3+dart", 4) == {"start_layer": 1, "stride": 1}
+    assert depth_scaled("dart", 4) == {"layer": 1}
+    assert depth_scaled("divprune", 4) == {} and depth_scaled("cdpruner", 4) == {}
