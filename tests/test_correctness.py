@@ -142,8 +142,12 @@ def test_prefill_keeps_the_top_k_of_previous_layer_attention(name, model, inputs
     assert checked > 0
 
 
-def test_annealing_evicts_the_least_attended_by_the_current_token(model, inputs):
-    method = st3.ST3(start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=4, anneal_every=1)
+def evictions(model, inputs, method):
+    """Run `method` recording positions; yield (attended, kept, attention [heads, queries, keys]) per eviction.
+
+    `attended`: the visual columns step `t` attended to; `kept`: those left after its eviction; the attention
+    rows are the reference's eager weights of every decode query up to step `t`, for that layer and sample.
+    """
     method.record_positions = True
     out = generate(model, inputs, method)
     trace = method.trace
@@ -151,18 +155,23 @@ def test_annealing_evicts_the_least_attended_by_the_current_token(model, inputs)
     with torch.no_grad():
         weights = attention_weights(model, inputs, trace, fed)
     prompt = inputs["input_ids"].shape[1]
-    checked = 0
     for t in range(len(trace.decode_visual_positions) - 1):
         for layer, probs in enumerate(weights):
             for b in range(fed.shape[0]):
                 attended = trace.decode_visual_positions[t][layer][b]
                 kept = trace.decode_visual_positions[t + 1][layer][b]
-                if len(kept) == len(attended):
-                    continue
-                score = probs[b, :, prompt + t].mean(0)
-                expected = attended[score[attended].topk(len(kept)).indices].sort().values
-                assert torch.equal(kept, expected)
-                checked += 1
+                if len(kept) != len(attended):
+                    yield attended, kept, probs[b, :, prompt : prompt + t + 1]
+
+
+def test_annealing_evicts_the_least_attended_by_the_current_token(model, inputs):
+    method = st3.ST3(start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=4, anneal_every=1)
+    checked = 0
+    for attended, kept, rows in evictions(model, inputs, method):
+        score = rows[:, -1].mean(0)
+        expected = attended[score[attended].topk(len(kept)).indices].sort().values
+        assert torch.equal(kept, expected)
+        checked += 1
     assert checked > 0
 
 
@@ -311,23 +320,10 @@ def test_forward_returns_the_surviving_rows(model, inputs):
 def test_annealing_by_accumulated_attention_evicts_by_the_sum_over_steps(rule, model, inputs):
     method = st3.ST3(start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=4, anneal_every=1,
                      anneal_evict=rule, anneal_protect=0.0)  # fmt: skip
-    method.record_positions = True
-    out = generate(model, inputs, method)
-    trace = method.trace
-    fed = new_tokens(out, inputs)[:, :-1]
-    with torch.no_grad():
-        weights = attention_weights(model, inputs, trace, fed)
-    prompt = inputs["input_ids"].shape[1]
     checked = 0
-    for t in range(len(trace.decode_visual_positions) - 1):
-        for layer, probs in enumerate(weights):
-            for b in range(fed.shape[0]):
-                attended = trace.decode_visual_positions[t][layer][b]
-                kept = trace.decode_visual_positions[t + 1][layer][b]
-                if len(kept) == len(attended):
-                    continue
-                received = probs[b, :, prompt : prompt + t + 1].mean(0).sum(0)[attended]
-                order = received.topk(len(kept), largest=rule == "accumulated").indices
-                assert torch.equal(kept, attended[order].sort().values)
-                checked += 1
+    for attended, kept, rows in evictions(model, inputs, method):
+        received = rows.mean(0).sum(0)[attended]
+        order = received.topk(len(kept), largest=rule == "accumulated").indices
+        assert torch.equal(kept, attended[order].sort().values)
+        checked += 1
     assert checked > 0
