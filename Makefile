@@ -1,6 +1,8 @@
 # Two entry points do all the set-up on a fresh clone:
 #   make demo   -- the main job on an embedded default model (no download)
-#   make test   -- lint + the test suite
+#   make test   -- lint + the test suite (the library's tests/ and the scenes package's scenes/tests/)
+# `make install` installs the library and, beside it, the scenes package (scenes/: the benchmark, its trainer
+# and the trained model that `make demo` uses), both editable.
 # torch is installed first and pinned, so pip never swaps in a different (e.g. CUDA) build; everything
 # else comes from requirements.lock, so a fresh machine gets exactly the stack CI tested.
 # `make lock` refreshes the lock (pip-tools, newest versions inside pyproject.toml's ranges).
@@ -12,12 +14,13 @@ PIP    := pip==26.3
 LOCK   := requirements.lock
 PIP_TOOLS := pip-tools==7.6.2
 
-$(BIN)/.st3-installed: pyproject.toml $(LOCK)
+$(BIN)/.st3-installed: pyproject.toml scenes/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(PIP)"
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -r $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip install -q --no-deps -e scenes/
 	touch $@
 
 .PHONY: install demo test lint lock

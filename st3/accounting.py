@@ -53,3 +53,15 @@ def prefill_flops(shape: Shape, rows_per_layer: list[int]) -> int:
 def decode_flops(shape: Shape, keys_per_layer: list[int]) -> int:
     """FLOPs of one decode forward of one sample whose query attends to keys_per_layer[l] keys at layer l."""
     return sum(shape.layer_flops(1, keys) for keys in keys_per_layer)
+
+
+def unpruned_flops(shape: Shape, prompt_tokens: list[int], new_tokens: int) -> dict[str, int]:
+    """FLOPs of the unpruned model over samples of `prompt_tokens` each generating `new_tokens`: one prefill
+    and N - 1 decode forwards, the t-th attending to prompt + t + 1 keys (the first token comes from prefill).
+    The one formula that every ratio "to unpruned" (trace, planner, matched budgets, bench) divides by."""
+    layers = shape.num_layers
+    prefill = sum(prefill_flops(shape, [tokens] * layers) for tokens in prompt_tokens)
+    decode = sum(
+        decode_flops(shape, [tokens + t + 1] * layers) for tokens in prompt_tokens for t in range(new_tokens - 1)
+    )
+    return {"prefill": prefill, "decode": decode, "total": prefill + decode}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from st3.accounting import Shape, decode_flops, prefill_flops
+from st3.accounting import Shape, unpruned_flops
 from st3.methods.base import Method, get
 from st3.plan import LLAVA_15_7B, plan
 
@@ -81,13 +81,54 @@ def batch_cost(method: Method, metric: str, shape: Shape, visual: list[int], tex
     plans = [plan(method, shape, visual=n, text=text, new_tokens=new_tokens) for n in visual]
     if metric == "visual_per_layer":
         return sum(p.mean_visual_per_layer for p in plans) / len(plans)
-    layers, generated = shape.num_layers, new_tokens - 1
-    full = [prefill_flops(shape, [n + text] * layers) for n in visual]
-    if metric == "total_flops_ratio":
-        full = [f + sum(decode_flops(shape, [n + text + t + 1] * layers) for t in range(generated))
-                for f, n in zip(full, visual)]  # fmt: skip
-    ratio = "prefill_flops_ratio" if metric == "prefill_flops_ratio" else "total_flops_ratio"
+    part = "prefill" if metric == "prefill_flops_ratio" else "total"
+    full = [unpruned_flops(shape, [n + text], new_tokens)[part] for n in visual]
+    ratio = f"{part}_flops_ratio"
     return sum(getattr(p, ratio) * f for p, f in zip(plans, full)) / sum(full)
+
+
+def depth_scaled(name: str, num_layers: int) -> dict:
+    """Knobs in layers (ST3's start layer and stride, FastV's layer), given for 32-layer models, scaled to a
+    model of `num_layers` (empty when nothing to scale), as PyramidDrop's stages scale themselves."""
+    from st3.methods import ST3, FastV, Keep, Random, Uniform
+
+    def scale(layer: int) -> int:
+        return max(1, round(layer * num_layers / 32))
+
+    schedule = get(name)
+    if isinstance(schedule, ST3):
+        return {"start_layer": scale(2), "stride": scale(3)}
+    if isinstance(schedule, (FastV, Random, Uniform)) or (isinstance(schedule, Keep) and schedule.layer):
+        return {"layer": scale(2)}
+    return {}
+
+
+def at_budget(spec: str, budget: float, shape: Shape, visual: int, text: int) -> Method | None:
+    """The method of `spec` (`name` or `name:knob=value,...`) keeping `budget` (a share of the `visual`
+    tokens) per layer on average at `shape`, or None for the unpruned model (a budget of 1).
+
+    Knobs given in the spec are kept as given; layer knobs not given are scaled to the model's depth
+    (`depth_scaled`); the budget knob is then matched. A budget out of reach while the first layers hold
+    every token is matched again with pruning from layer 0. `st3 eval` and the lmms-eval plugin's `budget=`
+    both configure methods with this.
+    """
+    from st3.spec import parse
+
+    if budget >= 1.0:
+        return None
+    choice = parse(spec)
+    knobs = {k: v for k, v in depth_scaled(choice.name, shape.num_layers).items() if k not in choice.knobs}
+
+    def matched(layer_knobs: dict) -> Method:
+        return match(choice.name, budget * visual, shape=shape, visual=visual, text=text, **layer_knobs,
+                     **choice.knobs)  # fmt: skip
+
+    try:
+        return matched(knobs)
+    except ValueError:
+        if not knobs:
+            raise
+        return matched({key: 0 if key in ("start_layer", "layer") else value for key, value in knobs.items()})
 
 
 def _bisect(cost, low, high, target: float, integer: bool):

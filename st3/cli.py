@@ -74,26 +74,20 @@ def bench(
 
 
 def parse_knobs(knobs: list[str]) -> dict:
-    """`["ratio=0.3", "query=text"]` -> {"ratio": 0.3, "query": "text"} (values parsed as JSON when they can be)."""
-    import json
+    """`--knob KNOB=VALUE` options as a dict (`st3.spec.parse_knobs`: the bench's and eval's parser too)."""
+    from st3.spec import parse_knobs as parse
 
-    parsed = {}
-    for item in knobs:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"expected KNOB=VALUE, got {item!r}", param_hint="--knob")
-        try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key] = value
-    return parsed
+    try:
+        return parse(knobs)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--knob") from None
 
 
 @app.command()
 def plan(
     method: str = typer.Option("st3", help="Registered method name (see `st3 methods`)."),
     knob: list[str] = typer.Option([], help="Method knob as KNOB=VALUE; repeatable."),
-    shape: str = typer.Option("llava-1.5-7b", help="Decoder shape: llava-1.5-7b or llava-1.5-13b."),
+    shape: str = typer.Option("llava-1.5-7b", help="Decoder shape: one of `st3.models.SPECS` (see st3 bench --model)."),
     visual: int = typer.Option(576, help="Visual tokens in the prompt."),
     text: int = typer.Option(60, help="Other prompt tokens."),
     new_tokens: int = typer.Option(64, help="Generated tokens."),
@@ -138,7 +132,7 @@ def list_methods() -> None:
 
 @app.command("eval")
 def evaluate(
-    model_dir: str = typer.Argument(..., help="A scenes LLaVA directory (e.g. st3/assets/scenes-llava)."),
+    model_dir: str = typer.Argument(..., help="A scenes LLaVA directory (e.g. scenes/st3_scenes/assets/scenes-llava)."),
     split: str = typer.Option("test", help="train, validation or test."),
     method: list[str] = typer.Option(
         ["st3", "fastv", "pyramiddrop", "visionzip", "random"],
@@ -154,9 +148,17 @@ def evaluate(
     json_out: str = typer.Option("", "--json", help="Write the rows as JSON to this path."),
     plot: str = typer.Option("", help="Write a PNG of accuracy vs prefill FLOPs to this path."),
 ) -> None:
-    """Accuracy of each method at matched budgets on the synthetic scenes benchmark."""
-    from st3.evaluation import evaluate as run
-    from st3.evaluation import print_table, write_json, write_plot
+    """Accuracy of each method at matched budgets on the synthetic scenes benchmark (the scenes package)."""
+    try:
+        from st3_scenes.evaluate import evaluate as run
+        from st3_scenes.evaluate import print_table, write_json, write_plot
+    except ModuleNotFoundError as error:
+        if error.name != "st3_scenes":
+            raise
+        raise SystemExit(
+            "st3 eval runs the scenes benchmark, which is not part of the st3 wheel: in a clone of the repository, "
+            "`make install` (or `pip install --no-deps -e scenes/`) installs it"
+        ) from None
 
     try:
         result = run(model_dir, split, tuple(method), tuple(budget), qa, captions, batch_size, first)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -71,12 +73,35 @@ def chat_prompt(processor, question: str) -> str:
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
-def timed_generate(model, inputs: dict, method: Method | None = None, **kwargs):
-    """(output, seconds) of `model.generate(**inputs, **kwargs)`, under `method` when one is given."""
-    with torch.no_grad(), method(model) if method is not None else contextlib.nullcontext():
-        start = time.perf_counter()
+@dataclass
+class Timed:
+    """What one timed `generate` returned, and when it started and ended (by the clock it was timed with)."""
+
+    output: Any
+    start: float
+    end: float
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def timed_generate(
+    model, inputs: dict, method: Method | None = None, *, clock=time.perf_counter, sync: bool = False, **kwargs
+) -> Timed:
+    """`model.generate(**inputs, **kwargs)` under `method` (when given) without autograd, timed by `clock`.
+
+    The one timing helper of `st3 generate`, `st3 demo`, `st3 eval` and `st3 bench`. `sync`: wait for the
+    CUDA device before each clock reading, so the time covers the work and not only its launch.
+    """
+    with method(model) if method is not None else contextlib.nullcontext(), torch.inference_mode():
+        if sync:
+            torch.cuda.synchronize()
+        start = clock()
         out = model.generate(**inputs, **kwargs)
-        return out, time.perf_counter() - start
+        if sync:
+            torch.cuda.synchronize()
+        return Timed(out, start, clock())
 
 
 def answer(model, processor, image: Image.Image, questions: list[str], max_new_tokens: int, method=None):
@@ -88,9 +113,16 @@ def answer(model, processor, image: Image.Image, questions: list[str], max_new_t
         padding=True,
     ).to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    out, seconds = timed_generate(model, inputs, method, max_new_tokens=max_new_tokens, do_sample=False)
-    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [t.strip() for t in texts], seconds, inputs
+    timed = timed_generate(model, inputs, method, max_new_tokens=max_new_tokens, do_sample=False)
+    texts = processor.batch_decode(timed.output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [t.strip() for t in texts], timed.seconds, inputs
+
+
+def image_columns(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Columns of the first sample's visual tokens (images and videos), as the model's adapter reads them."""
+    from st3.adapters import adapter_for
+
+    return adapter_for(model).visual_mask(input_ids)[0].nonzero().squeeze(-1).cpu()
 
 
 def compare(
@@ -106,7 +138,7 @@ def compare(
         "unpruned": {"answers": full, "seconds": full_seconds},
         "method": {"name": method.name, "knobs": method.knobs(), "answers": pruned, "seconds": seconds},
         "trace": summary,
-        "image_columns": (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(-1).cpu(),
+        "image_columns": image_columns(model, inputs["input_ids"]),
         "image_grid": method._layout[0][0] if method._layout else None,  # the first image's patch grid
     }
 

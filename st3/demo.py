@@ -1,8 +1,9 @@
 """The main job: generate with and without ST3 on the embedded default model, compare what it cost.
 
-With the project's trained scenes model (st3/assets/scenes-llava) present, it asks that model a few
-questions and for one caption about a bundled example scene (the first of the test split), prints the
-answers, time, KV bytes and FLOPs side by side, and draws which patches survive per layer over the image.
+With the scenes package installed (`st3_scenes`, in a clone's `scenes/`: `make install` installs it), it
+asks the small LLaVA trained on that benchmark a few questions and for one caption about an example scene
+(the first of the test split), prints the answers, time, KV bytes and FLOPs side by side, and draws which
+patches survive per layer over the image. `pip install st3` alone ships no checkpoint.
 
 Without it, the default is a random LLaVA built from config with LLaVA-1.5's token layout (576 visual
 tokens from a 336 px image in 14 px patches) and a decoder as deep as LLaVA-1.5-7B's (32 layers) but
@@ -19,11 +20,10 @@ from PIL import Image
 from rich.console import Console
 
 import st3
-from st3.compare import print_comparison, timed_generate
-from st3.tiny import tiny_inputs, tiny_llava
+from st3.compare import image_columns, print_comparison, timed_generate
+from st3.testing import tiny_inputs, tiny_llava
 from st3.viz import plot_kept_patches
 
-TRAINED = Path(__file__).parent / "assets" / "scenes-llava"
 DEMO_SCENE = 2_000_000  # the first scene of the test split
 DEMO_KINDS = ("colour_of_shape", "shape_at", "left_of", "count_all")
 
@@ -40,8 +40,8 @@ def random_model_comparison(method: st3.Method, max_new_tokens: int) -> tuple[di
     timed_generate(model, inputs, max_new_tokens=2)  # warm-up
     runs = {}
     for label, applied in (("unpruned", None), ("method", method)):
-        tokens, seconds = timed_generate(model, inputs, applied, max_new_tokens=max_new_tokens, do_sample=False)
-        runs[label] = {"seconds": seconds, "tokens": tokens[0, inputs["input_ids"].shape[1] :]}
+        timed = timed_generate(model, inputs, applied, max_new_tokens=max_new_tokens, do_sample=False)
+        runs[label] = {"seconds": timed.seconds, "tokens": timed.output[0, inputs["input_ids"].shape[1] :]}
     same = (runs["unpruned"]["tokens"] == runs["method"]["tokens"]).float().mean().item()
     result = {
         "questions": ["(random token prompt; random weights, so the text is meaningless)"],
@@ -53,7 +53,7 @@ def random_model_comparison(method: st3.Method, max_new_tokens: int) -> tuple[di
             "seconds": runs["method"]["seconds"],
         },
         "trace": method.trace.summary(),
-        "image_columns": (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(-1),
+        "image_columns": image_columns(model, inputs["input_ids"]),
     }
     return result, Image.new("RGB", (336, 336), (150, 170, 200))
 
@@ -61,8 +61,8 @@ def random_model_comparison(method: st3.Method, max_new_tokens: int) -> tuple[di
 def trained_model_comparison(method: st3.Method, max_new_tokens: int, model_dir: Path) -> tuple[dict, Image.Image]:
     """The trained scenes model on the demo scene: a few questions and a caption, unpruned vs `method`."""
     from st3.compare import compare, load
-    from st3.data.scenes import scene
-    from st3.data.tasks import CAPTION_PROMPT, candidates, caption
+    from st3_scenes.scenes import scene
+    from st3_scenes.tasks import CAPTION_PROMPT, candidates, caption
 
     model, processor = load(str(model_dir), "float32")
     example = scene(DEMO_SCENE)
@@ -75,23 +75,39 @@ def trained_model_comparison(method: st3.Method, max_new_tokens: int, model_dir:
     return result, example.image
 
 
+def scenes_model_dir() -> Path | None:
+    """The trained scenes LLaVA of the scenes package, or None where only st3 is installed."""
+    try:
+        from st3_scenes import MODEL_DIR
+    except ModuleNotFoundError:
+        return None
+    return MODEL_DIR
+
+
 def run_demo(
     max_new_tokens: int = 64,
     json_path: str | None = None,
     plot_path: str | None = None,
     console: Console | None = None,
-    model_dir: Path = TRAINED,
+    model_dir: Path | None = None,
 ) -> dict:
-    """Compare unpruned and ST3 on the embedded default; print, and write JSON / PNG when asked."""
+    """Compare unpruned and ST3 on the embedded default; print, and write JSON / PNG when asked.
+
+    `model_dir`: a scenes LLaVA (default: the scenes package's, when installed); without one, the random model.
+    """
     console = console or Console()
     method = st3.ST3()
-    if (model_dir / "config.json").is_file():
+    model_dir = model_dir or scenes_model_dir()
+    if model_dir is not None and (model_dir / "config.json").is_file():
         console.print(f"model: {model_dir} (trained here); scene {DEMO_SCENE} of the test split")
         result, image = trained_model_comparison(method, max_new_tokens, model_dir)
         console.print("expected: " + " | ".join(result["expected"]), soft_wrap=True)
     else:
         console.print(
-            "model: random LLaVA-1.5 layout, 32 narrow layers (the embedded default until a trained one ships)"
+            "model: random LLaVA-1.5 layout, 32 narrow layers (random weights: the text is meaningless, the costs "
+            "are real). The trained scenes model comes with a clone of the repository: `make install`, or "
+            "`pip install --no-deps -e scenes/` in it.",
+            soft_wrap=True,
         )
         result, image = random_model_comparison(method, max_new_tokens)
     print_comparison(result, console)

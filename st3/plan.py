@@ -12,18 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
-from st3.accounting import Shape, decode_flops, prefill_flops
+from st3.accounting import Shape, decode_flops, prefill_flops, unpruned_flops
 from st3.methods.base import Method
+from st3.models import SPECS
 
+#: Decoder shapes by name, from the one table of real models' shapes.
+SHAPES: dict[str, Shape] = {name: spec.shape for name, spec in SPECS.items()}
 #: The shape the defaults are chosen for: LLaVA-1.5-7B's decoder (Vicuna-7B).
-LLAVA_15_7B = Shape(
-    num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, head_dim=128
-)
-
-LLAVA_15_13B = Shape(
-    num_layers=40, hidden_size=5120, intermediate_size=13824, num_heads=40, num_kv_heads=40, head_dim=128
-)
-SHAPES = {"llava-1.5-7b": LLAVA_15_7B, "llava-1.5-13b": LLAVA_15_13B}
+LLAVA_15_7B = SHAPES["llava-1.5-7b"]
 
 
 @dataclass
@@ -66,17 +62,16 @@ def plan(method: Method, shape: Shape, visual: int = 576, text: int = 60, new_to
 
     prompt = visual + text
     pruned_prefill = prefill_flops(shape, [text + v for v in prefill_visual])
-    full_prefill = prefill_flops(shape, [prompt] * layers)
     pruned_decode = sum(
         decode_flops(shape, [text + t + 1 + v for v in counts]) for t, counts in enumerate(decode_visual)
     )
-    full_decode = sum(decode_flops(shape, [prompt + t + 1] * layers) for t in range(new_tokens - 1))
+    full = unpruned_flops(shape, [prompt], new_tokens)
     generated = new_tokens - 1  # tokens fed back, hence cached
     return Plan(
         prefill_visual=prefill_visual,
         decode_visual=decode_visual,
         final_visual=current,
-        prefill_flops_ratio=pruned_prefill / full_prefill,
-        total_flops_ratio=(pruned_prefill + pruned_decode) / (full_prefill + full_decode),
+        prefill_flops_ratio=pruned_prefill / full["prefill"],
+        total_flops_ratio=(pruned_prefill + pruned_decode) / full["total"],
         kv_ratio=sum(text + generated + v for v in current) / (layers * (prompt + generated)),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from st3.tiny import tiny_inputs, tiny_llava
+from st3.testing import tiny_inputs, tiny_llava
 
 torch.set_num_threads(2)
 
@@ -30,16 +30,10 @@ def inputs(model):
 
 @pytest.fixture(scope="session")
 def scenes_model_dir(tmp_path_factory) -> str:
-    """A tiny random scenes LLaVA saved with its processor, loaded back like a hub checkpoint."""
-    from st3.data.model import ModelSpec, build_model
-    from st3.data.processor import build_processor
+    """A tiny random scenes LLaVA saved with its processor (a real processor, no download): the scenes package's."""
+    from st3_scenes.model import save_tiny
 
-    spec = ModelSpec(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=4,
-                     text_heads=2, text_kv_heads=1, text_intermediate=64)  # fmt: skip
-    path = tmp_path_factory.mktemp("scenes-llava")
-    build_model(spec).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    return str(path)
+    return save_tiny(tmp_path_factory.mktemp("scenes-llava"))
 
 
 def single(inputs: dict, sample: int) -> dict:

@@ -14,15 +14,17 @@ from transformers import LlavaForConditionalGeneration
 from typer.testing import CliRunner
 
 import st3
-from st3.accounting import Shape
+from st3.accounting import Shape, unpruned_flops
 from st3.adapters.llava import LlavaAdapter
 from st3.bench import BenchConfig, main, run_bench
-from st3.bench.measure import cache_bytes_per_layer, spread, timed_generate, unpruned_flops
-from st3.bench.methods import Choice, match_cost, parse, resolve
+from st3.bench.measure import cache_bytes_per_layer, measure_generate, spread
+from st3.bench.methods import match_cost, resolve
 from st3.bench.report import markdown, write_json, write_plot
-from st3.bench.shapes import ModelSpec, bench_inputs, build_model, llava_config, spec_for
+from st3.bench.shapes import bench_inputs, build_model
 from st3.cli import app
 from st3.compat import cache_of
+from st3.models import ModelSpec, llava_config, spec_for
+from st3.spec import Choice, parse
 
 
 def tiny_config(**overrides) -> BenchConfig:
@@ -108,12 +110,12 @@ def test_kv_bytes_are_the_cache_tensors_bytes(tiny):
     with method(tiny), torch.no_grad():
         out = tiny.generate(**inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     direct = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache_of(out).layers)
-    sample = timed_generate(tiny, inputs, 5, method)
+    sample = measure_generate(tiny, inputs, 5, method)
     assert sample.kv_bytes_final == direct == method.trace.kv_bytes
     assert sample.kv_bytes_per_layer == cache_bytes_per_layer(cache_of(out))
     assert sample.kv_bytes_peak == method.trace.kv_bytes_peak >= sample.kv_bytes_final
 
-    vanilla = timed_generate(tiny, inputs, 5)
+    vanilla = measure_generate(tiny, inputs, 5)
     shape = LlavaAdapter(tiny).shape
     columns = inputs["input_ids"].shape[1] + 5 - 1  # the last token is never fed back
     assert vanilla.kv_bytes_final == vanilla.kv_bytes_peak == shape.num_layers * 2 * columns * 2 * 2 * 16 * 4
@@ -190,7 +192,7 @@ def test_real_shapes(name, shape, visual):
 )
 def test_qwen_vl_shapes(name, shape, visual):
     from st3.adapters import adapter_for
-    from st3.bench.shapes import model_class, qwen_config
+    from st3.models import model_class, qwen_config
 
     spec = spec_for(name)
     with init_empty_weights():
@@ -217,6 +219,17 @@ def test_method_specs():
     assert parse("st3:ratio=0.5").label == "st3(ratio=0.5)"
     with pytest.raises(ValueError, match="knob=value"):
         parse("st3:ratio")
+
+
+def test_knob_values_parse_alike_in_a_method_spec_and_in_knob_options():
+    """`st3 bench -m`, `st3 eval -m` and `--knob` all read `true` as True (the bench used to keep "true")."""
+    from st3.spec import parse_knobs
+
+    expected = {"a": True, "b": None, "c": 0.001, "d": "text", "e": 2}
+    assert parse("x:a=true,b=None,c=1e-3,d=text,e=2").knobs == expected
+    assert parse_knobs(["a=true", "b=None", "c=1e-3", "d=text", "e=2"]) == expected
+    with pytest.raises(ValueError, match="KNOB=VALUE"):
+        parse_knobs(["ratio"])
 
 
 def test_unregistered_methods():
@@ -270,7 +283,7 @@ def test_profile_labels_the_engine_steps_and_restores_it():
 
 def test_cpu_clock_measures_process_time(tiny):
     inputs = bench_inputs(tiny, 1, 3, 4)
-    sample = timed_generate(tiny, inputs, 4, clock="cpu")
+    sample = measure_generate(tiny, inputs, 4, clock="cpu")
     assert sample.prefill_s > 0 and sample.decode_s_per_token > 0 and sample.e2e_s >= sample.prefill_s
     with pytest.raises(ValueError, match="--clock"):
         BenchConfig(clock="sundial")

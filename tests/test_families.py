@@ -19,7 +19,7 @@ import st3
 from st3.adapters import UnsupportedModel, adapter_for
 from st3.compat import cache_kwargs as compat_cache
 from st3.compat import cache_of
-from st3.tiny import tiny_inputs, tiny_llava, tiny_qwen_inputs, tiny_qwen_vl
+from st3.testing import tiny_inputs, tiny_llava, tiny_qwen_inputs, tiny_qwen_vl
 
 NEW_TOKENS = 6
 LLAVA_BATCH = ((4, 6), (2, 9), (5, 3))

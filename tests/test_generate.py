@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from st3.cli import app
-from st3.data.scenes import scene
+from st3_scenes.scenes import scene
 
 runner = CliRunner()
 
@@ -56,7 +56,7 @@ def test_load_picks_the_checkpoints_own_supported_class_and_refuses_others(tmp_p
     from transformers import BertConfig, BertModel
 
     from st3.compare import load
-    from st3.tiny import tiny_qwen_vl
+    from st3.testing import tiny_qwen_vl
 
     qwen = tmp_path / "qwen"
     tiny_qwen_vl("qwen2.5-vl", layers=2).save_pretrained(qwen)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import st3
-from st3.tiny import tiny_inputs, tiny_llava
+from st3.testing import tiny_inputs, tiny_llava
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

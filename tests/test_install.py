@@ -17,7 +17,7 @@ def run_without_cli_extra(code: str) -> subprocess.CompletedProcess:
 def test_the_library_applies_a_method_without_the_cli_extra():
     done = run_without_cli_extra(
         "import st3\n"
-        "from st3.tiny import tiny_inputs, tiny_llava\n"
+        "from st3.testing import tiny_inputs, tiny_llava\n"
         "model = tiny_llava(attn='sdpa')\n"
         "inputs = tiny_inputs(model, ((2, 3),))\n"
         "method = st3.ST3(start_layer=1, stride=1)\n"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,11 +14,11 @@ pytest.importorskip(
 )
 
 from st3.plugins import lmms_eval as plugin  # noqa: E402
-from st3.plugins.scenes_task import write_tasks  # noqa: E402
+from st3_scenes import MODEL_DIR  # noqa: E402  (the scenes package: installed with the plugin in .ci/run)
+from st3_scenes.lmms_tasks import write_tasks  # noqa: E402
 
-MODEL = str(Path(__file__).resolve().parents[1] / "st3" / "assets" / "scenes-llava")
+MODEL = str(MODEL_DIR)
 N = 8
-pytestmark = pytest.mark.skipif(not Path(MODEL, "config.json").is_file(), reason="the shipped scenes model is absent")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ def test_bad_model_args_fail_clearly_before_the_model_loads(args, message):
 
 def test_scenes_task_agrees_with_st3_eval_and_writes_figures(tasks, tmp_path):
     """lmms-eval under the plugin (batches of 3, so one is short) gives st3 eval's accuracy and visual tokens."""
-    from st3.evaluation import evaluate as st3_eval
+    from st3_scenes.evaluate import evaluate as st3_eval
 
     figures = tmp_path / "figures.json"
     result = evaluate(tasks, f"pretrained={MODEL},method=st3,budget=0.5,figures={figures}", batch_size=3)
@@ -104,8 +103,8 @@ def test_plugin_answers_equal_the_unpruned_model_when_nothing_is_pruned(tasks):
 def test_loglikelihood_reads_the_continuation_from_the_end_under_pruning():
     """Under VTW (visual tokens leave at layer 2) the teacher-forced log-likelihood of the greedy answer equals
     the log-probabilities generate gave it step by step; reading the logits from the start would not."""
-    from st3.data.processor import prompt
-    from st3.data.tasks import example
+    from st3_scenes.processor import prompt
+    from st3_scenes.tasks import example
 
     lm = plugin.St3LlavaHf(pretrained=MODEL, method="vtw", layer=2)
     e = example("test", 3, "caption")

@@ -200,6 +200,10 @@ class Adapter:
         ids = torch.tensor(self.visual_token_ids(), device=input_ids.device)
         return torch.isin(input_ids, ids)
 
+    def tokens_per_image(self) -> int | None:
+        """Visual tokens one image takes where the config fixes it (LLaVA); None where the image decides (Qwen-VL)."""
+        return None
+
     def image_layout(self, inputs: dict, visual: torch.Tensor, position_ids: torch.Tensor) -> list[list[Grid]]:
         """Per sample, the grids its visual tokens tile, in prompt order.
 

@@ -29,9 +29,12 @@ class LlavaAdapter(Adapter):
     def visual_token_ids(self) -> tuple[int, ...]:
         return (self.model.config.image_token_id,)
 
+    def tokens_per_image(self) -> int:
+        return self.model.config.image_seq_length
+
     def image_layout(self, inputs: dict, visual: torch.Tensor, position_ids: torch.Tensor) -> list[list[Grid]]:
         """One square grid per image (CLIP patches in raster order)."""
-        per_image = self.model.config.image_seq_length
+        per_image = self.tokens_per_image()
         side = math.isqrt(per_image)
         if side * side != per_image:
             raise ValueError(f"{per_image} image tokens do not form a square grid of patches")

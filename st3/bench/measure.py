@@ -19,14 +19,13 @@ import re
 import resource
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from st3.accounting import Shape, decode_flops, prefill_flops
+from st3.compare import timed_generate
 from st3.compat import cache_of
 from st3.methods.base import Method
 
@@ -151,7 +150,9 @@ def generation_config(model, new_tokens: int):
     return config
 
 
-def timed_generate(model, inputs: dict, new_tokens: int, method: Method | None = None, clock: str = "wall") -> Sample:
+def measure_generate(
+    model, inputs: dict, new_tokens: int, method: Method | None = None, clock: str = "wall"
+) -> Sample:
     """Run `model.generate` once (under `method` when given) and measure time, memory and the KV cache."""
     if new_tokens < 2:
         raise ValueError("new_tokens must be >= 2 to separate prefill from decode")
@@ -166,21 +167,18 @@ def timed_generate(model, inputs: dict, new_tokens: int, method: Method | None =
     rss_before = rss_bytes()
     stamps = StepClock(sync=cuda, clock=now)
     config = generation_config(model, new_tokens)
-    with method(model) if method is not None else nullcontext(), torch.inference_mode():
-        start = now()
-        out = model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList([stamps]))
-        if cuda:
-            torch.cuda.synchronize()
-        end = now()
+    timed = timed_generate(model, inputs, method, clock=now, sync=cuda, generation_config=config,
+                           logits_processor=LogitsProcessorList([stamps]))  # fmt: skip
+    out = timed.output
     generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
     if generated != new_tokens or len(stamps.stamps) != new_tokens:
         raise RuntimeError(f"generate made {generated} tokens ({len(stamps.stamps)} forwards), not {new_tokens}")
     per_layer = cache_bytes_per_layer(cache_of(out))
     trace = trace_digest(method) if method is not None else None
     return Sample(
-        prefill_s=stamps.stamps[0] - start,
+        prefill_s=stamps.stamps[0] - timed.start,
         decode_s_per_token=(stamps.stamps[-1] - stamps.stamps[0]) / (new_tokens - 1),
-        e2e_s=end - start,
+        e2e_s=timed.seconds,
         new_tokens=new_tokens,
         batch_size=inputs["input_ids"].shape[0],
         rss_peak_bytes=peak_rss_bytes(),
@@ -203,18 +201,6 @@ def trace_digest(method: Method) -> dict:
         steps.append([sum(layer) / trace.batch_size for layer in step])
     summary["visual_over_steps"] = steps
     return summary
-
-
-# -------------------------------------------------------------------------------------------- FLOPs
-def unpruned_flops(shape: Shape, prompt_tokens: list[int], new_tokens: int) -> dict[str, int]:
-    """Theoretical FLOPs of the vanilla model for the same prompts and generated tokens (as Trace counts:
-    N tokens take one prefill and N - 1 decode forwards, the t-th attending to prompt + t + 1 keys)."""
-    layers = shape.num_layers
-    prefill = sum(prefill_flops(shape, [tokens] * layers) for tokens in prompt_tokens)
-    decode = sum(
-        decode_flops(shape, [tokens + t + 1] * layers) for tokens in prompt_tokens for t in range(new_tokens - 1)
-    )
-    return {"prefill": prefill, "decode": decode, "total": prefill + decode}
 
 
 # ------------------------------------------------------------------------------------------ summaries

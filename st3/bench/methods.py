@@ -8,50 +8,15 @@ registry, so any method registered with `st3.register` works; a default peer tha
 
 from __future__ import annotations
 
-import ast
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from st3.accounting import Shape
 from st3.methods.base import Method, get, methods
 from st3.plan import plan
+from st3.spec import Choice, parse
 
 DEFAULT_METHODS = ("st3", "fastv:match", "pyramiddrop:match")
 """ST3 at its defaults, and its two best-known peers at the same theoretical cost."""
-
-
-@dataclass
-class Choice:
-    """One parsed `--method` spec."""
-
-    name: str
-    knobs: dict = field(default_factory=dict)
-    match: bool = False
-
-    @property
-    def label(self) -> str:
-        if self.match:
-            return f"{self.name} (matched)"
-        if not self.knobs:
-            return self.name
-        return f"{self.name}(" + ", ".join(f"{k}={v}" for k, v in self.knobs.items()) + ")"
-
-
-def parse(spec: str) -> Choice:
-    """'name', 'name:match' or 'name:k=v,k=v' (values parsed as Python literals, else kept as strings)."""
-    name, _, rest = spec.strip().partition(":")
-    choice = Choice(name.strip().lower())
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        if item == "match":
-            choice.match = True
-            continue
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"method spec {spec!r}: expected knob=value, got {item!r}")
-        try:
-            choice.knobs[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            choice.knobs[key.strip()] = value.strip()
-    return choice
 
 
 @dataclass

@@ -26,11 +26,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import st3
 import st3.engine.forward as engine_forward
 from st3 import compat
-from st3.bench.measure import timed_generate
-from st3.bench.shapes import DTYPES, bench_inputs, build_model, spec_for
+from st3.bench.measure import measure_generate
+from st3.bench.shapes import DTYPES, bench_inputs, build_model
 from st3.compat import DynamicLayer
 from st3.engine.cache import PrunableLayer
 from st3.engine.forward import Engine
+from st3.models import spec_for
 
 #: (object, attribute, label): what gets a profiler label while profiling.
 PROBES: tuple[tuple[object, str, str], ...] = (
@@ -82,7 +83,7 @@ def profiled_run(model, inputs: dict, new_tokens: int, method: st3.Method | None
             stack.enter_context(mock.patch.object(DynamicLayer, "update", update))
         prof = stack.enter_context(profile(activities=[ProfilerActivity.CPU]))
         start = time.perf_counter()
-        timed_generate(model, inputs, new_tokens, method)
+        measure_generate(model, inputs, new_tokens, method)
         wall = time.perf_counter() - start
     rows = []
     for event in prof.key_averages():
@@ -109,7 +110,7 @@ def run_profile(
     """Profile vanilla and `method_name` once each on the same model and prompt."""
     model = build_model(spec_for(model_name, layers), DTYPES[dtype])
     inputs = bench_inputs(model, batch_size)
-    timed_generate(model, inputs, 2)  # warm-up (allocator, kernels), unprofiled
+    measure_generate(model, inputs, 2)  # warm-up (allocator, kernels), unprofiled
     vanilla_wall, vanilla_rows = profiled_run(model, inputs, new_tokens, None)
     method = st3.get(method_name)
     method_wall, method_rows = profiled_run(model, inputs, new_tokens, method)

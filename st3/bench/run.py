@@ -19,10 +19,12 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from st3.accounting import unpruned_flops
 from st3.adapters import adapter_for
-from st3.bench.measure import CLOCKS, Sample, spread, timed_generate, unpruned_flops
+from st3.bench.measure import CLOCKS, Sample, measure_generate, spread
 from st3.bench.methods import Resolved, resolve
-from st3.bench.shapes import DTYPES, bench_inputs, build_model, load_model_dir, shape_name, spec_for
+from st3.bench.shapes import DTYPES, bench_inputs, build_model, load_model_dir, shape_name
+from st3.models import spec_for
 
 VANILLA = "vanilla"
 ATTN = ("sdpa", "eager", "flash_attention_2")
@@ -128,11 +130,11 @@ def run_block(model, config: BenchConfig, batch_size: int, new_tokens: int, meth
     try:
         for _ in range(config.warmup):
             for entry in entries:
-                timed_generate(model, inputs, min(new_tokens, WARMUP_TOKENS), entry.method, config.clock)
+                measure_generate(model, inputs, min(new_tokens, WARMUP_TOKENS), entry.method, config.clock)
                 bar.update()
         for _ in range(config.repeats):
             for entry in entries:
-                samples[entry.label].append(timed_generate(model, inputs, new_tokens, entry.method, config.clock))
+                samples[entry.label].append(measure_generate(model, inputs, new_tokens, entry.method, config.clock))
                 bar.update()
     except torch.cuda.OutOfMemoryError as error:  # larger batches where memory allows
         torch.cuda.empty_cache()

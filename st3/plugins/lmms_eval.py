@@ -258,15 +258,15 @@ def matched(name: str, knobs: dict, budget: float, model) -> st3.Method | None:
     """Method `name` with `knobs` at `budget` (share of visual tokens per layer), configured exactly as
     `st3 eval --budget` does (None at a budget of 1: unpruned, as there)."""
     from st3.adapters import adapter_for
-    from st3.evaluation import configure
+    from st3.budget import at_budget
 
     given = [f"{k}={v!r}" for k, v in knobs.items()]
     if any("," in item for item in given):
         raise ValueError(f"budget=: knobs with commas cannot be combined with a budget: {given}")
-    shape = adapter_for(model).shape
-    visual = int(getattr(model.config, "image_seq_length", 576))
+    adapter = adapter_for(model)
+    visual = adapter.tokens_per_image() or 576  # Qwen-VL's tokens per image vary: matched as for LLaVA-1.5's
     try:
-        return configure(":".join([name, ",".join(given)]), budget, shape.num_layers, visual, 60, shape)
+        return at_budget(":".join([name, ",".join(given)]), budget, adapter.shape, visual, 60)
     except ValueError as error:
         raise ValueError(f"budget={budget}: {error}") from None
 

@@ -10,9 +10,9 @@ import re
 import pytest
 import torch
 
-from st3.data.processor import IMAGE, build_processor, pixel_values, prompt
-from st3.data.scenes import COLOURS, COLS, GRID, IMAGE_SIZE, MAX_OBJECTS, MIN_OBJECTS, ROWS, SHAPES, SIZES, scene
-from st3.data.tasks import (
+from st3_scenes.processor import IMAGE, build_processor, pixel_values, prompt
+from st3_scenes.scenes import COLOURS, COLS, GRID, IMAGE_SIZE, MAX_OBJECTS, MIN_OBJECTS, ROWS, SHAPES, SIZES, scene
+from st3_scenes.tasks import (
     ALWAYS_ASKED,
     CAPTION_PROMPT,
     KINDS,
@@ -248,9 +248,9 @@ def test_processor_loads_expands_image_tokens_and_left_pads(saved_processor):
 def test_tiny_model_round_trips_through_from_pretrained(tmp_path, saved_processor):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from st3.data.model import ModelSpec, build_model
+    from st3_scenes.model import ScenesSpec, build_model
 
-    spec = ModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
+    spec = ScenesSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
                      text_heads=4, text_kv_heads=2, text_intermediate=64, rope_theta=1e6, text_head_dim=16)  # fmt: skip
     model = build_model(spec).eval()
     model.save_pretrained(tmp_path)
@@ -281,7 +281,7 @@ def run_one_by_one(
     giving its logits (zero past its length) and the focus loss terms by kind, read from `output_attentions`, for
     the heads `focus_heads_for(focus_layer, 2, count_layer)` assigns: position heads 0-1 and content heads 2-3 of
     the focus layer, and head 0 of the count layer."""
-    from st3.data.train import FOCUS_KINDS
+    from st3_scenes.train import FOCUS_KINDS
 
     model.set_attn_implementation("eager")
     width, patches = batch.prefix_ids.shape[1], batch.focus_mask.shape[1]
@@ -318,10 +318,10 @@ def run_one_by_one(
 
 
 def test_packed_training_equals_separate_sequences():
-    from st3.data.model import ModelSpec, build_model
-    from st3.data.train import make_batch, packed_logits
+    from st3_scenes.model import ScenesSpec, build_model
+    from st3_scenes.train import make_batch, packed_logits
 
-    spec = ModelSpec(**TRAINING_SPEC)
+    spec = ScenesSpec(**TRAINING_SPEC)
     model = build_model(spec).eval()
     batch = make_batch(build_processor().tokenizer, [11, 12], questions=2, caption_weight=2.0,
                        image_tokens=spec.image_tokens)  # fmt: skip
@@ -336,7 +336,7 @@ def test_packed_training_equals_separate_sequences():
 
 
 def test_word_focus_targets_the_objects_each_colour_or_shape_word_names():
-    from st3.data.train import FOCUS_KINDS, make_batch, patch_cells
+    from st3_scenes.train import FOCUS_KINDS, make_batch, patch_cells
 
     tokenizer = build_processor().tokenizer
     seeds = list(range(40, 46))
@@ -361,7 +361,7 @@ def test_word_focus_targets_the_objects_each_colour_or_shape_word_names():
 
 
 def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
-    from st3.data.train import LABEL_HEADS, patch_labels
+    from st3_scenes.train import LABEL_HEADS, patch_labels
 
     heads = [name for name, _ in LABEL_HEADS]
     singular = {plural: shape for shape, plural in PLURALS.items()}
@@ -407,10 +407,10 @@ def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
     ids=["cells", "cells+counts+words, rope base 1e6"],
 )
 def test_focus_attention_matches_eager_attention(count_layer, rope_theta, word):
-    from st3.data.model import ModelSpec, build_model
-    from st3.data.train import FOCUS_KINDS, focus_heads_for, make_batch, packed_logits
+    from st3_scenes.model import ScenesSpec, build_model
+    from st3_scenes.train import FOCUS_KINDS, focus_heads_for, make_batch, packed_logits
 
-    spec = ModelSpec(**TRAINING_SPEC, rope_theta=rope_theta)
+    spec = ScenesSpec(**TRAINING_SPEC, rope_theta=rope_theta)
     model = build_model(spec).eval()
     counts = count_layer is not None
     batch = make_batch(build_processor().tokenizer, [21, 22], questions=6, caption_weight=1.5,
@@ -426,10 +426,10 @@ def test_focus_attention_matches_eager_attention(count_layer, rope_theta, word):
 
 
 def test_packed_training_has_the_gradients_of_separate_sequences():
-    from st3.data.model import ModelSpec, build_model
-    from st3.data.train import focus_heads_for, focus_loss_of, loss_of, make_batch, packed_logits
+    from st3_scenes.model import ScenesSpec, build_model
+    from st3_scenes.train import focus_heads_for, focus_loss_of, loss_of, make_batch, packed_logits
 
-    spec = ModelSpec(**TRAINING_SPEC, text_head_dim=16)
+    spec = ScenesSpec(**TRAINING_SPEC, text_head_dim=16)
     model = build_model(spec)
     batch = make_batch(build_processor().tokenizer, [31, 32, 33], questions=4, caption_weight=1.5,
                        image_tokens=spec.image_tokens, count_focus=True)  # fmt: skip

@@ -1,33 +1,99 @@
-"""`st3 eval`: accuracy of every method as visual tokens go, on the scenes benchmark, at matched budgets.
+"""Exact-match accuracy on the scenes benchmark: of the model alone, and of every method at matched budgets.
 
-For each method and each budget (a share of the image's visual tokens kept per layer on average), the
-method's budget knob is set with `st3.match` at the model's own shape, then QA (one-word answers, exact
-match) and captions (the whole caption exactly right) are generated in left-padded batches. Reported per
-task: accuracy, accuracy relative to unpruned, mean visual tokens per layer, prefill FLOPs ratio, KV-cache
-ratio at the end and wall time, as a terminal table, JSON and a PNG of accuracy vs prefill FLOPs.
+    st3 eval scenes/st3_scenes/assets/scenes-llava --split test --first 5000 --qa 250 --captions 25
+    python -m st3_scenes.evaluate --model scenes/st3_scenes/assets/scenes-llava --split test --qa 2000
 
-Knobs defined in layers (ST3's start layer and stride, FastV's layer) are given for 32-layer models; on a
-shallower model they are scaled to its depth first (as PyramidDrop's stages are), then the budget is matched.
-A budget that cannot be reached while the first layers hold every token is matched again with pruning
-from layer 0 (the configuration is in each row's knobs); one still out of reach is reported as a note.
+Answers are generated greedily through the stock path (`AutoProcessor` + `model.generate`, left-padded
+batches, `answers`); a QA answer counts when the decoded text equals the answer, a caption when it equals
+the template caption exactly.
+
+`evaluate` (`st3 eval`): for each method and each budget (a share of the image's visual tokens kept per
+layer on average), the method is configured with `st3.budget.at_budget` at the model's own shape (layer
+knobs scaled to its depth, the budget knob matched), then QA and captions are answered. Reported per task:
+accuracy, accuracy relative to unpruned, mean visual tokens per layer, prefill FLOPs ratio, KV-cache ratio
+at the end and wall time, as a terminal table, JSON and a PNG of accuracy vs prefill FLOPs. A budget out of
+reach is reported as a note. `accuracy` (the trainer's validation, `python -m st3_scenes.evaluate`): the
+unpruned model alone, QA by question kind.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 import st3
 from st3.adapters import adapter_for
-from st3.bench.methods import parse as parse_spec
-from st3.data.tasks import ANSWER_TOKENS, SPLITS, example
+from st3.budget import at_budget
+from st3.compare import timed_generate
+from st3.spec import parse
+from st3_scenes.processor import prompt
+from st3_scenes.tasks import ANSWER_TOKENS, SPLITS, Example, example
 
 BUDGETS = (1.0, 0.5, 0.33, 0.22, 0.11)
 METHODS = ("st3", "fastv", "pyramiddrop", "visionzip", "random")
+
+
+def answers(
+    model, processor, examples: list[Example], max_new_tokens: int, batch_size: int = 32,
+    method: st3.Method | None = None, progress=None,
+) -> tuple[list[str], dict]:  # fmt: skip
+    """Greedy answers to `examples` under `method` (None: unpruned), decoded without special tokens and
+    stripped, and the run's cost totals (visual tokens per layer, prefill FLOPs, KV bytes, pruned vs not)."""
+    out: list[str] = []
+    totals = {"visual": 0.0, "samples": 0, "prefill": 0, "prefill_full": 0, "kv": 0, "kv_full": 0}
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        inputs = processor(
+            images=[e.image for e in batch], text=[prompt(e.question) for e in batch], return_tensors="pt", padding=True
+        ).to(model.device)
+        generated = timed_generate(model, inputs, method, max_new_tokens=max_new_tokens, do_sample=False).output
+        if method is not None:
+            summary = method.trace.summary()
+            totals["visual"] += summary["mean_visual_per_layer"] * len(batch)
+            totals["prefill"] += summary["flops"]["prefill"]
+            totals["prefill_full"] += summary["flops"]["prefill_unpruned"]
+            totals["kv"] += summary["kv_bytes"]
+            totals["kv_full"] += summary["kv_bytes_unpruned"]
+        totals["samples"] += len(batch)
+        texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        out.extend(t.strip() for t in texts)
+        if progress is not None:
+            progress.update(len(batch))
+    return out, totals
+
+
+def accuracy(model, processor, split: str = "validation", qa: int = 500, captions: int = 100, start: int = 0,
+             batch_size: int = 32) -> dict:  # fmt: skip
+    """The unpruned model's QA exact match (overall and by kind) over examples [start, start+qa) and caption
+    exact match over caption examples [start, start+captions) of the split."""
+    was_training = model.training
+    model.eval()
+    result: dict = {"split": split}
+    if qa:
+        examples = [example(split, start + i, "qa") for i in range(qa)]
+        got, _ = answers(model, processor, examples, ANSWER_TOKENS["qa"], batch_size)
+        by_kind: dict[str, list[bool]] = defaultdict(list)
+        for e, g in zip(examples, got):
+            by_kind[e.kind].append(g == e.answer)
+        hits = [h for v in by_kind.values() for h in v]
+        result["qa_accuracy"] = sum(hits) / len(hits)
+        result["qa_n"] = len(hits)
+        result["qa_by_kind"] = {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())}
+    if captions:
+        examples = [example(split, start + i, "caption") for i in range(captions)]
+        got, _ = answers(model, processor, examples, ANSWER_TOKENS["caption"], batch_size)
+        result["caption_exact"] = sum(g == e.answer for e, g in zip(examples, got)) / len(examples)
+        result["caption_n"] = len(examples)
+        result["caption_samples"] = [{"want": e.answer, "got": g} for e, g in list(zip(examples, got))[:3]]
+    model.train(was_training)
+    return result
 
 
 @dataclass
@@ -45,69 +111,6 @@ class Row:
     seconds: float
     knobs: dict = field(default_factory=dict)
     relative: float = 1.0
-
-
-def depth_scaled(name: str, num_layers: int) -> dict:
-    """Knobs in layers, scaled from a 32-layer model to `num_layers` (empty when nothing to scale)."""
-
-    def scale(layer: int) -> int:
-        return max(1, round(layer * num_layers / 32))
-
-    schedule = st3.get(name)
-    if isinstance(schedule, st3.ST3):
-        return {"start_layer": scale(2), "stride": scale(3)}
-    if isinstance(schedule, (st3.FastV, st3.Random, st3.Uniform)) or (
-        isinstance(schedule, st3.Keep) and schedule.layer
-    ):
-        return {"layer": scale(2)}
-    return {}
-
-
-def configure(spec: str, budget: float, num_layers: int, visual: int, text: int, shape) -> st3.Method | None:
-    """The method of `spec` (`name` or `name:knob=value,...`) at `budget` (share of visual tokens per layer), or
-    None for the unpruned model. Knobs given in the spec are kept as given; the budget knob is then matched."""
-    if budget >= 1.0:
-        return None
-    choice = parse_spec(spec)
-    knobs = {k: v for k, v in depth_scaled(choice.name, num_layers).items() if k not in choice.knobs}
-
-    def matched(layer_knobs: dict) -> st3.Method:
-        return st3.match(choice.name, budget * visual, shape=shape, visual=visual, text=text, **layer_knobs,
-                         **choice.knobs)  # fmt: skip
-
-    try:
-        return matched(knobs)
-    except ValueError:
-        if not knobs:
-            raise
-        return matched({key: 0 if key in ("start_layer", "layer") else value for key, value in knobs.items()})
-
-
-def run_task(model, processor, examples, method, batch_size: int, progress) -> tuple[list[bool], dict]:
-    """Greedy answers for `examples` under `method` (None: unpruned); exact-match hits and cost totals."""
-    from st3.compare import timed_generate
-    from st3.data.processor import prompt
-
-    hits, totals = [], {"visual": 0.0, "samples": 0, "prefill": 0, "prefill_full": 0, "kv": 0, "kv_full": 0}
-    task = examples[0].task
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        inputs = processor(
-            images=[e.image for e in batch], text=[prompt(e.question) for e in batch], return_tensors="pt", padding=True
-        )
-        generated, _ = timed_generate(model, inputs, method, max_new_tokens=ANSWER_TOKENS[task], do_sample=False)
-        if method is not None:
-            summary = method.trace.summary()
-            totals["visual"] += summary["mean_visual_per_layer"] * len(batch)
-            totals["prefill"] += summary["flops"]["prefill"]
-            totals["prefill_full"] += summary["flops"]["prefill_unpruned"]
-            totals["kv"] += summary["kv_bytes"]
-            totals["kv_full"] += summary["kv_bytes_unpruned"]
-        totals["samples"] += len(batch)
-        texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        hits.extend(text.strip() == e.answer for text, e in zip(texts, batch))
-        progress.update(len(batch))
-    return hits, totals
 
 
 def evaluate(
@@ -130,11 +133,11 @@ def evaluate(
     for budget in budgets:
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"budget: each must be in (0, 1], got {budget}")
-    unknown = [m for m in methods if parse_spec(m).name not in st3.methods()]
+    unknown = [m for m in methods if parse(m).name not in st3.methods()]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(st3.methods())}")
     for spec in methods:  # bad knobs fail here, before any model is loaded, not as a note per budget
-        choice = parse_spec(spec)
+        choice = parse(spec)
         try:
             st3.get(choice.name, **choice.knobs)
         except (TypeError, ValueError) as error:
@@ -144,16 +147,14 @@ def evaluate(
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    shape = adapter_for(model).shape
+    adapter = adapter_for(model)
+    shape, visual = adapter.shape, adapter.tokens_per_image()
     tasks = {
         "qa": [example(split, first + i, "qa") for i in range(qa)],
         "caption": [example(split, first + i, "caption") for i in range(captions)],
     }
     tasks = {task: examples for task, examples in tasks.items() if examples}
-    visual = model.config.image_seq_length
-    probe = processor(
-        images=[tasks[next(iter(tasks))][0].image], text=["USER: <image>\nwhat? ASSISTANT:"], return_tensors="pt"
-    )
+    probe = processor(images=[tasks[next(iter(tasks))][0].image], text=[prompt("what?")], return_tensors="pt")
     text = probe["input_ids"].shape[1] - visual
 
     plans = [("unpruned", 1.0)] + [(m, b) for m in methods for b in budgets if b < 1.0]
@@ -162,14 +163,15 @@ def evaluate(
     with tqdm(total=total, desc="st3 eval", unit="answer") as progress:
         for name, budget in plans:
             try:
-                method = None if name == "unpruned" else configure(name, budget, shape.num_layers, visual, text, shape)
+                method = None if name == "unpruned" else at_budget(name, budget, shape, visual, text)
             except ValueError as error:
                 notes.append(f"{name} at {budget:.0%}: {error}")
                 progress.update(sum(len(e) for e in tasks.values()))
                 continue
             for task, examples in tasks.items():
                 start = time.perf_counter()
-                hits, t = run_task(model, processor, examples, method, batch_size, progress)
+                got, t = answers(model, processor, examples, ANSWER_TOKENS[task], batch_size, method, progress)
+                hits = [text == e.answer for text, e in zip(got, examples)]
                 pruned = method is not None
                 rows.append(
                     Row(
@@ -261,3 +263,36 @@ def write_plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m st3_scenes.evaluate`: the unpruned model's accuracy (`accuracy`), as JSON."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from st3_scenes import MODEL_DIR
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(MODEL_DIR))
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--qa", type=int, default=2000)
+    parser.add_argument("--captions", type=int, default=500)
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    t0 = time.time()
+    result = accuracy(model, processor, args.split, args.qa, args.captions, args.start, args.batch_size)
+    result["seconds"] = round(time.time() - t0, 1)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,15 @@
-"""A small LLaVA built from config with random weights: the embedded default and the tests' model."""
+"""Tiny random models and inputs for tests, smoke runs and the demo's no-download fallback.
+
+Every LLaVA here is built from `st3.models.llava_config` (the one config builder, also used by the bench's
+real shapes and the scenes model); the Qwen-VL ones from the stock Qwen-VL configs at tiny sizes.
+"""
 
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
+
+from st3.models import ModelSpec, llava_config
 
 IMAGE_TOKEN = 3
 PAD_TOKEN = 0
@@ -27,35 +33,13 @@ def tiny_llava(
 
     text_model picks another decoder ("qwen2", "qwen3", "mistral"); text_overrides go to its config.
     """
-    import transformers as tf
-
-    text_config = {"llama": LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
-                   "mistral": tf.MistralConfig}[text_model]  # fmt: skip
+    spec = ModelSpec(
+        "tiny-llava", hidden, layers, heads, kv_heads, 2 * hidden, vocab, image_size, patch_size=patch_size,
+        vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, feature_layer=-2,
+        max_positions=1024, text_model=text_model,
+    )  # fmt: skip
     torch.manual_seed(seed)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch_size,
-        ),
-        text_config=text_config(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            vocab_size=vocab,
-            max_position_embeddings=1024,
-            pad_token_id=PAD_TOKEN,
-            **text_overrides,
-        ),
-        image_token_index=IMAGE_TOKEN,
-        image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_layer=-2,
-    )
+    config = llava_config(spec, image_token=IMAGE_TOKEN, pad_token=PAD_TOKEN, **text_overrides)
     model = LlavaForConditionalGeneration(config).eval()
     model.set_attn_implementation(attn)
     model.generation_config.eos_token_id = None  # random weights would stop at random

@@ -1,6 +1,6 @@
 """Where a scenes model's "what colour is the <shape>?" answers go wrong (validation split):
 
-    .venv/bin/python scripts/colour_lookup_errors.py runs/grid3/export --examples 3000
+    .venv/bin/python scenes/scripts/colour_lookup_errors.py runs/grid3/export --examples 3000
 
 Splits those questions by whether the shape is unique ("the circle") or named by its size because it occurs
 twice ("the large circle"), and counts how many wrong answers are the colour of another object in the scene
@@ -13,9 +13,9 @@ import argparse
 
 import torch
 
-from st3.data.evaluate import answers
-from st3.data.scenes import SIZES
-from st3.data.tasks import ANSWER_TOKENS, example
+from st3_scenes.evaluate import answers
+from st3_scenes.scenes import SIZES
+from st3_scenes.tasks import ANSWER_TOKENS, example
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     questions = [e for e in (example("validation", i) for i in range(args.examples)) if e.kind == "colour_of_shape"]
-    got = answers(model, processor, questions, ANSWER_TOKENS["qa"])
+    got, _ = answers(model, processor, questions, ANSWER_TOKENS["qa"])
     for sized in (False, True):
         rows = [(e, g) for e, g in zip(questions, got) if (e.question.split()[-2] in SIZES) == sized]
         wrong = [(e, g) for e, g in rows if g != e.answer]

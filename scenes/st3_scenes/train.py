@@ -1,6 +1,6 @@
 """Train the scenes LLaVA from scratch on CPU: seeded, resumable, QA mixed with captions.
 
-    python scripts/train.py --out runs/scenes --export st3/assets/scenes-llava
+    python scenes/scripts/train.py --out runs/scenes --export scenes/st3_scenes/assets/scenes-llava
 
 Each step draws `--images` training scenes (scene seeds step*images ... , so the data order is a function of
 the step alone and a resumed run sees exactly the batches it would have seen). Per scene the model is trained
@@ -48,10 +48,10 @@ from torch import nn
 from tqdm import tqdm
 
 from st3.compat import DynamicCache, cache_kwargs, rotary
-from st3.data.model import ModelSpec, build_model, parameter_count
-from st3.data.processor import IMAGE, PATCH_SIZE, build_processor, pixel_values, prompt
-from st3.data.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, scene
-from st3.data.tasks import (
+from st3_scenes.model import ScenesSpec, build_model, parameter_count
+from st3_scenes.processor import IMAGE, PATCH_SIZE, build_processor, pixel_values, prompt
+from st3_scenes.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, scene
+from st3_scenes.tasks import (
     ALWAYS_ASKED,
     CAPTION_PROMPT,
     DIRECTIONS,
@@ -353,7 +353,7 @@ def focus_heads_for(
     return plan
 
 
-def focus_plan(flags: dict, spec: ModelSpec) -> dict[int, FocusHeads]:
+def focus_plan(flags: dict, spec: ScenesSpec) -> dict[int, FocusHeads]:
     """The trainer's flags (as parsed, or as saved in a checkpoint) -> `focus_heads_for`'s plan; {} without the
     focus loss. A focus layer of -1 is the middle layer, a count layer of -1 none; ValueError names the flag."""
     if flags["focus_weight"] <= 0:
@@ -529,7 +529,7 @@ def changed_flags(saved: dict, now: dict) -> str:
     )
 
 
-def save_checkpoint(path: Path, model, probe, optimizer, step: int, args: dict, spec: ModelSpec) -> None:
+def save_checkpoint(path: Path, model, probe, optimizer, step: int, args: dict, spec: ScenesSpec) -> None:
     tmp = path.with_suffix(".tmp")
     state = {
         "model": model.state_dict(),
@@ -564,7 +564,8 @@ def json_object(flag: str, text: str) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/scenes", help="checkpoint and log directory")
-    p.add_argument("--export", default="st3/assets/scenes-llava", help="save_pretrained target at the end")
+    p.add_argument("--export", default="scenes/st3_scenes/assets/scenes-llava",
+                   help="save_pretrained target at the end")  # fmt: skip
     p.add_argument("--steps", type=int, default=5000, help="total steps, the vision phase included")
     p.add_argument("--vision-steps", type=int, default=1000, help="first steps: vision tower + patch probe only")
     p.add_argument("--vision-images", type=int, default=16, help="scenes per vision-phase step")
@@ -606,7 +607,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-captions", type=int, default=40)
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--export-only", action="store_true", help="export the checkpoint in --out and stop")
-    p.add_argument("--spec", default="{}", help="ModelSpec overrides as JSON, e.g. '{\"text_hidden\": 192}'")
+    p.add_argument("--spec", default="{}", help="ScenesSpec overrides as JSON, e.g. '{\"text_hidden\": 192}'")
     p.add_argument(
         "--kind-weights",
         default="{}",
@@ -624,9 +625,9 @@ def main(argv: list[str] | None = None) -> dict:
     log_path = out / "log.jsonl"
 
     spec_fields = json_object("--spec", args.spec)
-    if unknown := sorted(set(spec_fields) - {field.name for field in dataclasses.fields(ModelSpec)}):
-        raise SystemExit(f"--spec: unknown fields {unknown}; ModelSpec has {list(dataclasses.asdict(ModelSpec()))}")
-    spec = ModelSpec(**spec_fields)
+    if unknown := sorted(set(spec_fields) - {field.name for field in dataclasses.fields(ScenesSpec)}):
+        raise SystemExit(f"--spec: unknown fields {unknown}; ScenesSpec has {list(dataclasses.asdict(ScenesSpec()))}")
+    spec = ScenesSpec(**spec_fields)
     kind_weights = json_object("--kind-weights", args.kind_weights)
     if unknown := sorted(set(kind_weights) - set(KINDS)):
         raise SystemExit(f"--kind-weights: unknown kinds {unknown}; the kinds are {list(KINDS)}")
@@ -658,7 +659,7 @@ def main(argv: list[str] | None = None) -> dict:
     step = 0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
-        if ModelSpec(**state["spec"]) != spec:  # fields added since take their defaults
+        if ScenesSpec(**state["spec"]) != spec:  # fields added since take their defaults
             raise SystemExit(f"{ckpt_path} was made with spec {state['spec']}, not {dataclasses.asdict(spec)}")
         model.load_state_dict(state["model"])
         if probe is not None:
@@ -740,9 +741,9 @@ def main(argv: list[str] | None = None) -> dict:
             record["step_seconds"] = round(sum(recent) / len(recent), 3)
         if step > args.vision_steps and (step % args.eval_every == 0 or step == args.steps):
             t_eval = time.time()
-            from st3.data.evaluate import evaluate
+            from st3_scenes.evaluate import accuracy
 
-            result = evaluate(model, processor, "validation", args.eval_qa, args.eval_captions)
+            result = accuracy(model, processor, "validation", args.eval_qa, args.eval_captions)
             record = (record or {"step": step}) | {k: v for k, v in result.items() if k != "caption_samples"}
             record["eval_seconds"] = round(time.time() - t_eval, 1)
             tqdm.write(

@@ -42,7 +42,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from st3.data.scenes import COLOURS, COLS, GRID, ROWS, SHAPES, SIZES, Scene, SceneObject, scene
+from st3_scenes.scenes import COLOURS, COLS, GRID, ROWS, SHAPES, SIZES, Scene, SceneObject, scene
 
 SPLITS: dict[str, tuple[int, int]] = {
     "train": (0, 1_000_000),

@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from st3.budget import depth_scaled
 from st3.cli import app
-from st3.evaluation import depth_scaled
 
 runner = CliRunner()
 
@@ -67,7 +67,7 @@ def test_eval_keeps_knobs_given_in_the_method_spec(scenes_model_dir, tmp_path):
 
 
 def test_eval_first_reads_a_held_out_range_of_the_split(scenes_model_dir, monkeypatch):
-    import st3.evaluation as evaluation
+    import st3_scenes.evaluate as evaluation
 
     seen = []
     original = evaluation.example
@@ -80,6 +80,16 @@ def test_eval_first_reads_a_held_out_range_of_the_split(scenes_model_dir, monkey
     result = evaluation.evaluate(scenes_model_dir, "test", ("random",), (1.0,), qa=2, captions=1, first=5000)
     assert sorted(seen) == [("test", 5000, "caption"), ("test", 5000, "qa"), ("test", 5001, "qa")]
     assert result["first"] == 5000
+
+
+def test_eval_without_the_scenes_package_says_how_to_install_it():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['st3_scenes'] = None\nfrom st3.cli import app\napp(['eval', 'x'])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "pip install --no-deps -e scenes/" in done.stderr
 
 
 def test_layer_knobs_scale_with_depth_for_compositions():

@@ -1,11 +1,11 @@
 """The scenes benchmark as offline lmms-eval tasks: `st3_scenes_qa` and `st3_scenes_caption`.
 
-    python -m st3.plugins.scenes_task runs/lmms-tasks --split test --qa 200 --captions 50
-    lmms-eval --model st3_llava_hf --model_args pretrained=st3/assets/scenes-llava,method=st3 \\
+    python -m st3_scenes.lmms_tasks runs/lmms-tasks --split test --qa 200 --captions 50
+    lmms-eval --model st3_llava_hf --model_args pretrained=scenes/st3_scenes/assets/scenes-llava,method=st3 \\
         --tasks st3_scenes_qa --include_path runs/lmms-tasks --limit 200
 
-The examples are `st3.data.tasks.example(split, i, task)` for i in [0, n): the same ones `st3 eval` and
-`python -m st3.data.evaluate` use. They are written to local files (a `datasets` dataset saved with
+The examples are `st3_scenes.tasks.example(split, i, task)` for i in [0, n): the same ones `st3 eval` and
+`python -m st3_scenes.evaluate` use. They are written to local files (a `datasets` dataset saved with
 `save_to_disk`, images as PNG, plus each task's YAML), so lmms-eval loads them with no hub access. Scoring is
 exact match of the stripped answer, as in `st3 eval`.
 """
@@ -35,9 +35,9 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 metadata:
-  source: st3.data.tasks.example("{split}", i, "{kind}") for i in [0, {n})
+  source: st3_scenes.tasks.example("{split}", i, "{kind}") for i in [0, {n})
 """
-UTILS = "from st3.plugins.scenes_task import doc_to_text, doc_to_visual, process_results  # noqa: F401\n"
+UTILS = "from st3_scenes.lmms_tasks import doc_to_text, doc_to_visual, process_results  # noqa: F401\n"
 
 
 def doc_to_visual(doc: dict) -> list:
@@ -56,7 +56,7 @@ def write_tasks(directory: str | Path, split: str = "test", qa: int = 200, capti
     """Write the tasks' data and YAML files under `directory` (pass it to lmms-eval's `--include_path`)."""
     import datasets
 
-    from st3.data.tasks import ANSWER_TOKENS, SPLITS, example
+    from st3_scenes.tasks import ANSWER_TOKENS, SPLITS, example
 
     if split not in SPLITS:
         raise ValueError(f"split: must be one of {', '.join(SPLITS)}, got {split!r}")

@@ -1,6 +1,6 @@
 """The focus loss of each lookup kind (position, content, count, word) of a training checkpoint, on validation scenes:
 
-    .venv/bin/python scripts/focus_by_kind.py runs/grid10/checkpoint.pt --scenes 8
+    .venv/bin/python scenes/scripts/focus_by_kind.py runs/grid10/checkpoint.pt --scenes 8
 
 Shows which kind of lookup a run has learnt and which one is stuck (the combined focus loss hides it). The
 heads and layers are the run's own, read from the flags saved in the checkpoint.
@@ -12,10 +12,10 @@ import argparse
 
 import torch
 
-from st3.data.model import ModelSpec, build_model
-from st3.data.processor import build_processor
-from st3.data.tasks import SPLITS
-from st3.data.train import COUNT, FOCUS_KINDS, WORD, focus_plan, make_batch, packed_logits
+from st3_scenes.model import ScenesSpec, build_model
+from st3_scenes.processor import build_processor
+from st3_scenes.tasks import SPLITS
+from st3_scenes.train import COUNT, FOCUS_KINDS, WORD, focus_plan, make_batch, packed_logits
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    spec, flags = ModelSpec(**state["spec"]), state["args"]
+    spec, flags = ScenesSpec(**state["spec"]), state["args"]
     model = build_model(spec)
     model.load_state_dict(state["model"])
     model.eval()

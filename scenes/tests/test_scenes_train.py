@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from st3.data.model import ModelSpec
-from st3.data.tasks import ALWAYS_ASKED
-from st3.data.train import CONTENT, COUNT, FOCUS_KINDS, WORD, focus_plan, main, parse_args
+from st3_scenes.model import ScenesSpec
+from st3_scenes.tasks import ALWAYS_ASKED
+from st3_scenes.train import CONTENT, COUNT, FOCUS_KINDS, WORD, focus_plan, main, parse_args
 
 TINY = '{"vision_layers": 2, "text_layers": 2, "vision_hidden": 32, "text_hidden": 32, "text_intermediate": 64}'
 WIDE_HEADS = TINY[:-1] + ', "text_head_dim": 16}'  # heads wider than text_hidden // text_heads
@@ -45,7 +45,7 @@ def test_trainer_runs_resumes_and_exports(tmp_path, capsys, counts):
     )
     assert main(argv + ["--stop-at", "3"]) == {"step": 3}
     assert (out / "checkpoint.pt").exists() and not export.exists()
-    if not counts:  # a checkpoint from before a ModelSpec field or a flag existed resumes with its default
+    if not counts:  # a checkpoint from before a ScenesSpec field or a flag existed resumes with its default
         state = torch.load(out / "checkpoint.pt", weights_only=False)
         del state["spec"]["text_head_dim"], state["args"]["word_focus"]
         torch.save(state, out / "checkpoint.pt")
@@ -89,7 +89,7 @@ def test_bad_training_flags_are_refused_before_training(tmp_path, flags, message
 
 
 def test_focus_plan_reads_the_flags_as_parsed_or_as_saved_in_a_checkpoint():
-    spec = ModelSpec(**json.loads(TINY))
+    spec = ScenesSpec(**json.loads(TINY))
     flags = vars(parse_args(["--out", "run", "--count-layer", "0", "--word-focus"]))
     plan = focus_plan(flags, spec)
     content, word, count = (FOCUS_KINDS.index(kind) for kind in (CONTENT, WORD, COUNT))

@@ -1,6 +1,6 @@
 """The scenes LLaVA: a small CLIP-style vision tower, the LLaVA MLP projector and a small Llama decoder.
 
-`ModelSpec` holds the few numbers that shape it; `build_model(spec)` makes a randomly initialised
+`ScenesSpec` holds the few numbers that shape it; `build_model(spec)` makes a randomly initialised
 `LlavaForConditionalGeneration` from stock transformers config classes, so a trained checkpoint loads with
 `LlavaForConditionalGeneration.from_pretrained(dir)` and no custom code.
 """
@@ -8,16 +8,20 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from st3.data.processor import BOS, EOS, IMAGE, PAD, PATCH_SIZE, vocabulary
-from st3.data.scenes import IMAGE_SIZE
+from st3.models import ModelSpec, llava_config
+from st3_scenes.processor import BOS, EOS, IMAGE, PAD, PATCH_SIZE, vocabulary
+from st3_scenes.scenes import IMAGE_SIZE
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ScenesSpec:
+    """The few numbers that shape the scenes LLaVA (its vision tower and decoder)."""
+
     image_size: int = IMAGE_SIZE
     patch_size: int = PATCH_SIZE
     vision_hidden: int = 128
@@ -44,38 +48,17 @@ class ModelSpec:
         return (self.image_size // self.patch_size) ** 2
 
     def config(self) -> LlavaConfig:
+        """The stock LLaVA config (`st3.models.llava_config`, the one builder of st3's models) with the scenes
+        vocabulary's special tokens."""
         vocab = {word: i for i, word in enumerate(vocabulary())}
-        return LlavaConfig(
-            vision_config=CLIPVisionConfig(
-                hidden_size=self.vision_hidden,
-                intermediate_size=4 * self.vision_hidden,
-                num_hidden_layers=self.vision_layers,
-                num_attention_heads=self.vision_heads,
-                image_size=self.image_size,
-                patch_size=self.patch_size,
-                projection_dim=self.text_hidden,
-            ),
-            text_config=LlamaConfig(
-                hidden_size=self.text_hidden,
-                intermediate_size=self.text_intermediate,
-                num_hidden_layers=self.text_layers,
-                num_attention_heads=self.text_heads,
-                num_key_value_heads=self.text_kv_heads,
-                head_dim=self.text_head_dim,  # LlamaConfig's own default for None: hidden_size // heads
-                vocab_size=len(vocab),
-                max_position_embeddings=self.max_positions,
-                rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-                pad_token_id=vocab[PAD],
-                bos_token_id=vocab[BOS],
-                eos_token_id=vocab[EOS],
-                tie_word_embeddings=False,
-            ),
-            image_token_index=vocab[IMAGE],
-            image_seq_length=self.image_tokens,
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="default",
-            pad_token_id=vocab[PAD],
-        )
+        spec = ModelSpec(
+            "scenes-llava", self.text_hidden, self.text_layers, self.text_heads, self.text_kv_heads,
+            self.text_intermediate, len(vocab), self.image_size, patch_size=self.patch_size,
+            vision_hidden=self.vision_hidden, vision_layers=self.vision_layers, vision_heads=self.vision_heads,
+            head_dim=self.text_head_dim, rope_theta=self.rope_theta, max_positions=self.max_positions,
+        )  # fmt: skip
+        return llava_config(spec, image_token=vocab[IMAGE], pad_token=vocab[PAD], bos_token=vocab[BOS],
+                            eos_token=vocab[EOS])  # fmt: skip
 
 
 def sincos_2d(grid: int, dim: int, heads: int = 1) -> torch.Tensor:
@@ -99,7 +82,7 @@ def sincos_2d(grid: int, dim: int, heads: int = 1) -> torch.Tensor:
 
 
 def build_model(
-    spec: ModelSpec | None = None,
+    spec: ScenesSpec | None = None,
     seed: int = 0,
     attn: str = "sdpa",
     position_scale: float = 0.5,
@@ -118,7 +101,7 @@ def build_model(
 
     `position_scale=0` and `local_attention=0` give the stock random init.
     """
-    spec = spec or ModelSpec()
+    spec = spec or ScenesSpec()
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(spec.config())
     tower = model.model.vision_tower
@@ -140,7 +123,18 @@ def build_model(
     return model
 
 
-def spec_dict(spec: ModelSpec) -> dict:
+def save_tiny(path: str | Path) -> str:
+    """Save a tiny random scenes LLaVA with its processor to `path` (tests: loaded back like a hub checkpoint)."""
+    from st3_scenes.processor import build_processor
+
+    spec = ScenesSpec(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=4,
+                      text_heads=2, text_kv_heads=1, text_intermediate=64)  # fmt: skip
+    build_model(spec).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return str(path)
+
+
+def spec_dict(spec: ScenesSpec) -> dict:
     return asdict(spec)
 
 

@@ -17,8 +17,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
-from st3.data.scenes import IMAGE_SIZE
-from st3.data.tasks import words
+from st3_scenes.scenes import IMAGE_SIZE
+from st3_scenes.tasks import words
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIALS = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4

@@ -1,6 +1,6 @@
 """Merge several `st3 eval --json` files of the same model, split and range into one table, JSON and PNG.
 
-    python scripts/merge_eval.py OUT.json OUT.png IN.json [IN.json ...]
+    python scenes/scripts/merge_eval.py OUT.json OUT.png IN.json [IN.json ...]
 
 Lets one evaluation run as parallel processes (one per group of methods). The unpruned rows must agree
 across the inputs (they are the same greedy answers); the first input's are kept.
@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from st3.evaluation import print_table, write_json, write_plot
+from st3_scenes.evaluate import print_table, write_json, write_plot
 
 
 def merge(paths: list[str]) -> dict:
