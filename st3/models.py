@@ -65,14 +65,8 @@ class ModelSpec:
     @property
     def shape(self) -> Shape:
         """The decoder dimensions that FLOPs and KV bytes are priced with (`st3.accounting`)."""
-        return Shape(
-            num_layers=self.layers,
-            hidden_size=self.hidden,
-            intermediate_size=self.intermediate,
-            num_heads=self.heads,
-            num_kv_heads=self.kv_heads,
-            head_dim=self.head_dim or self.hidden // self.heads,
-        )
+        head_dim = self.head_dim or self.hidden // self.heads
+        return Shape(self.layers, self.hidden, self.intermediate, self.heads, self.kv_heads, head_dim)
 
 
 SPECS: dict[str, ModelSpec] = {
@@ -117,6 +111,13 @@ def spec_for(name: str, layers: int | None = None) -> ModelSpec:
     return spec
 
 
+def decoder_dims(spec: ModelSpec) -> dict:
+    """The spec's decoder dimensions as transformers config keywords (the same for every family)."""
+    return dict(hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_hidden_layers=spec.layers,
+                num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, vocab_size=spec.vocab,
+                tie_word_embeddings=False)  # fmt: skip
+
+
 def llava_config(
     spec: ModelSpec,
     *,
@@ -137,17 +138,7 @@ def llava_config(
                    "mistral": tf.MistralConfig}[spec.text_model]  # fmt: skip
     if image_token is None:
         image_token = IMAGE_TOKEN if spec.vocab > IMAGE_TOKEN else 3
-    text = dict(
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        vocab_size=spec.vocab,
-        max_position_embeddings=spec.max_positions,
-        pad_token_id=pad_token,
-        tie_word_embeddings=False,
-    )
+    text = decoder_dims(spec) | dict(max_position_embeddings=spec.max_positions, pad_token_id=pad_token)
     # Left out when unset, so each decoder config keeps its own default.
     optional = dict(head_dim=spec.head_dim, bos_token_id=bos_token, eos_token_id=eos_token)
     text |= {key: value for key, value in optional.items() if value is not None}
@@ -183,9 +174,7 @@ def qwen_config(spec: ModelSpec):
     """A Qwen2.5-VL / Qwen3-VL config with the spec's decoder and a vision tower of the spec's width."""
     import transformers as tf
 
-    text = dict(hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_hidden_layers=spec.layers,
-                num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, vocab_size=spec.vocab,
-                max_position_embeddings=32768, pad_token_id=PAD_TOKEN, tie_word_embeddings=False)  # fmt: skip
+    text = decoder_dims(spec) | dict(max_position_embeddings=32768, pad_token_id=PAD_TOKEN)
     vision = dict(depth=spec.vision_layers, hidden_size=spec.vision_hidden, out_hidden_size=spec.hidden,
                   num_heads=16 if spec.vision_hidden >= 1024 else 2, patch_size=spec.patch_size, spatial_merge_size=2,
                   temporal_patch_size=2)  # fmt: skip
