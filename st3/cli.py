@@ -149,16 +149,15 @@ def evaluate(
     plot: str = typer.Option("", help="Write a PNG of accuracy vs prefill FLOPs to this path."),
 ) -> None:
     """Accuracy of each method at matched budgets on the synthetic scenes benchmark (the scenes package)."""
-    try:
-        from st3_scenes.evaluate import evaluate as run
-        from st3_scenes.evaluate import print_table, write_json, write_plot
-    except ModuleNotFoundError as error:
-        if error.name != "st3_scenes":
-            raise
+    import importlib.util
+
+    if importlib.util.find_spec("st3_scenes") is None:
         raise SystemExit(
             "st3 eval runs the scenes benchmark, which is not part of the st3 wheel: in a clone of the repository, "
             "`make install` (or `pip install --no-deps -e scenes/`) installs it"
-        ) from None
+        )
+    from st3_scenes.evaluate import evaluate as run
+    from st3_scenes.evaluate import print_table, write_json, write_plot
 
     try:
         result = run(model_dir, split, tuple(method), tuple(budget), qa, captions, batch_size, first)
