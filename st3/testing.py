@@ -55,7 +55,7 @@ def tiny_inputs(
     """A left-padded batch: per sample, (text before, text after) the image tokens, plus pixel values."""
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.text_config.vocab_size
-    image_tokens = model.config.image_seq_length
+    image_tokens = model.config.image_seq_length  # builds inputs for any LLaVA, also ones the adapters refuse
     rows = []
     for before, after in text_lengths:
         text = torch.randint(IMAGE_TOKEN + 1, vocab, (before + after,), generator=generator)

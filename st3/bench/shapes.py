@@ -17,6 +17,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
+from st3.adapters import adapter_for
 from st3.models import PAD_TOKEN, ModelSpec, config_for, model_class
 
 FILL_STD = 0.02
@@ -153,12 +154,13 @@ def bench_inputs(
     generator = torch.Generator().manual_seed(seed)
     if getattr(config, "video_token_id", None) is not None:
         return qwen_bench_inputs(model, batch_size, text_before, text_after, generator)
+    adapter = adapter_for(model)
     vocab = config.text_config.vocab_size
-    image_token = config.image_token_id
+    [image_token] = adapter.visual_token_ids()
     low = 1
     text = torch.randint(low, vocab, (batch_size, text_before + text_after), generator=generator)
     text[text == image_token] = low  # random text must not contain extra image tokens
-    image = torch.full((batch_size, config.image_seq_length), image_token)
+    image = torch.full((batch_size, adapter.tokens_per_image()), image_token)
     input_ids = torch.cat([text[:, :text_before], image, text[:, text_before:]], dim=1)
     size = config.vision_config.image_size
     device, dtype = model.device, model.dtype
