@@ -63,26 +63,25 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def _status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (`VmHWM`, `VmRSS`) in bytes; None where the kernel has none."""
+    try:
+        match = re.search(rf"{field}:\s+(\d+) kB", _STATUS.read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process: VmHWM (since the last reset) or getrusage's lifetime peak."""
-    try:
-        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
-        if match:
-            return int(match.group(1)) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def rss_bytes() -> int:
     """Current resident memory of this process."""
-    try:
-        match = re.search(r"VmRSS:\s+(\d+) kB", _STATUS.read_text())
-        if match:
-            return int(match.group(1)) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
+    current = _status_bytes("VmRSS")
+    return current if current is not None else peak_rss_bytes()
 
 
 def cache_bytes_per_layer(cache) -> list[int]:
