@@ -73,7 +73,7 @@ def bench(
     main(config, json_path=json_out or None, plot_path=plot or None)
 
 
-def parse_knobs(knobs: list[str]) -> dict:
+def knob_options(knobs: list[str]) -> dict:
     """`--knob KNOB=VALUE` options as a dict (`st3.spec.parse_knobs`: the bench's and eval's parser too)."""
     from st3.spec import parse_knobs as parse
 
@@ -104,7 +104,7 @@ def plan(
     if shape not in SHAPES:
         raise typer.BadParameter(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}", param_hint="--shape")
     try:
-        chosen = st3.get(method, **parse_knobs(knob))
+        chosen = st3.get(method, **knob_options(knob))
         result = make_plan(chosen, SHAPES[shape], visual=visual, text=text, new_tokens=new_tokens)
     except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from None
@@ -131,7 +131,7 @@ def list_methods() -> None:
 
 
 @app.command("eval")
-def evaluate(
+def scenes_eval(
     model_dir: str = typer.Argument(..., help="A scenes LLaVA directory (e.g. scenes/st3_scenes/assets/scenes-llava)."),
     split: str = typer.Option("test", help="train, validation or test."),
     method: list[str] = typer.Option(
@@ -190,7 +190,7 @@ def generate(
     from st3.viz import plot_kept_patches
 
     try:
-        chosen = st3.get(method, **parse_knobs(knob))
+        chosen = st3.get(method, **knob_options(knob))
         picture = open_image(image)
         loaded, processor = load(model, dtype)
         result = compare(loaded, processor, picture, list(prompt), chosen, max_new_tokens)

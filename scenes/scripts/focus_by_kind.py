@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from st3_scenes.model import ScenesSpec, build_model
+from st3_scenes.model import ScenesSpec, build_scenes_model
 from st3_scenes.processor import build_processor
 from st3_scenes.tasks import SPLITS
 from st3_scenes.train import COUNT, FOCUS_KINDS, WORD, focus_plan, make_batch, packed_logits
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     spec, flags = ScenesSpec(**state["spec"]), state["args"]
-    model = build_model(spec)
+    model = build_scenes_model(spec)
     model.load_state_dict(state["model"])
     model.eval()
     focus = focus_plan(flags, spec)  # the run's own heads

@@ -1,6 +1,6 @@
 """The scenes LLaVA: a small CLIP-style vision tower, the LLaVA MLP projector and a small Llama decoder.
 
-`ScenesSpec` holds the few numbers that shape it; `build_model(spec)` makes a randomly initialised
+`ScenesSpec` holds the few numbers that shape it; `build_scenes_model(spec)` makes a randomly initialised
 `LlavaForConditionalGeneration` from stock transformers config classes, so a trained checkpoint loads with
 `LlavaForConditionalGeneration.from_pretrained(dir)` and no custom code.
 """
@@ -81,7 +81,7 @@ def sincos_2d(grid: int, dim: int, heads: int = 1) -> torch.Tensor:
     return torch.cat(blocks, dim=1).float()
 
 
-def build_model(
+def build_scenes_model(
     spec: ScenesSpec | None = None,
     seed: int = 0,
     attn: str = "sdpa",
@@ -129,7 +129,7 @@ def save_tiny(path: str | Path) -> str:
 
     spec = ScenesSpec(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=4,
                       text_heads=2, text_kv_heads=1, text_intermediate=64)  # fmt: skip
-    build_model(spec).save_pretrained(path)
+    build_scenes_model(spec).save_pretrained(path)
     build_processor().save_pretrained(path)
     return str(path)
 

@@ -48,7 +48,7 @@ from torch import nn
 from tqdm import tqdm
 
 from st3.compat import DynamicCache, cache_kwargs, rotary
-from st3_scenes.model import ScenesSpec, build_model, parameter_count
+from st3_scenes.model import ScenesSpec, build_scenes_model, parameter_count
 from st3_scenes.processor import IMAGE, PATCH_SIZE, build_processor, pixel_values, prompt
 from st3_scenes.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES, scene
 from st3_scenes.tasks import (
@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"--kind-weights: give one of {list(ALWAYS_ASKED)} a weight > 0; every scene has questions of these "
             "kinds, only some scenes have the others, and each scene needs a kind to draw from"
         )
-    model = build_model(spec, seed=args.seed)
+    model = build_scenes_model(spec, seed=args.seed)
     model.train()
     processor = build_processor(spec.image_size, spec.patch_size)
     tokenizer = processor.tokenizer

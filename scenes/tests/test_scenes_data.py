@@ -248,11 +248,11 @@ def test_processor_loads_expands_image_tokens_and_left_pads(saved_processor):
 def test_tiny_model_round_trips_through_from_pretrained(tmp_path, saved_processor):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from st3_scenes.model import ScenesSpec, build_model
+    from st3_scenes.model import ScenesSpec, build_scenes_model
 
     spec = ScenesSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
                      text_heads=4, text_kv_heads=2, text_intermediate=64, rope_theta=1e6, text_head_dim=16)  # fmt: skip
-    model = build_model(spec).eval()
+    model = build_scenes_model(spec).eval()
     model.save_pretrained(tmp_path)
     build_processor().save_pretrained(tmp_path)
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
@@ -318,11 +318,11 @@ def run_one_by_one(
 
 
 def test_packed_training_equals_separate_sequences():
-    from st3_scenes.model import ScenesSpec, build_model
+    from st3_scenes.model import ScenesSpec, build_scenes_model
     from st3_scenes.train import make_batch, packed_logits
 
     spec = ScenesSpec(**TRAINING_SPEC)
-    model = build_model(spec).eval()
+    model = build_scenes_model(spec).eval()
     batch = make_batch(build_processor().tokenizer, [11, 12], questions=2, caption_weight=2.0,
                        image_tokens=spec.image_tokens)  # fmt: skip
     lengths = (batch.suffix_ids != batch.pad_id).sum(1)
@@ -407,11 +407,11 @@ def test_objects_lie_in_their_cells_and_patch_labels_describe_the_cell():
     ids=["cells", "cells+counts+words, rope base 1e6"],
 )
 def test_focus_attention_matches_eager_attention(count_layer, rope_theta, word):
-    from st3_scenes.model import ScenesSpec, build_model
+    from st3_scenes.model import ScenesSpec, build_scenes_model
     from st3_scenes.train import FOCUS_KINDS, focus_heads_for, make_batch, packed_logits
 
     spec = ScenesSpec(**TRAINING_SPEC, rope_theta=rope_theta)
-    model = build_model(spec).eval()
+    model = build_scenes_model(spec).eval()
     counts = count_layer is not None
     batch = make_batch(build_processor().tokenizer, [21, 22], questions=6, caption_weight=1.5,
                        image_tokens=spec.image_tokens, count_focus=counts, word_focus=word)  # fmt: skip
@@ -426,11 +426,11 @@ def test_focus_attention_matches_eager_attention(count_layer, rope_theta, word):
 
 
 def test_packed_training_has_the_gradients_of_separate_sequences():
-    from st3_scenes.model import ScenesSpec, build_model
+    from st3_scenes.model import ScenesSpec, build_scenes_model
     from st3_scenes.train import focus_heads_for, focus_loss_of, loss_of, make_batch, packed_logits
 
     spec = ScenesSpec(**TRAINING_SPEC, text_head_dim=16)
-    model = build_model(spec)
+    model = build_scenes_model(spec)
     batch = make_batch(build_processor().tokenizer, [31, 32, 33], questions=4, caption_weight=1.5,
                        image_tokens=spec.image_tokens, count_focus=True)  # fmt: skip
     grads = []
