@@ -103,32 +103,28 @@ def depth_scaled(name: str, num_layers: int) -> dict:
     return {}
 
 
-def at_budget(spec: str, budget: float, shape: Shape, visual: int, text: int) -> Method | None:
-    """The method of `spec` (`name` or `name:knob=value,...`) keeping `budget` (a share of the `visual`
-    tokens) per layer on average at `shape`, or None for the unpruned model (a budget of 1).
+def at_budget(name: str, knobs: dict, budget: float, shape: Shape, visual: int, text: int) -> Method | None:
+    """Method `name` with `knobs`, keeping `budget` (a share of the `visual` tokens) per layer on average at
+    `shape`, or None for the unpruned model (a budget of 1).
 
-    Knobs given in the spec are kept as given; layer knobs not given are scaled to the model's depth
+    The given knobs are kept as given; layer knobs not given are scaled to the model's depth
     (`depth_scaled`); the budget knob is then matched. A budget out of reach while the first layers hold
     every token is matched again with pruning from layer 0. `st3 eval` and the lmms-eval plugin's `budget=`
     both configure methods with this.
     """
-    from st3.spec import parse
-
     if budget >= 1.0:
         return None
-    choice = parse(spec)
-    knobs = {k: v for k, v in depth_scaled(choice.name, shape.num_layers).items() if k not in choice.knobs}
+    scaled = {k: v for k, v in depth_scaled(name, shape.num_layers).items() if k not in knobs}
 
     def matched(layer_knobs: dict) -> Method:
-        return match(choice.name, budget * visual, shape=shape, visual=visual, text=text, **layer_knobs,
-                     **choice.knobs)  # fmt: skip
+        return match(name, budget * visual, shape=shape, visual=visual, text=text, **layer_knobs, **knobs)
 
     try:
-        return matched(knobs)
+        return matched(scaled)
     except ValueError:
-        if not knobs:
+        if not scaled:
             raise
-        return matched({key: 0 if key in ("start_layer", "layer") else value for key, value in knobs.items()})
+        return matched({key: 0 if key in ("start_layer", "layer") else value for key, value in scaled.items()})
 
 
 def _bisect(cost, low, high, target: float, integer: bool):

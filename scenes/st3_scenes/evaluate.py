@@ -163,7 +163,8 @@ def evaluate(
     with tqdm(total=total, desc="st3 eval", unit="answer") as progress:
         for name, budget in plans:
             try:
-                method = None if name == "unpruned" else at_budget(name, budget, shape, visual, text)
+                choice = parse(name)  # "unpruned" parses to a name with no knobs, at a budget of 1: None
+                method = at_budget(choice.name, choice.knobs, budget, shape, visual, text)
             except ValueError as error:
                 notes.append(f"{name} at {budget:.0%}: {error}")
                 progress.update(sum(len(e) for e in tasks.values()))

@@ -260,13 +260,10 @@ def matched(name: str, knobs: dict, budget: float, model) -> st3.Method | None:
     from st3.adapters import adapter_for
     from st3.budget import at_budget
 
-    given = [f"{k}={v!r}" for k, v in knobs.items()]
-    if any("," in item for item in given):
-        raise ValueError(f"budget=: knobs with commas cannot be combined with a budget: {given}")
     adapter = adapter_for(model)
     visual = adapter.tokens_per_image() or 576  # Qwen-VL's tokens per image vary: matched as for LLaVA-1.5's
     try:
-        return at_budget(":".join([name, ",".join(given)]), budget, adapter.shape, visual, 60)
+        return at_budget(name, knobs, budget, adapter.shape, visual, 60)
     except ValueError as error:
         raise ValueError(f"budget={budget}: {error}") from None
 
