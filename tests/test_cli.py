@@ -30,6 +30,17 @@ def test_demo_without_a_trained_model_uses_the_random_llava_layout(tmp_path):
     assert report["trace"]["visual_per_layer"][:3] == [576, 576, 461]
 
 
+def test_demo_finds_the_scenes_model_from_a_clone_and_falls_back_without_the_package(monkeypatch):
+    import sys
+
+    import st3_scenes
+    from st3.demo import scenes_model_dir
+
+    assert scenes_model_dir() == st3_scenes.MODEL_DIR and (st3_scenes.MODEL_DIR / "config.json").is_file()
+    monkeypatch.setitem(sys.modules, "st3_scenes", None)  # what `pip install st3` alone gives
+    assert scenes_model_dir() is None
+
+
 def test_demo_uses_a_trained_scenes_model_when_present(scenes_model_dir, tmp_path):
     from pathlib import Path
 
