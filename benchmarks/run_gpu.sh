@@ -24,6 +24,9 @@ ${PYTHON:-python3} -c "import torch, transformers; print('torch', torch.__versio
 if [ "$PART" = 1 ]; then
     stamp "CUDA test: sdpa (and FlashAttention-2 if installed) vs eager under pruning"
     ${PYTHON:-python3} -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 5
+    stamp "launch-bound overhead proxy on the GPU (issue 20): engine vs vanilla per decode step"
+    $ST3 bench --overhead --device cuda --repeats 5 --json "$R/gpu-overhead.json" > "$R/gpu-overhead.txt" 2>&1
+    tail -n 20 "$R/gpu-overhead.txt"
     bench gpu-7b-b1-b8-n64 --batch-sizes 1,8 --new-tokens 64 --repeats 3 --warmup 1 "${PEERS[@]}"
     bench gpu-7b-b1-b8-n256 --batch-sizes 1,8 --new-tokens 256 --repeats 3 --warmup 1 -m st3
 else

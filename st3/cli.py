@@ -48,8 +48,23 @@ def bench(
     clock: str = typer.Option("wall", help="wall, or cpu: the process's CPU time (robust on a shared CPU)."),
     json_out: str = typer.Option("", "--json", help="Write the full result as JSON to this path."),
     plot: str = typer.Option("", help="Write a PNG of ratios, KV per layer and visual tokens to this path."),
+    overhead: bool = typer.Option(
+        False,
+        "--overhead",
+        help="Instead: the engine's per-step overhead on a launch-bound proxy (st3.bench.overhead).",
+    ),
 ) -> None:
     """Speed and memory of vanilla vs token-trimming methods at real model shapes (random weights)."""
+    if overhead:
+        from st3.bench import overhead as proxy
+
+        argv = [f"--method={m}" for m in method] + [f"--repeats={repeats}", f"--clock={clock}"]
+        argv += [f"--json={json_out}"] if json_out else []
+        argv += [f"--layers={layers}"] if layers else []
+        argv += [f"--threads={threads}"] if threads else []
+        argv += [f"--device={device}"] if device != "auto" else []
+        proxy.main(argv)
+        return
     from st3.bench import BenchConfig, main
 
     try:

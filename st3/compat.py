@@ -56,13 +56,19 @@ def cache_kwargs(cache) -> dict:
     return {CACHE_KWARG: cache}
 
 
-def causal_mask(config, inputs_embeds, attention_mask, cache, layer_idx: int):
+# `allow_is_causal_skip=` (5.x): when the caller knows the padding mask has padding, turning the skip off
+# saves sdpa's check of the whole mask (a device sync) and builds the same mask.
+_SKIP_KWARG = "allow_is_causal_skip" in inspect.signature(create_causal_mask).parameters
+
+
+def causal_mask(config, inputs_embeds, attention_mask, cache, layer_idx: int, padded: bool = False):
     """The attention mask of layer `layer_idx`, sized from that layer's own cache.
 
     `create_causal_mask(..., layer_idx=)` exists since 5.0; the cache parameter is passed by position
-    because its name changed in 5.24.
+    because its name changed in 5.24. `padded`: the caller knows `attention_mask` masks some key.
     """
-    return create_causal_mask(config, inputs_embeds, attention_mask, cache, layer_idx=layer_idx)
+    extra = {"allow_is_causal_skip": False} if padded and _SKIP_KWARG else {}
+    return create_causal_mask(config, inputs_embeds, attention_mask, cache, layer_idx=layer_idx, **extra)
 
 
 def decoder_output(last_hidden_state, cache) -> BaseModelOutputWithPast:

@@ -32,8 +32,9 @@ class Trace:
     # The engine logs tensors and never waits for the device; the lists below are built when read.
     _prefill_log: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     """[layer]: (columns, valid, visual) of the rows the layer processed, each [B, S]."""
-    _decode_log: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
-    """[step]: (visual tokens attended, keys attended), each [layers, B]."""
+    _decode_log: list[tuple[list[list[int]], list[list[int]]]] = field(default_factory=list, repr=False)
+    """[step]: (visual tokens attended, keys attended), each [layer][sample], host counts the engine keeps.
+    The per-layer lists are shared between steps until they change: never edit them in place."""
     decode_visual_positions: list[list[list[torch.Tensor]]] | None = None
     """[step][layer][sample]: columns of those visual tokens (only with `record_positions=True`)."""
     kv_bytes: int = 0
@@ -46,8 +47,8 @@ class Trace:
         """Record the rows one layer processed during prefill, each [B, S] (kept as tensors)."""
         self._prefill_log.append((columns, valid, visual))
 
-    def log_decode_step(self, visual: torch.Tensor, keys: torch.Tensor) -> None:
-        """Record the visual tokens and keys each layer attended to in one decode forward, each [layers, B]."""
+    def log_decode_step(self, visual: list[list[int]], keys: list[list[int]]) -> None:
+        """Record the visual tokens and keys each layer attended to in one decode forward, each [layer][sample]."""
         self._decode_log.append((visual, keys))
 
     @property
@@ -63,12 +64,12 @@ class Trace:
     @property
     def decode_visual_counts(self) -> list[list[list[int]]]:
         """[step][layer][sample]: visual tokens the query of each decode forward attended to."""
-        return [visual.tolist() for visual, _ in self._decode_log]
+        return [[list(layer) for layer in visual] for visual, _ in self._decode_log]
 
     @property
     def decode_keys(self) -> list[list[list[int]]]:
         """[step][layer][sample]: keys (all kinds) the query of each decode forward attended to."""
-        return [keys.tolist() for _, keys in self._decode_log]
+        return [[list(layer) for layer in keys] for _, keys in self._decode_log]
 
     # ----------------------------------------------------------------------------------------- derived
     @property
@@ -76,8 +77,11 @@ class Trace:
         """Whether any layer ever held fewer visual tokens than the prompt had."""
         full = torch.tensor(self.visual_tokens)
         held = [(valid & visual).sum(-1).cpu() for _, valid, visual in self._prefill_log]
-        held += [visual.cpu() for visual, _ in self._decode_log]
-        return any(bool((counts < full).any()) for counts in held)
+        if any(bool((counts < full).any()) for counts in held):
+            return True
+        return any(
+            c < n for visual, _ in self._decode_log for layer in visual for c, n in zip(layer, self.visual_tokens)
+        )
 
     @property
     def decode_steps(self) -> int:
@@ -93,7 +97,7 @@ class Trace:
         """Mean over samples of the visual tokens each layer attended to at the last decode forward."""
         if not self._decode_log:
             return self.visual_per_layer
-        return (self._decode_log[-1][0].sum(-1) / self.batch_size).tolist()
+        return [sum(layer) / self.batch_size for layer in self._decode_log[-1][0]]
 
     def flops(self) -> dict[str, int]:
         """Theoretical FLOPs of the run and of the same run unpruned, summed over samples."""

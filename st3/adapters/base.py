@@ -149,14 +149,13 @@ class Adapter:
         return {k: v for k, v in kwargs.items() if k not in self.ignored_kwargs}
 
     def layer_mask(self, index: int, hidden: torch.Tensor, valid: torch.Tensor | None, cache):
-        """Layer `index`'s attention mask, sized from that layer's own cache; `valid` [B, cached + new]."""
-        return compat.causal_mask(self.text_config, hidden, valid, cache, index)
+        """Layer `index`'s attention mask, sized from that layer's own cache; `valid` [B, cached + new], or None
+        when no key is padding (known on the host, so transformers' own padding check need not sync)."""
+        return compat.causal_mask(self.text_config, hidden, valid, cache, index, padded=valid is not None)
 
-    def call_layer(self, index: int, hidden, mask, cos, sin, cache, kwargs: dict) -> torch.Tensor:
-        return self.layers[index](
-            hidden, attention_mask=mask, position_embeddings=(cos, sin), use_cache=True,
-            **compat.cache_kwargs(cache), **kwargs,
-        )  # fmt: skip
+    def layer_call_kwargs(self, cache, kwargs: dict) -> dict:
+        """Keyword arguments of every decoder layer call in one forward (besides mask and rotary); built once."""
+        return {"use_cache": True, **compat.cache_kwargs(cache), **kwargs}
 
     # --------------------------------------------------------------------------------------- positions
     def default_positions(self, attention_mask: torch.Tensor | None, start: int, batch: int, length: int, device):

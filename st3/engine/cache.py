@@ -4,6 +4,12 @@ Each slot of a `PrunableLayer` remembers the prompt column it came from, whether
 padding) and whether it is visual. That bookkeeping lives in the cache layer itself so that every batch
 operation transformers applies to the cache (beam reordering, repeats, selection) moves it along with the
 keys and values.
+
+Decoding is host-bound on a GPU at batch 1, so the per-step bookkeeping costs no device operation: the
+slots appended by decode forwards are all real, non-visual and numbered consecutively, so they are kept
+as a count (`extra`) and only materialised (`columns`, `valid`, `visual`) when something reads them, e.g.
+an eviction. The per-sample counts of real and visual slots are mirrored on the host (`real`, `held`),
+so budgets, packing widths and padding are decided without waiting for the device.
 """
 
 from __future__ import annotations
@@ -13,14 +19,16 @@ import torch
 from st3.compat import DynamicLayer
 
 
-def pack_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_index(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices that gather the kept slots of each row, in order, left-padded to a common width.
 
-    keep: BoolTensor [B, S]. Returns (index [B, S'], valid [B, S']) with S' the largest kept count; a
-    row with fewer kept slots starts with `valid == False` filler (pointing at arbitrary slots).
+    keep: BoolTensor [B, S]; width: the largest kept count when the caller knows it on the host (else it
+    is read from the device). Returns (index [B, S'], valid [B, S']) with S' that width; a row with fewer
+    kept slots starts with `valid == False` filler (pointing at arbitrary slots).
     """
     counts = keep.sum(-1)
-    width = int(counts.max()) if keep.numel() else 0
+    if width is None:
+        width = int(counts.max()) if keep.numel() else 0
     # A stable sort on the keep flag puts dropped slots first and kept slots last, both in order.
     order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices
     index = order[:, keep.shape[-1] - width :]
@@ -28,15 +36,29 @@ def pack_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, valid
 
 
-def gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+def gather(x: torch.Tensor, index: torch.Tensor, dim: int, flat: torch.Tensor | None = None) -> torch.Tensor:
     """Gather along `dim` with a per-sample index [B, S'] (batch is dim 0, or -2 of position ids).
 
-    One `index_select` per sample: contiguous results, and several times faster on CPU than
-    `take_along_dim`, whose broadcast index arithmetic dominated eviction time at batch 8.
+    One `index_select` over the rows of a flattened view, whatever the batch size: a contiguous result,
+    a constant number of operations (no per-sample loop), and no broadcast index arithmetic per element
+    (what made `take_along_dim` slow on CPU). `flat`: `flat_index(x, index, dim)`, to share between
+    tensors of one shape (keys and values).
     """
-    if dim == -1:  # position ids [..., B, S]
-        return torch.stack([x[..., b, :].index_select(-1, index[b]) for b in range(index.shape[0])], dim=-2)
-    return torch.stack([x[b].index_select(dim - 1, index[b]) for b in range(index.shape[0])])
+    if dim == -1:  # position ids [..., B, S]: small, gather directly
+        return x.gather(-1, index.expand(*x.shape[:-2], *index.shape))
+    if flat is None:
+        flat = flat_index(x, index, dim)
+    lead, trail = x.shape[1:dim], x.shape[dim + 1 :]
+    rows = x.reshape(-1, trail.numel()).index_select(0, flat)
+    return rows.view(x.shape[0], *lead, index.shape[-1], *trail)
+
+
+def flat_index(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """The rows of `x` flattened up to `dim` that `gather(x, index, dim)` takes, in order."""
+    length = x.shape[dim]
+    groups = x.shape[:dim].numel()  # (sample, leading index) pairs, each a block of `length` rows
+    offsets = torch.arange(0, groups * length, length, device=index.device).view(x.shape[0], -1, 1)
+    return (offsets + index[:, None, :]).reshape(-1)
 
 
 class PrunableLayer(DynamicLayer):
@@ -53,61 +75,157 @@ class PrunableLayer(DynamicLayer):
 
     def __init__(self) -> None:
         super().__init__()
-        self.columns: torch.Tensor | None = None  # [B, S] prompt column (or generated index) per slot
-        self.valid: torch.Tensor | None = None  # [B, S] False for padding slots
-        self.visual: torch.Tensor | None = None  # [B, S] True for visual tokens
+        # The recorded slots [B, S0]; the `extra` decode slots after them are implied (see the module doc).
+        self._columns: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None
+        self._visual: torch.Tensor | None = None
+        self.extra = 0  # decode slots appended after the recorded ones: real, non-visual, consecutive columns
+        self.extra_start = 0  # column of the first of them
+        self._full: tuple | None = None  # materialised (columns, valid, visual), valid while `extra` is unchanged
         self.visual_after_prefill: torch.Tensor | None = None  # [B] visual slots held when prefill ended
-        self.padded = False  # whether any slot is padding; kept on the host so masks need no device sync
         self.received: torch.Tensor | None = None  # [B, S] attention summed over decode steps (if a rule reads it)
+        # Host mirrors, per sample: real slots (padding excluded) and real visual slots; and whether any
+        # slot is padding. Kept exact by every operation below, so no decision needs a device sync.
+        self.real: list[int] = []
+        self.held: list[int] = []
+        self.held_after_prefill: list[int] = []
+        self.padded = False
+        self.next_column = 0
+        self.steps = 0
 
     # ------------------------------------------------------------------------------------ bookkeeping
-    def record(self, columns: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> None:
-        """Describe the slots the last `update` appended (after prefill, only real tokens are appended)."""
-        if self.columns is None:
-            self.columns, self.valid, self.visual = columns, valid, visual
-            self.padded = not bool(valid.all())
-        else:
-            self.columns = torch.cat([self.columns, columns], dim=-1)
-            self.valid = torch.cat([self.valid, valid], dim=-1)
-            self.visual = torch.cat([self.visual, visual], dim=-1)
-            if self.received is not None:
-                self.received = torch.cat([self.received, self.received.new_zeros(visual.shape)], dim=-1)
+    def record(
+        self,
+        columns: torch.Tensor,
+        valid: torch.Tensor,
+        visual: torch.Tensor,
+        real: list[int] | None = None,
+        held: list[int] | None = None,
+    ) -> None:
+        """Describe the slots the last `update` appended (prefill: all of them; `visual` real ones only).
+
+        `real` / `held`: the per-sample counts of real and visual slots when the caller knows them on the
+        host; otherwise they are read from the device.
+        """
+        if self._columns is not None:  # appending to recorded slots: rare outside prefill, counts re-read
+            old = self._materialise()
+            columns, valid, visual = (torch.cat(pair, dim=-1) for pair in zip(old, (columns, valid, visual)))
+            real = held = None
+        self._set(columns, valid, visual, real, held)
+
+    def _set(self, columns, valid, visual, real: list[int] | None, held: list[int] | None) -> None:
+        """Make (columns, valid, visual) [B, S] the description of every slot held."""
+        self._columns, self._valid, self._visual = columns, valid, visual
+        self.extra, self._full = 0, None
+        self.real = real if real is not None else valid.sum(-1).tolist()
+        self.held = held if held is not None else (valid & visual).sum(-1).tolist()
+        self.padded = any(r < valid.shape[-1] for r in self.real)
+
+    def record_step(self, column: int) -> None:
+        """One decode forward appended one real, non-visual slot at `column` to every sample: count it."""
+        if self.extra == 0:
+            self.extra_start = column
+        self.extra += 1
+        self.real = [r + 1 for r in self.real]
+        if self.received is not None:
+            self.received = torch.cat([self.received, self.received.new_zeros(self.received.shape[0], 1)], -1)
+
+    def _materialise(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.extra == 0:
+            return self._columns, self._valid, self._visual
+        if self._full is not None and self._full[0] == self.extra:
+            return self._full[1]
+        batch, device = self._columns.shape[0], self._columns.device
+        new = torch.arange(self.extra_start, self.extra_start + self.extra, device=device).expand(batch, -1)
+        ones = torch.ones(batch, self.extra, dtype=torch.bool, device=device)
+        full = (
+            torch.cat([self._columns, new], -1),
+            torch.cat([self._valid, ones], -1),
+            torch.cat([self._visual, ~ones], -1),
+        )
+        self._full = (self.extra, full)
+        return full
+
+    @property
+    def columns(self) -> torch.Tensor:
+        """LongTensor [B, S]: the prompt column (or generated index) of each slot."""
+        return self._materialise()[0]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """BoolTensor [B, S]: False for padding slots."""
+        return self._materialise()[1]
+
+    @property
+    def visual(self) -> torch.Tensor:
+        """BoolTensor [B, S]: True for visual tokens."""
+        return self._materialise()[2]
+
+    def valid_with(self, new: int) -> torch.Tensor | None:
+        """[B, S + new]: which slots are real once `new` real slots are appended; None when none is padding."""
+        if not self.padded:
+            return None
+        ones = torch.ones(self._valid.shape[0], self.extra + new, dtype=torch.bool, device=self._valid.device)
+        return torch.cat([self._valid, ones], -1)
 
     @property
     def visual_held(self) -> torch.Tensor:
-        """LongTensor [B]: real visual slots per sample."""
-        return (self.valid & self.visual).sum(-1)
+        """LongTensor [B]: real visual slots per sample (on the device; `held` is the host copy)."""
+        return (self._valid & self._visual).sum(-1)
 
-    def keep(self, keep: torch.Tensor) -> None:
-        """Remove, for real, every slot where `keep` [B, S] is False."""
-        index, valid = pack_index(keep)
-        self.keys = gather(self.keys, index, dim=2)
-        self.values = gather(self.values, index, dim=2)
-        self.columns = gather(self.columns, index, dim=1)
-        self.valid = gather(self.valid, index, dim=1) & valid
-        self.visual = gather(self.visual, index, dim=1)
+    def keep(self, keep: torch.Tensor, real: list[int] | None = None, held: list[int] | None = None) -> None:
+        """Remove, for real, every slot where `keep` [B, S] is False.
+
+        `real` / `held`: the per-sample counts of kept real and visual slots when the caller knows them on
+        the host (then nothing waits for the device); otherwise they are read from the device.
+        """
+        columns, valid, visual = self._materialise()
+        index, filled = pack_index(keep, max(real) if real else None)
+        flat = flat_index(self.keys, index, 2)  # keys and values share [B, heads, S]: one index for both
+        self.keys = gather(self.keys, index, 2, flat)
+        self.values = gather(self.values, index, 2, flat if self.values.shape[:3] == self.keys.shape[:3] else None)
+        columns, valid, visual = (t.gather(1, index) for t in (columns, valid, visual))
         if self.received is not None:
-            self.received = gather(self.received, index, dim=1)
-        self.padded = not bool(self.valid.all())
+            self.received = self.received.gather(1, index)
+        self._set(columns, valid & filled, visual, real, held)
 
     # ----------------------------------------------------------------- batch operations of generate()
-    def _batch(self, fn) -> None:
-        for name in ("columns", "valid", "visual", "visual_after_prefill", "received"):
+    def _batch(self, fn, host) -> None:
+        for name in ("_columns", "_valid", "_visual", "visual_after_prefill", "received"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, fn(value))
+        self._full = None
+        for name in ("real", "held", "held_after_prefill"):
+            if getattr(self, name):  # empty until recorded
+                setattr(self, name, host(getattr(self, name)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        order = _host_index(beam_idx)
+        self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)), lambda v: [v[i] for i in order])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        self._batch(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._batch(lambda t: t.repeat_interleave(repeats, dim=0), lambda v: [x for x in v for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self._batch(lambda t: t[indices])
+        order = _host_index(indices)
+        self._batch(lambda t: t[indices], lambda v: [v[i] for i in order])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a pruned KV cache cannot be cropped; run the prompt again instead")
+
+
+# (tensor, host copy): the cache reorders every layer with the same index tensor, and generate makes a new
+# one for each step (it never edits one in place; inference tensors have no version counter to check).
+_LAST_INDEX: list = [None, None]
+
+
+def _host_index(index: torch.Tensor) -> list[int]:
+    """`index.tolist()`, read once per index tensor (one sync per beam step, not one per layer)."""
+    if _LAST_INDEX[0] is not index:
+        rows = index.nonzero().squeeze(-1) if index.dtype == torch.bool else index
+        _LAST_INDEX[:] = [index, rows.tolist()]
+    return _LAST_INDEX[1]

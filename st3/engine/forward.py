@@ -19,7 +19,7 @@ from st3 import compat
 from st3.adapters.base import Adapter
 from st3.compat import DynamicCache, DynamicLayer
 from st3.engine.cache import PrunableLayer, gather, pack_index
-from st3.engine.scoring import attention_received
+from st3.engine.scoring import attention_of_one_row, attention_received
 from st3.methods.base import Method
 from st3.methods.selectors import View
 from st3.trace import Trace
@@ -76,6 +76,7 @@ class Engine:
         # What the adapter's vision hooks captured. generate() encodes images before its first forward, so
         # this is filled before the prefill that consumes (and clears) it.
         self.vision: dict = {}
+        self._decoder_layers = adapter.layers  # re-read at every forward (`_call_kwargs`)
 
     # ------------------------------------------------------------------------------------ plumbing
     def capture_inputs(self, module, args, kwargs) -> None:
@@ -127,10 +128,21 @@ class Engine:
             )
         return compat.decoder_output(adapter.final_norm(hidden), cache if use_cache else None)
 
-    def _layer(self, index: int, hidden, valid, cos, sin, cache, kwargs) -> torch.Tensor:
-        """Run decoder layer `index` on `hidden`, masking by the layer's own cache and `valid` [B, S+q]."""
-        mask = self.adapter.layer_mask(index, hidden, valid, cache)
-        return self.adapter.call_layer(index, hidden, mask, cos, sin, cache, kwargs)
+    def _mask(self, index: int, hidden, valid, cache):
+        """Layer `index`'s attention mask, sized from its own cache; `valid` [B, S+q] or None (no padding).
+
+        Layers that hold the same slots share one mask: the caller builds it once and reuses it.
+        """
+        return self.adapter.layer_mask(index, hidden, valid, cache)
+
+    def _call_kwargs(self, cache, kwargs: dict) -> dict:
+        """The keyword arguments every decoder layer call of one forward shares (built once per forward)."""
+        self._decoder_layers = self.adapter.layers
+        return self.adapter.layer_call_kwargs(cache, kwargs)
+
+    def _layer(self, index: int, hidden, mask, cos, sin, call: dict) -> torch.Tensor:
+        """Run decoder layer `index` on `hidden` under `mask` (from `_mask`); `call` from `_call_kwargs`."""
+        return self._decoder_layers[index](hidden, attention_mask=mask, position_embeddings=(cos, sin), **call)
 
     # ------------------------------------------------------------------------------------- prefill
     def _prefill(self, embeds, attention_mask, position_ids, cache: DynamicCache, kwargs) -> torch.Tensor:
@@ -162,23 +174,39 @@ class Engine:
         if self.method.compresses_vision and bool(rows.visual.any()):
             rows = self._compress_before_decoder(rows)
         previous = rows.hidden
+        counts = mask = None
+        call = self._call_kwargs(cache, kwargs)
         for index in range(self.num_layers):
-            held = rows.visual.sum(-1)
+            if counts is None:  # once per set of rows: the device counts and their host copy (one sync)
+                counts = self._counts(rows)
+            held = counts[0]
             keep = self.method.prefill_keep(index, self.num_layers, held)
             if keep is not None and bool((keep < held).any()):
                 rows = rows.without_visual(self.method.choose(self._prefill_view(index, rows, previous, cache, keep)))
+                counts = self._counts(rows)
+                mask = None
+            if mask is None:  # every layer until the next removal holds the same rows: one mask for all
+                padded = any(r < rows.valid.shape[-1] for r in counts[1])
+                mask = self._mask(index, rows.hidden, rows.valid if padded else None, cache)
             previous = rows.hidden
-            rows.hidden = self._layer(index, rows.hidden, rows.valid, rows.cos, rows.sin, cache, kwargs)
+            rows.hidden = self._layer(index, rows.hidden, mask, rows.cos, rows.sin, call)
             rows.hidden = self.adapter.after_layer(index, rows.hidden, rows.extra)
             layer = cache.layers[index]
-            layer.record(rows.columns, rows.valid, rows.visual)
-            layer.visual_after_prefill = layer.visual_held
+            layer.record(rows.columns, rows.valid, rows.visual, real=counts[1], held=counts[2])
+            layer.visual_after_prefill, layer.held_after_prefill = counts[0], counts[2]
             layer.next_column, layer.steps = length, 0
             if self._accumulates:
                 layer.received = torch.zeros(layer.valid.shape, device=device)
             trace.log_prefill_layer(rows.columns, rows.valid, rows.visual)
         self._measure_kv(cache)
         return rows.hidden
+
+    @staticmethod
+    def _counts(rows: Rows) -> tuple[torch.Tensor, list[int], list[int]]:
+        """(visual rows per sample [B], and on the host: real rows, visual rows per sample)."""
+        held = rows.visual.sum(-1)
+        real, host_held = torch.stack([rows.valid.sum(-1), held]).tolist()
+        return held, real, host_held
 
     def _compress_before_decoder(self, rows: Rows) -> Rows:
         """Let the method merge visual tokens from the vision tower's view; return the surviving rows."""
@@ -304,31 +332,46 @@ class Engine:
             position_ids = self.adapter.default_positions(attention_mask, first.next_column, batch, 1, device)
         kwargs = self.adapter.layer_kwargs(kwargs)
         cos, sin = self.adapter.rotary(embeds, position_ids)
-        column = torch.full((batch, 1), first.next_column, device=device)
-        new_valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
-        new_visual = torch.zeros_like(new_valid)
+        column = first.next_column
 
-        counts, keys, positions = [], [], []
+        # Nothing below waits for the device unless a layer evicts: masks are shared by the layers that hold
+        # the same slots, the new slot is counted rather than recorded, counts and budgets live on the host.
+        masks: dict = {}
+        accumulates = self._accumulates
+        checks = None if self.method.evicts_exactly else []  # the evictions whose counts need a check
+        call = self._call_kwargs(cache, kwargs)
+        visual_log, keys_log, positions = [], [], []
         hidden = embeds
         for index in range(self.num_layers):
             layer = cache.layers[index]
             layer_input = hidden
-            valid = torch.cat([layer.valid, new_valid], -1) if layer.padded else None
-            hidden = self._layer(index, hidden, valid, cos, sin, cache, kwargs)
-            layer.record(column, new_valid, new_visual)
-            layer.next_column, layer.steps = layer.next_column + 1, step + 1
-            counts.append(layer.visual_held)
-            keys.append(layer.valid.sum(-1))
+            owner = layer._valid if layer.padded else None  # what the mask depends on besides the length
+            if layer.padded:
+                key = (id(owner), layer.extra)
+            else:  # an unpadded one-row mask that transformers skips (None) is skipped at every key length
+                key = "skipped" if "skipped" in masks else (None, layer.get_seq_length())
+            shared = masks.get(key)
+            if shared is None or shared[0] is not owner:
+                masks[key] = shared = (owner, self._mask(index, hidden, layer.valid_with(1), cache))
+                if owner is None and shared[1] is None:
+                    masks["skipped"] = shared
+            hidden = self._layer(index, hidden, shared[1], cos, sin, call)
+            layer.record_step(column)
+            layer.next_column, layer.steps = column + 1, step + 1
+            visual_log.append(layer.held)
+            keys_log.append(layer.real)
             if self.method.record_positions:
                 positions.append([c[m] for c, m in zip(layer.columns, layer.valid & layer.visual)])
             current = None
-            if self._accumulates:
+            if accumulates:
                 current = self._current_attention(index, layer, layer_input, cos, sin)
                 layer.received = layer.received + current
-            budget = self.method.decode_budget(index, step + 1, layer.visual_after_prefill)
-            if budget is not None and bool((layer.visual_held > budget).any()):
-                self._evict(index, layer, layer_input, cos, sin, budget, current)
-        self.trace.log_decode_step(torch.stack(counts), torch.stack(keys))
+            budget = self.method.host_decode_budget(index, step + 1, layer.held_after_prefill)
+            if budget is not None and any(h > b for h, b in zip(layer.held, budget)):
+                self._evict(index, layer, layer_input, cos, sin, budget, current, checks)
+        if checks:  # a rule whose kept counts are not exact by construction: one sync for all its layers
+            self.method.check_counts(checks)
+        self.trace.log_decode_step(visual_log, keys_log)
         if self.method.record_positions:
             self.trace.decode_visual_positions.append(positions)
         self._measure_kv(cache)
@@ -337,16 +380,19 @@ class Engine:
     def _current_attention(self, index: int, layer: PrunableLayer, layer_input, cos, sin) -> torch.Tensor:
         """Attention [B, S] the token being written gives each slot of `layer` (its own included)."""
         queries = self.adapter.project_queries(index, layer_input, cos, sin)
-        row = torch.ones(layer.valid.shape[0], 1, device=layer.valid.device)
-        return attention_received(
-            queries, layer.keys, self.adapter.attention_scaling(index), layer.valid[:, None, :], row
-        )
+        scaling = self.adapter.attention_scaling(index)
+        return attention_of_one_row(queries, layer.keys, scaling, layer.valid if layer.padded else None)
 
     def _evict(
-        self, index: int, layer: PrunableLayer, layer_input, cos, sin, budget: torch.Tensor, current=None
+        self, index: int, layer: PrunableLayer, layer_input, cos, sin, budget: list[int], current, checks: list | None
     ) -> None:
-        """Drop from `layer`'s cache the visual entries beyond `budget`, chosen by the method's eviction rule."""
-        candidates = layer.valid & layer.visual
+        """Drop from `layer`'s cache the visual entries beyond `budget`, chosen by the method's eviction rule.
+
+        The rule keeps min(budget, held) candidates per sample, so the kept counts are known on the host; a
+        rule not exact by construction gets its counts checked at the end of the step (into `checks`).
+        """
+        valid, visual = layer.valid, layer.visual
+        candidates = valid & visual
         memo = {} if current is None else {"current": current}
 
         def attention(query: str) -> torch.Tensor:
@@ -357,7 +403,7 @@ class Engine:
         view = View(
             layer=index,
             candidates=candidates,
-            keep=budget,
+            keep=torch.tensor(budget, device=valid.device),
             patches=patch_index(candidates),
             attention=attention,
             hidden=lambda: None,
@@ -365,7 +411,12 @@ class Engine:
             received=layer.received,
             decoding=True,
         )
-        layer.keep((layer.valid & ~layer.visual) | self.method.evict(view))
+        selected = self.method.evict(view)
+        if checks is not None:
+            checks.append((selected, view))
+        held = [min(h, b) for h, b in zip(layer.held, budget)]
+        real = [r - h + k for r, h, k in zip(layer.real, layer.held, held)]
+        layer.keep((valid & ~visual) | selected, real=real, held=held)
 
     def _measure_kv(self, cache: DynamicCache) -> None:
         size = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)

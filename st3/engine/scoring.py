@@ -38,3 +38,19 @@ def attention_received(
     weights = row_weight.float() / row_weight.float().sum(-1, keepdim=True).clamp(min=1e-9)
     return torch.einsum("bkgrs,br->bs", probs, weights) / (kv_heads * groups)
 
+
+def attention_of_one_row(
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, visible: torch.Tensor | None
+) -> torch.Tensor:
+    """`attention_received` for a single query row (a decode step), in a few operations.
+
+    query: [B, heads, 1, D]; keys: [B, kv_heads, S, D]; visible: BoolTensor [B, S], or None when every
+    key is visible. The row always sees at least its own key, so no row is empty.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads = keys.shape[1]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, kv_heads, groups, S]
+    if visible is not None:
+        logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).mean((1, 2))

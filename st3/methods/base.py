@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 
-from st3.methods.selectors import QUERY_ROWS, VTA, Selector, View, check, selector, top_k_mask
+from st3.methods.selectors import QUERY_ROWS, VTA, Selector, View, anneal, check, selector, top_k_mask
 
 if TYPE_CHECKING:
     from torch import nn
@@ -117,11 +117,44 @@ class Method:
         return self.select(scores, view.candidates, view.keep, view.patches)
 
     def evict(self, view: View) -> torch.Tensor:
-        """Decode: the cached visual entries to keep, by the decode schedule's eviction rule."""
+        """Decode: the cached visual entries to keep, by the decode schedule's eviction rule.
+
+        Not counted here (that would wait for the device at every evicting layer): the engine relies on
+        `evicts_exactly`, or checks the counts of a whole step at once with `check_counts`.
+        """
         if self.annealing is not None:
-            return _counted(self.annealing.select(view), view, self.annealing)
+            return self.annealing.select(view) & view.candidates
         scores = view.attention("current") if self.needs_scores else None
-        return self.select(scores, view.candidates, view.keep, view.patches)
+        return self.select(scores, view.candidates, view.keep, view.patches) & view.candidates
+
+    @property
+    def evicts_exactly(self) -> bool:
+        """Whether `evict` keeps exactly min(keep, candidates) per sample by construction (`top_k_mask` only)."""
+        annealing = self.annealing
+        if annealing is not None:
+            return annealing.evict in _EXACT_EVICTIONS
+        never_evicts = type(self).decode_budget is Method.decode_budget
+        return never_evicts or type(self).select is Method.select
+
+    def check_counts(self, evictions: list[tuple[torch.Tensor, View]]) -> None:
+        """Check the (kept, view) pairs of one decode step keep exactly their budgets (one device sync)."""
+        _check_counts(evictions, self.annealing if self.annealing is not None else self)
+
+    def host_decode_budget(self, layer: int, step: int, visual_after_prefill: list[int]) -> list[int] | None:
+        """`decode_budget` on host counts (per sample), called for every layer at every decode forward.
+
+        The engine decides from it whether to evict without waiting for the device: for a decode schedule
+        (`VTA`) it is the same rule in Python floats (IEEE doubles, round half to even as `torch.round`; a
+        test holds the two equal). A method with a `decode_budget` of its own has it run on a CPU tensor.
+        """
+        if type(self).decode_budget is not Method.decode_budget:
+            budget = self.decode_budget(layer, step, torch.tensor(visual_after_prefill))
+            return None if budget is None else budget.tolist()
+        vta = self.annealing
+        if vta is None or vta.final == 1.0 or step % vta.every or step <= vta.delay:
+            return None
+        a = anneal(vta.curve, vta.final, vta.steps, step - vta.delay)
+        return [min(max(round(n * a), vta.min_keep), n) for n in visual_after_prefill]
 
     def select(
         self, scores: torch.Tensor | None, candidates: torch.Tensor, keep: torch.Tensor, patches: torch.Tensor
@@ -158,13 +191,22 @@ class Method:
         return self._trace
 
 
+#: VTA eviction rules made of `top_k_mask` calls alone, which keep min(k, candidates) per sample by construction.
+_EXACT_EVICTIONS = ("current", "accumulated", "protected", "coverage")
+
+
 def _counted(selected: torch.Tensor, view: View, rule) -> torch.Tensor:
     """`selected`, after checking it keeps exactly the budget (the planner and st3.match rely on it)."""
-    want = torch.minimum(view.keep, view.candidates.sum(-1))
-    got = (selected & view.candidates).sum(-1)
+    _check_counts([(selected, view)], rule)
+    return selected & view.candidates
+
+
+def _check_counts(pairs: list[tuple[torch.Tensor, View]], rule) -> None:
+    """Raise unless each (selected, view) keeps min(keep, candidates) per sample; one sync for all pairs."""
+    want = torch.cat([torch.minimum(view.keep, view.candidates.sum(-1)) for _, view in pairs])
+    got = torch.cat([(selected & view.candidates).sum(-1) for selected, view in pairs])
     if not torch.equal(got, want):
         raise RuntimeError(f"{type(rule).__name__} kept {got.tolist()} visual tokens, not {want.tolist()}")
-    return selected & view.candidates
 
 
 # ------------------------------------------------------------------------------------------ registry

@@ -25,7 +25,7 @@ schedule and annealing stay ST3's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -68,6 +68,8 @@ class ST3(Method):
     anneal_delay: int = 0
     """Decode steps before annealing starts."""
 
+    _vta: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
     def validate(self) -> None:
         check(self.start_layer >= 0, "start_layer", f"must be >= 0, got {self.start_layer}")
         check(self.stride >= 1, "stride", f"must be >= 1, got {self.stride}")
@@ -93,16 +95,22 @@ class ST3(Method):
 
     @property
     def annealing(self) -> VTA:
-        return VTA(
-            curve=self.anneal_curve,
-            final=self.anneal_final,
-            steps=self.anneal_steps,
-            every=self.anneal_every,
-            min_keep=self.min_keep,
-            evict=self.anneal_evict,
-            protect=self.anneal_protect,
-            delay=self.anneal_delay,
+        """The anneal_* knobs as a `VTA`, built (and validated) again only when a knob changed: the engine
+        reads it at every decode forward."""
+        knobs = (
+            self.anneal_curve,
+            self.anneal_final,
+            self.anneal_steps,
+            self.anneal_every,
+            self.min_keep,
+            self.anneal_evict,
+            self.anneal_protect,
+            self.anneal_delay,
         )
+        if self._vta is None or self._vta[0] != knobs:
+            names = ("curve", "final", "steps", "every", "min_keep", "evict", "protect", "delay")
+            self._vta = (knobs, VTA(**dict(zip(names, knobs))))
+        return self._vta[1]
 
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
         if not self.is_pruning_layer(layer) or self.ratio == 0.0:
