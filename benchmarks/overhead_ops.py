@@ -15,7 +15,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import st3
-from st3.tiny import tiny_inputs, tiny_llava
+from st3.testing import tiny_inputs, tiny_llava
 
 
 class Ops(TorchFunctionMode):

@@ -16,7 +16,7 @@ from conftest import BATCH  # noqa: E402
 
 import st3  # noqa: E402
 import st3.engine.forward as F  # noqa: E402
-from st3.tiny import tiny_inputs, tiny_llava  # noqa: E402
+from st3.testing import tiny_inputs, tiny_llava  # noqa: E402
 
 torch.set_num_threads(1)
 NAMES = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero", "numpy", "cpu")

@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 import st3
 from st3.engine.cache import PrunableLayer, gather, pack_index
 from st3.engine.forward import Engine
-from st3.tiny import tiny_inputs
+from st3.testing import tiny_inputs
 
 NEW_TOKENS = 10
 #: Tensor methods that copy a value to the host, i.e. wait for the device (`nonzero` sizes its output).

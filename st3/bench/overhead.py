@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import st3
-from st3.tiny import tiny_inputs, tiny_llava
+from st3.testing import tiny_inputs, tiny_llava
 
 VANILLA = "vanilla"
 #: label -> method factory; `None` is vanilla. The no-op is ST3 with both of its mechanisms off.
