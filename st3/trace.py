@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from st3.accounting import Shape, decode_flops, prefill_flops
+from st3.accounting import Shape, decode_flops, prefill_flops, unpruned_flops
 
 
 @dataclass
@@ -103,15 +103,14 @@ class Trace:
         """Theoretical FLOPs of the run and of the same run unpruned, summed over samples."""
         layers = range(self.shape.num_layers)
         rows, decode_keys = self.prefill_rows, self.decode_keys
-        out = dict(prefill=0, decode=0, prefill_unpruned=0, decode_unpruned=0)
-        for b, tokens in enumerate(self.prompt_tokens):
+        out = dict(prefill=0, decode=0)
+        for b in range(len(self.prompt_tokens)):
             out["prefill"] += prefill_flops(self.shape, [rows[layer][b] for layer in layers])
-            out["prefill_unpruned"] += prefill_flops(self.shape, [tokens] * self.shape.num_layers)
-            for t, step in enumerate(decode_keys):
+            for step in decode_keys:
                 out["decode"] += decode_flops(self.shape, [step[layer][b] for layer in layers])
-                out["decode_unpruned"] += decode_flops(self.shape, [tokens + t + 1] * self.shape.num_layers)
         out["total"] = out["prefill"] + out["decode"]
-        out["total_unpruned"] = out["prefill_unpruned"] + out["decode_unpruned"]
+        full = unpruned_flops(self.shape, list(self.prompt_tokens), len(decode_keys) + 1)
+        out |= {"prefill_unpruned": full["prefill"], "decode_unpruned": full["decode"], "total_unpruned": full["total"]}
         return out
 
     @property
