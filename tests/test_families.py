@@ -1,4 +1,4 @@
-"""Every model family x every method: the proofs of tests/test_correctness.py, one row per family.
+"""Every model family x every method case (tests/cases.py): the correctness proofs, one row per family.
 
 A family row builds a tiny random model (sdpa and eager) and a left-padded batch of 3 whose visual token
 counts differ (images of different sizes; a video sample where the family has video), and says how to cut
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from cases import CASES as METHODS
 from reference import attention_weights, full_positions, reference_logits, visual_token_ids
-from test_correctness import METHODS
 
 import st3
 from st3.adapters import UnsupportedModel, adapter_for
