@@ -47,26 +47,6 @@ def test_every_registered_method_has_a_case_that_prunes(model, inputs):
         assert method.trace.pruned, f"{name}: its case prunes nothing on the tiny model"
 
 
-# ------------------------------------------------------------------------------------ the no-op
-def noop_or_skip(name: str):
-    if name in NO_NOOP:
-        pytest.skip(f"{name} has no no-op setting: {NO_NOOP[name]}")
-    return noop(name)
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", sorted(REGISTERED))
-def test_the_no_op_setting_equals_the_model(name, attn, model, eager_model, inputs):
-    model = model if attn == "sdpa" else eager_model
-    method = noop_or_skip(name)
-    original, pruned = generate(model, inputs), generate(model, inputs, method)
-    assert torch.equal(original.sequences, pruned.sequences)
-    for a, b in zip(original.logits, pruned.logits):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert not method.trace.pruned
-
-
-# ------------------------------------------------------------------------------- generation modes
 def sample(model, inputs, method=None):
     torch.manual_seed(123)
     with torch.no_grad():
@@ -76,23 +56,65 @@ def sample(model, inputs, method=None):
             return model.generate(**inputs, **SAMPLING)
 
 
+TEXT_ONLY = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+TEXT_INPUTS = {"input_ids": TEXT_ONLY, "attention_mask": torch.ones_like(TEXT_ONLY)}
+
+
+@pytest.fixture(scope="module")
+def unpruned(model, eager_model):
+    """The model's own outputs, computed once per module: run(kind, attn) for kind greedy, sample, beams, text."""
+    memo: dict = {}
+
+    def run(kind: str, attn: str = "sdpa"):
+        if (kind, attn) not in memo:
+            m = model if attn == "sdpa" else eager_model
+            batch = tiny_inputs(m, BATCH)
+            runs = {"greedy": lambda: generate(m, batch), "sample": lambda: sample(m, batch),
+                    "beams": lambda: generate(m, batch, **BEAMS, output_logits=False, return_dict_in_generate=False),
+                    "text": lambda: generate(m, TEXT_INPUTS)}  # fmt: skip
+            memo[kind, attn] = runs[kind]()
+        return memo[kind, attn]
+
+    return run
+
+
+# ------------------------------------------------------------------------------------ the no-op
+def noop_or_skip(name: str):
+    if name in NO_NOOP:
+        pytest.skip(f"{name} has no no-op setting: {NO_NOOP[name]}")
+    return noop(name)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", sorted(REGISTERED))
-def test_sampling_is_seeded_and_the_no_op_samples_as_the_model(name, model, inputs):
+def test_the_no_op_setting_equals_the_model(name, attn, model, eager_model, inputs, unpruned):
+    model = model if attn == "sdpa" else eager_model
+    method = noop_or_skip(name)
+    original, pruned = unpruned("greedy", attn), generate(model, inputs, method)
+    assert torch.equal(original.sequences, pruned.sequences)
+    for a, b in zip(original.logits, pruned.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not method.trace.pruned
+
+
+# ------------------------------------------------------------------------------- generation modes
+@pytest.mark.parametrize("name", sorted(REGISTERED))
+def test_sampling_is_seeded_and_the_no_op_samples_as_the_model(name, model, inputs, unpruned):
     if name not in NO_NOOP:
-        assert torch.equal(sample(model, inputs), sample(model, inputs, noop(name)))
+        assert torch.equal(unpruned("sample"), sample(model, inputs, noop(name)))
     method = REGISTERED[name]()
     first, second = sample(model, inputs, method), sample(model, inputs, REGISTERED[name]())
     assert method.trace.pruned
     assert torch.equal(first, second)
     state = torch.get_rng_state()  # a method draws from its own generators, never from the user's
-    generate(model, inputs, REGISTERED[name]())
+    generate(model, inputs, REGISTERED[name](), max_new_tokens=3)
     assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTERED))
-def test_beam_search_runs_and_a_samples_beams_equal_its_beams_alone(name, model, inputs):
+def test_beam_search_runs_and_a_samples_beams_equal_its_beams_alone(name, model, inputs, unpruned):
+    original = unpruned("beams")
     with torch.no_grad():
-        original = model.generate(**inputs, **BEAMS)
         if name not in NO_NOOP:
             with noop(name)(model):
                 assert torch.equal(model.generate(**inputs, **BEAMS), original)
@@ -107,11 +129,9 @@ def test_beam_search_runs_and_a_samples_beams_equal_its_beams_alone(name, model,
 
 # --------------------------------------------------------------------------------- special inputs
 @pytest.mark.parametrize("name", sorted(REGISTERED))
-def test_input_without_an_image_runs_unpruned(name, model):
-    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+def test_input_without_an_image_runs_unpruned(name, model, unpruned):
     method = REGISTERED[name]()
-    original, pruned = generate(model, text), generate(model, text, method)
+    original, pruned = unpruned("text"), generate(model, TEXT_INPUTS, method)
     assert torch.equal(original.sequences, pruned.sequences)
     for a, b in zip(original.logits, pruned.logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
