@@ -1,4 +1,4 @@
-"""Every model family x every method: the proofs of tests/test_correctness.py, one row per family.
+"""Every model family x every method case (tests/cases.py): the correctness proofs, one row per family.
 
 A family row builds a tiny random model (sdpa and eager) and a left-padded batch of 3 whose visual token
 counts differ (images of different sizes; a video sample where the family has video), and says how to cut
@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from cases import CASES as METHODS
+from cases import NEW_TOKENS, generate, new_tokens
 from reference import attention_weights, full_positions, reference_logits, visual_token_ids
-from test_correctness import METHODS
 
 import st3
 from st3.adapters import UnsupportedModel, adapter_for
@@ -21,7 +22,6 @@ from st3.compat import cache_kwargs as compat_cache
 from st3.compat import cache_of
 from st3.testing import tiny_inputs, tiny_llava, tiny_qwen_inputs, tiny_qwen_vl
 
-NEW_TOKENS = 6
 LLAVA_BATCH = ((4, 6), (2, 9), (5, 3))
 #: (text before, text after, kind, (t, h, w) patch grid): 16, 24 and 32 visual tokens after the 2x2 merge.
 QWEN_BATCH = ((3, 5, "image", (1, 8, 8)), (2, 7, "image", (1, 8, 12)), (4, 2, "video", (2, 8, 8)))
@@ -90,20 +90,6 @@ def models(family: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
         sdpa, eager = row.build("sdpa"), row.build("eager")
         _MODELS[family] = (sdpa, eager, row.inputs(sdpa))
     return _MODELS[family]
-
-
-def generate(model, inputs, method=None, **extra):
-    kwargs = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "output_logits": True,
-              "return_dict_in_generate": True, **extra}  # fmt: skip
-    with torch.no_grad():
-        if method is None:
-            return model.generate(**inputs, **kwargs)
-        with method(model):
-            return model.generate(**inputs, **kwargs)
-
-
-def new_tokens(out, inputs):
-    return out.sequences[:, inputs["input_ids"].shape[1] :]
 
 
 def applicable(family: str, name: str) -> None:
