@@ -8,7 +8,6 @@ import pytest
 import torch
 from cases import REGISTERED
 
-import st3
 from st3.testing import tiny_inputs, tiny_llava
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
