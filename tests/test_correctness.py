@@ -35,6 +35,11 @@ METHODS = {
     "divprune-layer2-keys": lambda: st3.get("divprune", keep=12, layer=2, selector=st3.DivPrune(features="keys")),
     "dart": lambda: st3.get("dart", keep=12, layer=2, selector=st3.DART(pivots=3)),
     "cdpruner": lambda: st3.get("cdpruner", keep=9),
+    "stratified": lambda: st3.get("stratified", keep=10),
+    "st3+stratified-diverse": lambda: st3.get(
+        "st3+stratified", start_layer=0, stride=2, ratio=0.5, min_keep=2, anneal_final=1.0,
+        selector=st3.Stratified(within="diverse"),
+    ),
     "st3+dart-accumulated": lambda: st3.get(
         "st3+dart", start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=6, anneal_every=2,
         anneal_evict="accumulated",
