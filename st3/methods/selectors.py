@@ -231,16 +231,16 @@ class Stratified(Selector):
     A regular lattice (`UniformPick`, `st3.Uniform`) keeps the token at the same offset in every block, so at
     low budgets it aliases with any regular structure of the image (objects centred on a grid are missed
     when every lattice point falls between them). Here each image's grid is cut into as many near-equal
-    blocks as tokens kept (the lattice's blocks), and each block keeps its most *salient* token: the one
-    whose feature is farthest (cosine) from the sample's mean visual feature, i.e. the least background-like
-    (`within='salient'`); or the one farthest from the tokens already chosen (`'diverse'`: DivPrune inside
-    the spatial strata), or a seeded random one (`'jitter'`: jittered sampling). Needs the
+    blocks as tokens kept (the lattice's blocks), and each block keeps one token: a seeded random one
+    (`within='jitter'`, jittered sampling: spread like the lattice, unaligned like Random; measured best),
+    its most salient one (`'salient'`: farthest, cosine, from the sample's mean visual feature), or the one
+    farthest from the tokens already chosen (`'diverse'`: DivPrune inside the spatial strata). Needs the
     grids (the engine passes them where the adapter knows them; else the blocks are runs of prompt order).
     """
 
     name: ClassVar[str] = "stratified"
-    within: str = "salient"
-    """Which token of each block: 'salient', 'diverse' or 'jitter' (seeded)."""
+    within: str = "jitter"
+    """Which token of each block: 'jitter' (seeded; measured best), 'salient' or 'diverse'."""
     features: str = "hidden"
     """Features for 'salient'/'diverse': 'hidden' (before the decoder, the visual embeddings) or 'keys'."""
     seed: int = 0

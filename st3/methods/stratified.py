@@ -1,4 +1,4 @@
-"""st3's best rule on its benchmark: a stratified spread before the decoder, one salient token per block.
+"""st3's best rule on its benchmark: a stratified spread before the decoder, one jittered token per block.
 
     st3.get("stratified")       # keep `keep` tokens before the decoder: one per block of each image's grid
     st3.get("st3+stratified")   # ST3's progressive schedule, the stratified choice at each pruning layer
@@ -19,8 +19,8 @@ from st3.methods.selectors import Selector, Stratified
 @register("stratified")
 @dataclass(kw_only=True)
 class StratifiedMethod(Keep):
-    """Before the decoder, `keep` visual tokens: each image's grid cut into `keep` blocks, the most salient
-    token of each (farthest from the image's mean visual feature)."""
+    """Before the decoder, `keep` visual tokens: each image's grid cut into `keep` blocks, one seeded random
+    token of each (jittered sampling; `selector=st3.Stratified(within=...)` for the other rules)."""
 
     selector: Selector | str | None = field(default_factory=Stratified)
     layer: int = 0
