@@ -24,7 +24,7 @@ from st3.accounting import Shape
 from st3.methods import Method
 from st3.plan import plan
 
-#: The decoder of `st3.tiny.tiny_llava()` (checked against the adapter in test_properties).
+#: The decoder of `st3.testing.tiny_llava()` (checked against the adapter in test_properties).
 TINY = Shape(num_layers=6, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16)
 #: Visual tokens and other prompt tokens of the LLaVA test batch's first sample (conftest.BATCH[0]).
 VISUAL, TEXT = 36, 10
@@ -48,6 +48,11 @@ SETTINGS: dict[str, Callable[[], Method]] = {
     "divprune-layer2-keys": lambda: st3.get("divprune", keep=12, layer=2, selector=st3.DivPrune(features="keys")),
     "dart": lambda: st3.get("dart", keep=12, layer=2, selector=st3.DART(pivots=3)),
     "cdpruner": lambda: st3.get("cdpruner", keep=9),
+    "stratified": lambda: st3.get("stratified", keep=10),
+    "st3+stratified-diverse": lambda: st3.get(
+        "st3+stratified", start_layer=0, stride=2, ratio=0.5, min_keep=2, anneal_final=1.0,
+        selector=st3.Stratified(within="diverse"),
+    ),
     "st3+dart-accumulated": lambda: st3.get(
         "st3+dart", start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=6, anneal_every=2,
         anneal_evict="accumulated",

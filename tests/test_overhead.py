@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from conftest import BATCH, single
-from test_correctness import METHODS
+from cases import SETTINGS as METHODS
 from torch.overrides import TorchFunctionMode
 
 import st3

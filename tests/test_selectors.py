@@ -140,3 +140,75 @@ def test_dpp_greedy_fills_budgets_above_the_kernel_rank():
     x = torch.randn(2, 20, 3, dtype=torch.float64)
     kept = dpp_greedy(x @ x.transpose(1, 2), torch.ones(2, 20, dtype=torch.bool), torch.tensor([12, 7]))
     assert kept.sum(-1).tolist() == [12, 7]
+
+
+def test_dart_choice_does_not_flip_under_tiny_noise():
+    """Keys with one norm (Qwen3's k_norm) and 1e-7 noise, as eager vs sdpa or padded vs alone give: the kept
+    set must not move (it did before scores were rounded: pivots went to whichever noise was largest)."""
+    torch.manual_seed(3)
+    hidden = torch.randn(1, 24, 8)
+    keys = torch.nn.functional.normalize(torch.randn(1, 2, 24, 4), dim=-1)
+    chosen = set()
+    for seed in range(6):
+        noise = torch.Generator().manual_seed(seed)
+        jitter = 1e-7 * torch.randn(keys.shape, generator=noise)
+        kept = st3.DART(pivots=3).select(view(hidden + 1e-7 * torch.randn(hidden.shape, generator=noise), [8],
+                                              keys + jitter))  # fmt: skip
+        chosen.add(tuple(kept[0].nonzero().squeeze(-1).tolist()))
+    assert len(chosen) == 1
+    assert {0, 1, 2} <= set(next(iter(chosen)))  # equal norms: the pivots are the first positions
+
+
+def grid_view(features: torch.Tensor, keep: int, side: int) -> View:
+    from st3.adapters.base import Grid
+
+    v = view(features, [keep])
+    v.grids = [[Grid(1, side, side)]]
+    return v
+
+
+def test_stratified_blocks_tile_the_grid_one_kept_token_each():
+    from st3.methods.selectors import lattice_blocks
+
+    blocks = lattice_blocks(18, 18, 36)
+    assert sorted(set(blocks)) == list(range(36))
+    assert all(blocks.count(b) == 9 for b in range(36))  # 3 x 3 patches each
+    assert blocks[0] == blocks[2 * 18 + 2] != blocks[3]  # a block is a rectangle
+    assert sorted(set(lattice_blocks(18, 18, 71)) - {-1}) == list(range(71))
+    kept = st3.Stratified().select(grid_view(torch.randn(1, 324, 16), 36, 18))
+    labels = torch.tensor(blocks)
+    assert kept.sum() == 36 and sorted(labels[kept[0]].tolist()) == list(range(36))
+
+
+def test_stratified_keeps_the_object_a_lattice_misses():
+    """Objects centred between lattice points: the regular lattice keeps none of them, the salient spread each."""
+    from st3.methods.controls import lattice
+
+    torch.manual_seed(0)
+    background = torch.randn(16)
+    features = background + 0.05 * torch.randn(1, 324, 16)
+    objects = [r * 18 + c for r in (2, 8, 14) for c in (2, 8, 14)]  # one per 6 x 6 cell, off the lattice
+    for i, patch in enumerate(objects):
+        features[0, patch] = torch.randn(16) + 3.0 * (i % 2)
+    assert not set(objects) & set(lattice(18, 18, 36))
+    for within in ("salient", "diverse"):
+        kept = st3.Stratified(within=within).select(grid_view(features, 36, 18))
+        assert set(objects) <= set(kept[0].nonzero().squeeze(-1).tolist()), within
+        assert kept.sum() == 36
+
+
+def test_stratified_jitter_is_one_seeded_token_per_block_and_refuses_unknown_rules():
+    kept = [st3.Stratified(within="jitter", seed=s).select(grid_view(torch.randn(1, 36, 4), 4, 6)) for s in (0, 0, 1)]
+    assert torch.equal(kept[0], kept[1]) and kept[0].sum() == 4
+    quadrants = [(p // 6 // 3) * 2 + (p % 6) // 3 for p in kept[0][0].nonzero().squeeze(-1).tolist()]
+    assert sorted(quadrants) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="within"):
+        st3.Stratified(within="centre")
+
+
+def test_stratified_without_a_grid_cuts_prompt_order_into_runs():
+    from st3.methods.selectors import strata
+
+    assert strata(None, 10, 3) == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    kept = st3.Stratified().select(view(torch.randn(2, 12, 4), [3, 4]))
+    assert kept.sum(-1).tolist() == [3, 4]

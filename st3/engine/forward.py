@@ -285,6 +285,7 @@ class Engine:
             hidden=lambda: rows.hidden,
             keys=lambda: self.adapter.project_keys(index, rows.hidden, rows.cos, rows.sin),
             text=lambda: self._query_rows(rows.columns, rows.valid, rows.visual, "text"),
+            grids=self.method._layout,
         )
 
     def _query_rows(self, columns, valid, visual, mode: str) -> torch.Tensor:

@@ -5,8 +5,19 @@ from st3.methods.composed import CDPrunerMethod, DARTMethod, DivPruneMethod, Kee
 from st3.methods.controls import Random, Uniform
 from st3.methods.fastv import FastV
 from st3.methods.pyramiddrop import PyramidDrop
-from st3.methods.selectors import DART, VTA, Attention, CDPruner, DivPrune, RandomPick, Selector, UniformPick
+from st3.methods.selectors import (
+    DART,
+    VTA,
+    Attention,
+    CDPruner,
+    DivPrune,
+    RandomPick,
+    Selector,
+    Stratified,
+    UniformPick,
+)
 from st3.methods.st3 import ST3
+from st3.methods.stratified import StratifiedMethod
 from st3.methods.visionzip import VisionZip
 from st3.methods.vtw import VTW
 
@@ -22,6 +33,8 @@ __all__ = [
     "Keep",
     "RandomPick",
     "Selector",
+    "Stratified",
+    "StratifiedMethod",
     "UniformPick",
     "ST3",
     "FastV",

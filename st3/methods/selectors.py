@@ -53,6 +53,8 @@ class View:
     text: Callable[[], torch.Tensor | None] = lambda: None
     received: torch.Tensor | None = None
     decoding: bool = False
+    grids: list | None = None
+    """Per sample, the image/frame grids (`st3.adapters.Grid`) the candidates tile in raster order, or None."""
 
 
 def check(condition: bool, knob: str, message: str) -> None:
@@ -123,6 +125,50 @@ class UniformPick(Selector):
         return candidates & (patches[..., None] == centres[:, None, :]).any(-1)
 
 
+def lattice_blocks(rows: int, cols: int, keep: int) -> list[int]:
+    """Block of each raster index of a rows x cols grid: `keep` blocks tile it, one per kept token, or -1.
+
+    The grid is cut into r x c near-equal rectangles, r x c the lattice of `controls.lattice` (about
+    sqrt(keep * rows / cols) rows); where r x c exceeds `keep`, the same evenly spread subset of blocks is used
+    and the others' tokens get -1. Each block's token is then chosen by content, not at a fixed offset.
+    """
+    if keep <= 0:
+        return [-1] * (rows * cols)
+    if keep >= rows * cols:
+        return list(range(rows * cols))
+    r = min(rows, max(1, round(math.sqrt(keep * rows / cols))))
+    c = min(cols, math.ceil(keep / r))
+    r = min(rows, math.ceil(keep / c))
+    used = {math.floor((s + 0.5) * r * c / keep): s for s in range(keep)}
+    return [used.get((y * r // rows) * c + x * c // cols, -1) for y in range(rows) for x in range(cols)]
+
+
+def strata(grids: list | None, count: int, keep: int) -> list[int]:
+    """Stratum of each of a sample's `count` candidates (prompt order), `keep` strata in all, -1 for none.
+
+    With grids (images, video frames) the budget is shared by token counts (as `Uniform` shares it) and each
+    grid is cut by `lattice_blocks`; without them (or once earlier layers dropped tokens) the candidates are
+    cut into `keep` equal runs of prompt order.
+    """
+    from st3.methods.controls import share  # controls imports this module through base
+
+    if grids is None or sum(g.tokens for g in grids) != count:
+        return [min(i * keep // max(count, 1), keep - 1) for i in range(count)] if keep > 0 else [-1] * count
+    labels, offset = [], 0
+    for grid, part in zip(grids, share(keep, [g.tokens for g in grids])):
+        for frame_part in share(part, [grid.rows * grid.cols] * grid.frames):
+            blocks = lattice_blocks(grid.rows, grid.cols, frame_part)
+            labels += [b + offset if b >= 0 else -1 for b in blocks]
+            offset += frame_part
+    return labels
+
+
+def quantised(scores: torch.Tensor, resolution: float = 1e-4) -> torch.Tensor:
+    """Scores rounded to `resolution` before ranking: ~1e-7 differences (eager vs sdpa, padded vs alone) then
+    leave the rounded values equal, and ties go to the earlier position, so the choice does not flip."""
+    return torch.round(scores.double() / resolution)
+
+
 def _features(view: View, source: str) -> torch.Tensor:
     """[B, S, d] float features of the slots: 'hidden' states (embeddings before the decoder) or 'keys'."""
     if source == "hidden":
@@ -179,6 +225,95 @@ class DivPrune(Selector):
 
 
 @dataclass(kw_only=True)
+class Stratified(Selector):
+    """Stratified spread: one token per block of an even tiling of each image, chosen by its content.
+
+    A regular lattice (`UniformPick`, `st3.Uniform`) keeps the token at the same offset in every block, so at
+    low budgets it aliases with any regular structure of the image (objects centred on a grid are missed
+    when every lattice point falls between them). Here each image's grid is cut into as many near-equal
+    blocks as tokens kept (the lattice's blocks), and each block keeps one token: a seeded random one
+    (`within='jitter'`, jittered sampling: spread like the lattice, unaligned like Random; measured best),
+    its most salient one (`'salient'`: farthest, cosine, from the sample's mean visual feature), or the one
+    farthest from the tokens already chosen (`'diverse'`: DivPrune inside the spatial strata). Needs the
+    grids (the engine passes them where the adapter knows them; else the blocks are runs of prompt order).
+    """
+
+    name: ClassVar[str] = "stratified"
+    within: str = "jitter"
+    """Which token of each block: 'jitter' (seeded; measured best), 'salient' or 'diverse'."""
+    features: str = "hidden"
+    """Features for 'salient'/'diverse': 'hidden' (before the decoder, the visual embeddings) or 'keys'."""
+    seed: int = 0
+    """Seed of 'jitter' (a draw per patch index, as `RandomPick`: the same for every sample)."""
+
+    WITHIN: ClassVar[tuple[str, ...]] = ("salient", "diverse", "jitter")
+
+    def validate(self) -> None:
+        check(self.within in self.WITHIN, "within", f"must be one of {self.WITHIN}, got {self.within!r}")
+        check(self.features in ("hidden", "keys"), "features", f"must be 'hidden' or 'keys', got {self.features!r}")
+
+    def labels(self, view: View) -> torch.Tensor:
+        """LongTensor [B, S]: each candidate's stratum (-1: none, and every non-candidate)."""
+        candidates, keep = view.candidates, view.keep
+        labels = torch.full(candidates.shape, -1, dtype=torch.long, device=candidates.device)
+        for b in range(candidates.shape[0]):
+            count = int(candidates[b].sum())
+            grids = None if view.grids is None else view.grids[b]
+            labels[b, candidates[b]] = torch.tensor(
+                strata(grids, count, int(keep[b])), dtype=torch.long, device=candidates.device
+            )
+        return labels
+
+    def scores(self, view: View, labels: torch.Tensor) -> torch.Tensor:
+        """[B, S] (float64, quantised): higher wins its stratum."""
+        if self.within == "jitter":
+            generator = torch.Generator().manual_seed(self.seed)
+            draw = torch.rand(int(view.patches.max()) + 1, generator=generator, dtype=torch.float64)
+            return draw.to(view.patches.device)[view.patches.clamp(min=0)]
+        unit = F.normalize(_features(view, self.features), dim=-1)
+        mask = view.candidates[..., None].to(unit.dtype)
+        mean = F.normalize((unit * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)  # [B, d]
+        return quantised(1.0 - (unit @ mean[:, :, None])[..., 0])
+
+    def select(self, view: View) -> torch.Tensor:
+        labels = self.labels(view)
+        if self.within == "diverse":
+            return self.diverse(view, labels)
+        return best_per_stratum(self.scores(view, labels), labels)
+
+    def diverse(self, view: View, labels: torch.Tensor) -> torch.Tensor:
+        """Strata in order; each keeps its token farthest (cosine) from those chosen so far (the first: the most
+        salient)."""
+        unit = F.normalize(_features(view, self.features), dim=-1)
+        closest = self.scores(view, labels)  # the first stratum keeps its most salient token
+        chosen = torch.zeros_like(view.candidates)
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        for stratum in range(int(view.keep.max()) if view.keep.numel() else 0):
+            inside = labels == stratum
+            score = closest.masked_fill(~inside, float("-inf"))
+            pick = score.argmax(-1)  # first position among equal (quantised) scores
+            has = inside.any(-1)
+            chosen[rows[has], pick[has]] = True
+            distance = quantised(1.0 - (unit @ unit[rows, pick][:, :, None])[..., 0])
+            closest = torch.where(has[:, None], torch.minimum(closest, distance), closest) if stratum else distance
+        return chosen
+
+
+def best_per_stratum(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BoolTensor [B, S]: in each stratum (labels >= 0) the highest score, ties to the earlier position."""
+    chosen = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    order = torch.sort(scores.masked_fill(labels < 0, float("-inf")), dim=-1, descending=True, stable=True).indices
+    by_stratum = torch.sort(labels.gather(-1, order), dim=-1, stable=True)
+    sorted_labels = by_stratum.values
+    first = torch.ones_like(sorted_labels, dtype=torch.bool)
+    first[:, 1:] = sorted_labels[:, 1:] != sorted_labels[:, :-1]
+    first &= sorted_labels >= 0
+    positions = order.gather(-1, by_stratum.indices)
+    chosen.scatter_(-1, positions, first)
+    return chosen
+
+
+@dataclass(kw_only=True)
 class DART(Selector):
     """DART (Wen et al., EMNLP 2025, arXiv 2502.11494): keep the tokens least duplicated by a few pivots.
 
@@ -198,11 +333,14 @@ class DART(Selector):
     def select(self, view: View) -> torch.Tensor:
         candidates, keep = view.candidates, view.keep
         norms = view.keys().float().norm(dim=-1).pow(2).sum(1).sqrt()  # [B, S]
-        pivots = top_k_mask(norms, candidates, keep.clamp(max=self.pivots))
+        # Relative norms, rounded: models with a norm on the keys (Qwen3's k_norm) give every token nearly the
+        # same key norm, and ~1e-7 noise would pick the pivots; rounded, equal norms go to the first positions.
+        top = norms.masked_fill(~candidates, 0.0).amax(-1, keepdim=True).clamp(min=1e-12)
+        pivots = top_k_mask(quantised(norms / top), candidates, keep.clamp(max=self.pivots))
         unit = F.normalize(_features(view, "hidden"), dim=-1)
         similarity = unit @ unit.transpose(1, 2)  # [B, S, S]
         duplication = similarity.masked_fill(~pivots[:, None, :], float("-inf")).amax(-1)
-        rest = top_k_mask(-duplication, candidates & ~pivots, keep - pivots.sum(-1))
+        rest = top_k_mask(-quantised(duplication), candidates & ~pivots, keep - pivots.sum(-1))
         return pivots | rest
 
 
@@ -360,7 +498,7 @@ class VTA:
 
 
 SELECTORS: dict[str, type[Selector]] = {
-    cls.name: cls for cls in (Attention, RandomPick, UniformPick, DivPrune, DART, CDPruner)
+    cls.name: cls for cls in (Attention, RandomPick, UniformPick, Stratified, DivPrune, DART, CDPruner)
 }
 
 
