@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-from conftest import BATCH, single
 from cases import SETTINGS as METHODS
+from conftest import BATCH, single
 from torch.overrides import TorchFunctionMode
 
 import st3
