@@ -264,19 +264,7 @@ def knob_cases() -> list:
     return cases
 
 
-_VTA_NAMES = pytest.mark.xfail(
-    strict=True,
-    reason="open: ST3's anneal_evict / anneal_protect / anneal_delay errors name VTA's knobs (evict, protect, "
-    "delay), not the knob the user set (st3/methods/st3.py builds the VTA; selectors.py words the check)",
-)
-
-
-def with_open_defects(cases: list) -> list:
-    named = ("anneal_evict", "anneal_protect", "anneal_delay")
-    return [pytest.param(*c.values, id=c.id, marks=_VTA_NAMES) if c.values[1] in named else c for c in cases]
-
-
-@pytest.mark.parametrize(("name", "knob", "value"), with_open_defects(knob_cases()))
+@pytest.mark.parametrize(("name", "knob", "value"), knob_cases())
 def test_a_bad_knob_is_refused_naming_it(name, knob, value):
     with pytest.raises(ValueError, match=f"^{knob}: "):
         st3.get(name, **{knob: value})

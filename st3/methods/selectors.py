@@ -459,10 +459,10 @@ class VTA:
         self.validate()
 
     def validate(self) -> None:
-        check(self.curve in CURVES, "anneal_curve", f"must be one of {CURVES}, got {self.curve!r}")
-        check(0.0 < self.final <= 1.0, "anneal_final", f"must be in (0, 1], got {self.final}")
-        check(self.steps >= 1, "anneal_steps", f"must be >= 1, got {self.steps}")
-        check(self.every >= 1, "anneal_every", f"must be >= 1, got {self.every}")
+        check(self.curve in CURVES, "curve", f"must be one of {CURVES}, got {self.curve!r}")
+        check(0.0 < self.final <= 1.0, "final", f"must be in (0, 1], got {self.final}")
+        check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
         check(self.min_keep >= 0, "min_keep", f"must be >= 0, got {self.min_keep}")
         check(self.evict in EVICTION, "evict", f"must be one of {EVICTION}, got {self.evict!r}")
         check(0.0 <= self.protect <= 1.0, "protect", f"must be in [0, 1], got {self.protect}")

@@ -109,7 +109,11 @@ class ST3(Method):
         )
         if self._vta is None or self._vta[0] != knobs:
             names = ("curve", "final", "steps", "every", "min_keep", "evict", "protect", "delay")
-            self._vta = (knobs, VTA(**dict(zip(names, knobs))))
+            try:
+                self._vta = (knobs, VTA(**dict(zip(names, knobs))))
+            except ValueError as error:  # name the knob the user set: anneal_evict, not VTA's evict
+                knob, _, message = str(error).partition(": ")
+                raise ValueError(f"{knob if knob == 'min_keep' else 'anneal_' + knob}: {message}") from None
         return self._vta[1]
 
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
