@@ -139,7 +139,7 @@ def compare(
         "method": {"name": method.name, "knobs": method.knobs(), "answers": pruned, "seconds": seconds},
         "trace": summary,
         "image_columns": image_columns(model, inputs["input_ids"]),
-        "image_grid": method._layout[0][0] if method._layout else None,  # the first image's patch grid
+        "image_grid": grids[0][0] if (grids := method.trace.image_grids) else None,  # the first image's patch grid
     }
 
 

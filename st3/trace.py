@@ -29,6 +29,9 @@ class Trace:
     dtype_bytes: int
     note: str = ""
     """Why nothing was pruned, when nothing was."""
+    image_grids: list | None = None
+    """Per sample, the image/frame grids (`st3.adapters.Grid`) its visual tokens tile, in prompt order (None
+    where the model's adapter gives no layout)."""
     # The engine logs tensors and never waits for the device; the lists below are built when read.
     _prefill_log: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     """[layer]: (columns, valid, visual) of the rows the layer processed, each [B, S]."""

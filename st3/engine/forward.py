@@ -11,6 +11,7 @@ It replaces the decoder stack's `forward` while a method is applied. Compared wi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -20,9 +21,11 @@ from st3.adapters.base import Adapter
 from st3.compat import DynamicCache, DynamicLayer
 from st3.engine.cache import PrunableLayer, gather, pack_index
 from st3.engine.scoring import attention_of_one_row, attention_received
-from st3.methods.base import Method
-from st3.methods.selectors import View
+from st3.engine.view import View
 from st3.trace import Trace
+
+if TYPE_CHECKING:
+    from st3.methods.base import Method
 
 _UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
 
@@ -166,7 +169,7 @@ class Engine:
         rows = Rows(embeds, cos, sin, position_ids, columns, valid, visual & valid, extra)
 
         trace = self._new_trace(batch, length, valid, rows.visual, embeds.dtype, note)
-        self.method._layout = self._image_layout(rows.visual, position_ids)
+        trace.image_grids = self._image_layout(rows.visual, position_ids)
         if any(type(layer) is not DynamicLayer for layer in cache.layers):
             raise TypeError("st3 supports full-attention DynamicCache layers only (no sliding window or offloading)")
         cache.layers[:] = [PrunableLayer() for _ in range(self.num_layers)]
@@ -265,7 +268,7 @@ class Engine:
             note=note,
             decode_visual_positions=[] if self.method.record_positions else None,
         )
-        self.method._trace = self.trace
+        self.method.begin(self.trace)
         return self.trace
 
     @property
@@ -285,7 +288,7 @@ class Engine:
             hidden=lambda: rows.hidden,
             keys=lambda: self.adapter.project_keys(index, rows.hidden, rows.cos, rows.sin),
             text=lambda: self._query_rows(rows.columns, rows.valid, rows.visual, "text"),
-            grids=self.method._layout,
+            grids=self.trace.image_grids,
         )
 
     def _query_rows(self, columns, valid, visual, mode: str) -> torch.Tensor:

@@ -51,9 +51,6 @@ class Method:
     """A decode schedule (`st3.VTA(...)` or 'vta'): anneal the visual tokens while generating; None: none."""
 
     _trace: Trace | None = field(default=None, init=False, repr=False, compare=False)
-    #: Per sample, the image/frame grids (`st3.adapters.Grid`) of the current prefill, set by the engine for
-    #: methods that place tokens spatially (None where the model's adapter gives no layout).
-    _layout: list | None = field(default=None, init=False, repr=False, compare=False)
 
     #: Whether the schedule accepts a `selector` (methods that keep no or merged tokens do not).
     selectable: ClassVar[bool] = True
@@ -182,6 +179,10 @@ class Method:
         from st3.engine.session import Session
 
         return Session(self, model)
+
+    def begin(self, trace: Trace) -> None:
+        """Called by the engine at each prefill with the record of the new run (its image grids included)."""
+        self._trace = trace
 
     @property
     def trace(self) -> Trace:

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from st3.methods.base import Method, check, register
+from st3.methods.selectors import apportion
 
 
 @dataclass(kw_only=True)
@@ -64,7 +65,7 @@ class Uniform(_KeepCount):
     """
 
     def select(self, scores, candidates: torch.Tensor, keep: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        layout = self._layout
+        layout = self.trace.image_grids
         counts = candidates.sum(-1).tolist()
         if layout is not None and all(sum(g.tokens for g in grids) == n for grids, n in zip(layout, counts)):
             chosen = torch.zeros_like(candidates)
@@ -77,18 +78,6 @@ class Uniform(_KeepCount):
         centres = torch.floor((slots + 0.5) * n / keep.clamp(min=1)[:, None])  # [B, keep]: evenly spaced patches
         centres = centres.masked_fill(slots >= keep[:, None], -1)
         return candidates & (patches[..., None] == centres[:, None, :]).any(-1)
-
-
-def share(total: int, sizes: list[int]) -> list[int]:
-    """Split `total` over parts of `sizes` in proportion (largest remainder), never above a part's size."""
-    whole = sum(sizes)
-    if total >= whole:
-        return list(sizes)
-    exact = [total * size / whole for size in sizes]
-    parts = [math.floor(x) for x in exact]
-    for i in sorted(range(len(sizes)), key=lambda i: parts[i] - exact[i])[: total - sum(parts)]:
-        parts[i] += 1
-    return parts
 
 
 def lattice(rows: int, cols: int, keep: int) -> list[int]:
@@ -108,9 +97,9 @@ def lattice(rows: int, cols: int, keep: int) -> list[int]:
 def uniform_cells(grids: list, keep: int) -> list[int]:
     """Indices (over the sample's visual tokens, in prompt order) of `keep` cells spread over its grids."""
     cells, offset = [], 0
-    for grid, count in zip(grids, share(keep, [g.tokens for g in grids])):
+    for grid, count in zip(grids, apportion(keep, [g.tokens for g in grids])):
         frame = grid.rows * grid.cols
-        for f, part in enumerate(share(count, [frame] * grid.frames)):
+        for f, part in enumerate(apportion(count, [frame] * grid.frames)):
             cells += [offset + f * frame + i for i in lattice(grid.rows, grid.cols, part)]
         offset += grid.tokens
     return cells

@@ -12,12 +12,13 @@ Every rule here is per sample: a sample's choice depends on its own tokens only,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from st3.engine.view import View
 
 QUERY_ROWS = ("last", "text", "all")
 
@@ -29,32 +30,6 @@ def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) 
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return candidates & (ranks < k[:, None])
-
-
-@dataclass
-class View:
-    """What a selector may read where it acts. Tensors are [B, S] over the slots the layer holds.
-
-    attention(rows): attention each slot received from the query rows ('last', 'text', 'all'; in decode only
-    'current', the token being written), heads averaged, at the scoring layer (the layer before, in prefill).
-    hidden(): the slots' hidden states entering the layer [B, S, H] (before the decoder: the embeddings).
-    keys(): the slots' keys at the layer [B, kv_heads, S, D] (rotated; norms and cosines do not depend on it).
-    text(): BoolTensor [B, S], the instruction's rows (after the image), or None where they are gone (decode).
-    received: attention accumulated over decode steps [B, S] (None outside decode).
-    """
-
-    layer: int
-    candidates: torch.Tensor
-    keep: torch.Tensor
-    patches: torch.Tensor
-    attention: Callable[[str], torch.Tensor]
-    hidden: Callable[[], torch.Tensor | None]
-    keys: Callable[[], torch.Tensor]
-    text: Callable[[], torch.Tensor | None] = lambda: None
-    received: torch.Tensor | None = None
-    decoding: bool = False
-    grids: list | None = None
-    """Per sample, the image/frame grids (`st3.adapters.Grid`) the candidates tile in raster order, or None."""
 
 
 def check(condition: bool, knob: str, message: str) -> None:
@@ -143,6 +118,18 @@ def lattice_blocks(rows: int, cols: int, keep: int) -> list[int]:
     return [used.get((y * r // rows) * c + x * c // cols, -1) for y in range(rows) for x in range(cols)]
 
 
+def apportion(total: int, sizes: list[int]) -> list[int]:
+    """Split `total` over parts of `sizes` in proportion (largest remainder), never above a part's size."""
+    whole = sum(sizes)
+    if total >= whole:
+        return list(sizes)
+    exact = [total * size / whole for size in sizes]
+    parts = [math.floor(x) for x in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: parts[i] - exact[i])[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
 def strata(grids: list | None, count: int, keep: int) -> list[int]:
     """Stratum of each of a sample's `count` candidates (prompt order), `keep` strata in all, -1 for none.
 
@@ -150,13 +137,11 @@ def strata(grids: list | None, count: int, keep: int) -> list[int]:
     grid is cut by `lattice_blocks`; without them (or once earlier layers dropped tokens) the candidates are
     cut into `keep` equal runs of prompt order.
     """
-    from st3.methods.controls import share  # controls imports this module through base
-
     if grids is None or sum(g.tokens for g in grids) != count:
         return [min(i * keep // max(count, 1), keep - 1) for i in range(count)] if keep > 0 else [-1] * count
     labels, offset = [], 0
-    for grid, part in zip(grids, share(keep, [g.tokens for g in grids])):
-        for frame_part in share(part, [grid.rows * grid.cols] * grid.frames):
+    for grid, part in zip(grids, apportion(keep, [g.tokens for g in grids])):
+        for frame_part in apportion(part, [grid.rows * grid.cols] * grid.frames):
             blocks = lattice_blocks(grid.rows, grid.cols, frame_part)
             labels += [b + offset if b >= 0 else -1 for b in blocks]
             offset += frame_part
