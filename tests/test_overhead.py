@@ -221,6 +221,12 @@ def test_gather_is_a_constant_number_of_operations():
     index, valid = pack_index(keep, width=3)
     assert valid.tolist() == [[True, True, True], [False, False, True]]
     assert torch.equal(pack_index(keep)[0], index)
+    # with the kept counts known on the host: the same index, and no filler mask where no row needs filler
+    by_host, host_valid = pack_index(keep, counts=[3, 1])
+    assert torch.equal(by_host, index) and torch.equal(host_valid, valid)
+    even = torch.tensor([[True, False, True], [False, True, True]])
+    assert torch.equal(pack_index(even, counts=[2, 2])[0], pack_index(even)[0])
+    assert pack_index(even, counts=[2, 2])[1] is None
 
 
 def test_the_overhead_bench_reports_every_configuration(tmp_path, capsys):

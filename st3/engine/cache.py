@@ -207,8 +207,9 @@ class PrunableLayer(DynamicLayer):
         columns, valid, visual = self._materialise()
         index, filled = pack_index(keep, counts=real) if real else pack_index(keep)
         flat = flat_index(self.keys, index, 2)  # keys and values share [B, heads, S]: one index for both
+        shared = flat if self.values.shape[:3] == self.keys.shape[:3] else None  # compared before keys shrink
         self.keys = gather(self.keys, index, 2, flat)
-        self.values = gather(self.values, index, 2, flat if self.values.shape[:3] == self.keys.shape[:3] else None)
+        self.values = gather(self.values, index, 2, shared)
         columns, valid, visual = (t.gather(1, index) for t in (columns, valid, visual))
         if self.received is not None:
             self.received = self.received.gather(1, index)
