@@ -6,7 +6,6 @@ is launch-bound: calls that wait for the device, and the number of torch operati
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 
@@ -14,9 +13,9 @@ import pytest
 import torch
 from cases import SETTINGS as METHODS
 from conftest import BATCH, single
-from torch.overrides import TorchFunctionMode
 
 import st3
+from st3.bench.ops import Ops, decode_ops
 from st3.engine.cache import PrunableLayer, gather, pack_index
 from st3.engine.forward import Engine
 from st3.testing import tiny_inputs
@@ -178,53 +177,9 @@ def test_the_sync_counter_sees_a_sync(syncs):
 
 
 # ---------------------------------------------------------------------------------- operations
-class Ops(TorchFunctionMode):
-    """Counts the torch functions and tensor methods called (each one a kernel launch or more on a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.names: collections.Counter = collections.Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        if name != "__get__":  # attribute reads (.shape, .device) launch nothing
-            self.count += 1
-            self.names[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def ops_per_decode_forward(model, inputs, method) -> list[int]:
     """Torch operations issued by each decode forward of the decoder stack (layers included)."""
-    lm = model.model.language_model
-    counts: list[int] = []
-
-    def wrap(forward):
-        def counted(*args, **kwargs):
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if cache is None or cache.get_seq_length() == 0:
-                return forward(*args, **kwargs)
-            with Ops() as ops:
-                out = forward(*args, **kwargs)
-            counts.append(ops.count)
-            return out
-
-        return counted
-
-    with contextlib.ExitStack() as stack:
-        if method is not None:
-            stack.enter_context(method(model))
-        original = lm.forward
-        lm.forward = wrap(original)
-        try:
-            with torch.no_grad():
-                model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-        finally:
-            if method is None:
-                del lm.forward
-            else:
-                lm.forward = original
-    return counts
+    return [ops.total() for ops in decode_ops(model, inputs, method, NEW_TOKENS)]
 
 
 def test_noop_decode_issues_no_more_operations_than_vanilla(model, inputs):
@@ -266,6 +221,12 @@ def test_gather_is_a_constant_number_of_operations():
     index, valid = pack_index(keep, width=3)
     assert valid.tolist() == [[True, True, True], [False, False, True]]
     assert torch.equal(pack_index(keep)[0], index)
+    # with the kept counts known on the host: the same index, and no filler mask where no row needs filler
+    by_host, host_valid = pack_index(keep, counts=[3, 1])
+    assert torch.equal(by_host, index) and torch.equal(host_valid, valid)
+    even = torch.tensor([[True, False, True], [False, True, True]])
+    assert torch.equal(pack_index(even, counts=[2, 2])[0], pack_index(even)[0])
+    assert pack_index(even, counts=[2, 2])[1] is None
 
 
 def test_the_overhead_bench_reports_every_configuration(tmp_path, capsys):

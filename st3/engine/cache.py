@@ -19,20 +19,31 @@ import torch
 from st3.compat import DynamicLayer
 
 
-def pack_index(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_index(
+    keep: torch.Tensor, width: int | None = None, counts: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Indices that gather the kept slots of each row, in order, left-padded to a common width.
 
     keep: BoolTensor [B, S]; width: the largest kept count when the caller knows it on the host (else it
-    is read from the device). Returns (index [B, S'], valid [B, S']) with S' that width; a row with fewer
-    kept slots starts with `valid == False` filler (pointing at arbitrary slots).
+    is read from the device); counts: each row's kept count, when the host knows them (then width is their
+    maximum). Returns (index [B, S'], valid [B, S']) with S' that width; a row with fewer kept slots starts
+    with `valid == False` filler (pointing at arbitrary slots). With `counts` all equal, no row has filler
+    and valid is None (what the host knows costs no operation).
     """
-    counts = keep.sum(-1)
-    if width is None:
-        width = int(counts.max()) if keep.numel() else 0
+    kept = None
+    if counts is not None:
+        width = max(counts, default=0)
+    elif width is None:
+        kept = keep.sum(-1)
+        width = int(kept.max()) if keep.numel() else 0
     # A stable sort on the keep flag puts dropped slots first and kept slots last, both in order.
     order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices
     index = order[:, keep.shape[-1] - width :]
-    valid = torch.arange(width, device=keep.device) >= (width - counts)[:, None]
+    if counts is not None and all(c == width for c in counts):
+        return index, None
+    if kept is None:
+        kept = keep.sum(-1)
+    valid = torch.arange(width, device=keep.device) >= (width - kept)[:, None]
     return index, valid
 
 
@@ -55,10 +66,24 @@ def gather(x: torch.Tensor, index: torch.Tensor, dim: int, flat: torch.Tensor | 
 
 def flat_index(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """The rows of `x` flattened up to `dim` that `gather(x, index, dim)` takes, in order."""
-    length = x.shape[dim]
-    groups = x.shape[:dim].numel()  # (sample, leading index) pairs, each a block of `length` rows
-    offsets = torch.arange(0, groups * length, length, device=index.device).view(x.shape[0], -1, 1)
-    return (offsets + index[:, None, :]).reshape(-1)
+    # Each (sample, leading index) pair is a block of `length` rows: block g starts at g * length.
+    return torch.add(index[:, None, :], _blocks(x.shape[:dim], index.device), alpha=x.shape[dim]).reshape(-1)
+
+
+#: (shape up to the gathered dim, device) -> block numbers [B, groups, 1], shared by every layer of that shape.
+_BLOCKS: dict = {}
+
+
+def _blocks(lead: torch.Size, device: torch.device) -> torch.Tensor:
+    """LongTensor [B, prod(lead[1:]), 1]: 0, 1, ... the number of each block; built once per shape."""
+    key = (tuple(lead), device)
+    blocks = _BLOCKS.get(key)
+    if blocks is None:
+        if len(_BLOCKS) >= 32:  # a few shapes per run (batch, heads); forget those of earlier runs
+            _BLOCKS.clear()
+        with torch.inference_mode(False):  # usable inside and outside inference mode
+            blocks = _BLOCKS[key] = torch.arange(lead.numel(), device=device).view(lead[0], -1, 1)
+    return blocks
 
 
 class PrunableLayer(DynamicLayer):
@@ -180,14 +205,15 @@ class PrunableLayer(DynamicLayer):
         the host (then nothing waits for the device); otherwise they are read from the device.
         """
         columns, valid, visual = self._materialise()
-        index, filled = pack_index(keep, max(real) if real else None)
+        index, filled = pack_index(keep, counts=real) if real else pack_index(keep)
         flat = flat_index(self.keys, index, 2)  # keys and values share [B, heads, S]: one index for both
+        shared = flat if self.values.shape[:3] == self.keys.shape[:3] else None  # compared before keys shrink
         self.keys = gather(self.keys, index, 2, flat)
-        self.values = gather(self.values, index, 2, flat if self.values.shape[:3] == self.keys.shape[:3] else None)
+        self.values = gather(self.values, index, 2, shared)
         columns, valid, visual = (t.gather(1, index) for t in (columns, valid, visual))
         if self.received is not None:
             self.received = self.received.gather(1, index)
-        self._set(columns, valid & filled, visual, real, held)
+        self._set(columns, valid if filled is None else valid & filled, visual, real, held)
 
     # ----------------------------------------------------------------- batch operations of generate()
     def _batch(self, fn, host) -> None:

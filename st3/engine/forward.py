@@ -62,11 +62,6 @@ class Rows:
         return self.keep((self.valid & ~self.visual) | kept)
 
 
-def patch_index(candidates: torch.Tensor) -> torch.Tensor:
-    """LongTensor [B, S]: each candidate's index among its sample's candidates (-1 elsewhere)."""
-    return torch.where(candidates, candidates.long().cumsum(-1) - 1, -1)
-
-
 class Engine:
     """Runs the decoder stack of one model under one method, and keeps the method's trace."""
 
@@ -283,7 +278,6 @@ class Engine:
             layer=index,
             candidates=rows.visual,
             keep=keep,
-            patches=patch_index(rows.visual),
             attention=lambda query: self._prefill_scores(index, rows, previous, cache, query),
             hidden=lambda: rows.hidden,
             keys=lambda: self.adapter.project_keys(index, rows.hidden, rows.cos, rows.sin),
@@ -343,6 +337,7 @@ class Engine:
         masks: dict = {}
         accumulates = self._accumulates
         checks = None if self.method.evicts_exactly else []  # the evictions whose counts need a check
+        budgets: dict = {}  # host budget -> its tensor, built once per step
         call = self._call_kwargs(cache, kwargs)
         visual_log, keys_log, positions = [], [], []
         hidden = embeds
@@ -372,7 +367,7 @@ class Engine:
                 layer.received = layer.received + current
             budget = self.method.host_decode_budget(index, step + 1, layer.held_after_prefill)
             if budget is not None and any(h > b for h, b in zip(layer.held, budget)):
-                self._evict(index, layer, layer_input, cos, sin, budget, current, checks)
+                self._evict(index, layer, layer_input, cos, sin, budget, current, checks, budgets)
         if checks:  # a rule whose kept counts are not exact by construction: one sync for all its layers
             self.method.check_counts(checks)
         self.trace.log_decode_step(visual_log, keys_log)
@@ -388,7 +383,16 @@ class Engine:
         return attention_of_one_row(queries, layer.keys, scaling, layer.valid if layer.padded else None)
 
     def _evict(
-        self, index: int, layer: PrunableLayer, layer_input, cos, sin, budget: list[int], current, checks: list | None
+        self,
+        index: int,
+        layer: PrunableLayer,
+        layer_input,
+        cos,
+        sin,
+        budget: list[int],
+        current,
+        checks: list | None,
+        budgets: dict,
     ) -> None:
         """Drop from `layer`'s cache the visual entries beyond `budget`, chosen by the method's eviction rule.
 
@@ -397,6 +401,9 @@ class Engine:
         """
         valid, visual = layer.valid, layer.visual
         candidates = valid & visual
+        keep = budgets.get(tuple(budget))  # layers of one step with the same budgets share one tensor
+        if keep is None:
+            keep = budgets[tuple(budget)] = torch.tensor(budget, device=valid.device)
         memo = {} if current is None else {"current": current}
 
         def attention(query: str) -> torch.Tensor:
@@ -407,8 +414,7 @@ class Engine:
         view = View(
             layer=index,
             candidates=candidates,
-            keep=torch.tensor(budget, device=valid.device),
-            patches=patch_index(candidates),
+            keep=keep,
             attention=attention,
             hidden=lambda: None,
             keys=lambda: layer.keys,

@@ -50,7 +50,8 @@ def attention_of_one_row(
     batch, heads, _, dim = query.shape
     kv_heads = keys.shape[1]
     q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, kv_heads, groups, S]
+    logits = torch.matmul(q, keys.mT)  # [B, kv_heads, groups, S]; .mT is a view, no operation
+    logits = (logits if logits.dtype == torch.float32 else logits.float()) * scaling
     if visible is not None:
         logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
     return torch.softmax(logits, dim=-1).mean((1, 2))

@@ -27,7 +27,6 @@ class View:
     layer: int
     candidates: torch.Tensor
     keep: torch.Tensor
-    patches: torch.Tensor
     attention: Callable[[str], torch.Tensor]
     hidden: Callable[[], torch.Tensor | None]
     keys: Callable[[], torch.Tensor]
@@ -36,3 +35,25 @@ class View:
     decoding: bool = False
     grids: list | None = None
     """Per sample, the image/frame grids (`st3.adapters.Grid`) the candidates tile in raster order, or None."""
+    patches: torch.Tensor | None = None
+    """LongTensor [B, S]: each candidate's index among its sample's candidates (-1 elsewhere); computed from
+    `candidates` on first read when not given (most eviction rules never read it: four operations saved)."""
+
+
+def _patches(view: View) -> torch.Tensor:
+    if view._patches is None:
+        view._patches = patch_index(view.candidates)
+    return view._patches
+
+
+def _set_patches(view: View, value: torch.Tensor | None) -> None:
+    view._patches = value
+
+
+# The dataclass's __init__ assigns `patches` through this property (a lazily computed field).
+View.patches = property(_patches, _set_patches)
+
+
+def patch_index(candidates: torch.Tensor) -> torch.Tensor:
+    """LongTensor [B, S]: each candidate's index among its sample's candidates (-1 elsewhere)."""
+    return torch.where(candidates, candidates.long().cumsum(-1) - 1, -1)

@@ -120,7 +120,9 @@ class Method:
         `evicts_exactly`, or checks the counts of a whole step at once with `check_counts`.
         """
         if self.annealing is not None:
-            return self.annealing.select(view) & view.candidates
+            selected = self.annealing.select(view)
+            # a rule of top-k masks over the candidates returns a subset of them already: no operation to add
+            return selected if self.annealing.evict in _EXACT_EVICTIONS else selected & view.candidates
         scores = view.attention("current") if self.needs_scores else None
         return self.select(scores, view.candidates, view.keep, view.patches) & view.candidates
 

@@ -25,10 +25,9 @@ QUERY_ROWS = ("last", "text", "all")
 
 def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """BoolTensor [B, S]: the k[b] highest-scoring candidates of each row (ties broken by position)."""
-    masked = scores.masked_fill(~candidates, float("-inf"))
+    masked = torch.where(candidates, scores, float("-inf"))
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    ranks = order.argsort(dim=-1)  # the inverse permutation: each slot's place in the order (6 ops in all)
     return candidates & (ranks < k[:, None])
 
 
