@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from st3.methods.base import Method, check, register
-from st3.methods.selectors import apportion
+from st3.methods.selectors import apportion, evenly_spaced
 
 
 @dataclass(kw_only=True)
@@ -73,11 +73,7 @@ class Uniform(_KeepCount):
                 cells = torch.tensor(uniform_cells(grids, int(keep[b])), dtype=patches.dtype, device=patches.device)
                 chosen[b] = candidates[b] & torch.isin(patches[b], cells)
             return chosen
-        n = candidates.sum(-1, keepdim=True).double()
-        slots = torch.arange(int(keep.max()), device=keep.device).double()
-        centres = torch.floor((slots + 0.5) * n / keep.clamp(min=1)[:, None])  # [B, keep]: evenly spaced patches
-        centres = centres.masked_fill(slots >= keep[:, None], -1)
-        return candidates & (patches[..., None] == centres[:, None, :]).any(-1)
+        return evenly_spaced(candidates, keep, patches)
 
 
 def lattice(rows: int, cols: int, keep: int) -> list[int]:

@@ -91,12 +91,16 @@ class UniformPick(Selector):
     name: ClassVar[str] = "uniform"
 
     def select(self, view: View) -> torch.Tensor:
-        candidates, keep, patches = view.candidates, view.keep, view.patches
-        n = candidates.sum(-1, keepdim=True).double()
-        slots = torch.arange(int(keep.max()), device=keep.device).double()
-        centres = torch.floor((slots + 0.5) * n / keep.clamp(min=1)[:, None])  # [B, keep]: evenly spaced patches
-        centres = centres.masked_fill(slots >= keep[:, None], -1)
-        return candidates & (patches[..., None] == centres[:, None, :]).any(-1)
+        return evenly_spaced(view.candidates, view.keep, view.patches)
+
+
+def evenly_spaced(candidates: torch.Tensor, keep: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """BoolTensor [B, S]: keep[b] candidates evenly spaced in prompt order (by their index `patches`)."""
+    n = candidates.sum(-1, keepdim=True).double()
+    slots = torch.arange(int(keep.max()), device=keep.device).double()
+    centres = torch.floor((slots + 0.5) * n / keep.clamp(min=1)[:, None])  # [B, keep]: evenly spaced patches
+    centres = centres.masked_fill(slots >= keep[:, None], -1)
+    return candidates & (patches[..., None] == centres[:, None, :]).any(-1)
 
 
 def lattice_blocks(rows: int, cols: int, keep: int) -> list[int]:
