@@ -91,7 +91,8 @@ def timed_generate(
 ) -> Timed:
     """`model.generate(**inputs, **kwargs)` under `method` (when given) without autograd, timed by `clock`.
 
-    The one timing helper of `st3 generate`, `st3 demo`, `st3 eval` and `st3 bench`. `sync`: wait for the
+    The one timing helper of `st3 generate`, `st3 demo`, `st3 eval` and `st3 bench` (`--overhead` reads several
+    clocks at once: a clock may return any reading, `Timed.seconds` needs numbers). `sync`: wait for the
     CUDA device before each clock reading, so the time covers the work and not only its launch.
     """
     with method(model) if method is not None else contextlib.nullcontext(), torch.inference_mode():

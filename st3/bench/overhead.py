@@ -22,12 +22,12 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 import st3
+from st3.compare import timed_generate
 from st3.testing import tiny_inputs, tiny_llava
 
 VANILLA = "vanilla"
@@ -54,16 +54,19 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 def timed(model, inputs: dict, new_tokens: int, method) -> dict[str, float]:
     """Seconds on each clock of `CLOCKS` of one greedy generate of exactly `new_tokens` tokens."""
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    with method(model) if method is not None else nullcontext(), torch.inference_mode():
-        sync()
-        start = {name: now() for name, now in CLOCKS.items()}
-        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
-        sync()
-        elapsed = {name: now() - start[name] for name, now in CLOCKS.items()}
-    if out.shape[1] - inputs["input_ids"].shape[1] != new_tokens:
-        raise RuntimeError(f"generate made {out.shape[1] - inputs['input_ids'].shape[1]} tokens, not {new_tokens}")
-    return elapsed
+    run = timed_generate(
+        model,
+        inputs,
+        method,
+        clock=lambda: {name: now() for name, now in CLOCKS.items()},
+        sync=model.device.type == "cuda",
+        max_new_tokens=new_tokens,
+        do_sample=False,
+    )
+    made = run.output.shape[1] - inputs["input_ids"].shape[1]
+    if made != new_tokens:
+        raise RuntimeError(f"generate made {made} tokens, not {new_tokens}")
+    return {name: run.end[name] - run.start[name] for name in CLOCKS}
 
 
 def _summary(long: list[float], short: list[float], new_tokens: int) -> dict:
