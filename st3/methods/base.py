@@ -122,7 +122,7 @@ class Method:
         if self.annealing is not None:
             selected = self.annealing.select(view)
             # a rule of top-k masks over the candidates returns a subset of them already: no operation to add
-            return selected if self.annealing.evict in _EXACT_EVICTIONS else selected & view.candidates
+            return selected if self.evicts_exactly else selected & view.candidates
         scores = view.attention("current") if self.needs_scores else None
         return self.select(scores, view.candidates, view.keep, view.patches) & view.candidates
 
