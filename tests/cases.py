@@ -53,6 +53,11 @@ SETTINGS: dict[str, Callable[[], Method]] = {
         "st3+stratified", start_layer=0, stride=2, ratio=0.5, min_keep=2, anneal_final=1.0,
         selector=st3.Stratified(within="diverse"),
     ),
+    "spread": lambda: st3.get("spread", keep=10),
+    "st3+spread-keys": lambda: st3.get(
+        "st3+spread", start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_final=1.0,
+        selector=st3.Spread(features="keys", spatial=1.0),
+    ),
     "st3+dart-accumulated": lambda: st3.get(
         "st3+dart", start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=6, anneal_every=2,
         anneal_evict="accumulated",

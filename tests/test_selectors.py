@@ -212,3 +212,72 @@ def test_stratified_without_a_grid_cuts_prompt_order_into_runs():
     assert strata(None, 10, 3) == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
     kept = st3.Stratified().select(view(torch.randn(2, 12, 4), [3, 4]))
     assert kept.sum(-1).tolist() == [3, 4]
+
+
+def scene_features(seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """An 18 x 18 grid of near-identical background features with nine distinct objects, one per 6 x 6 cell,
+    each 2 x 2 patches centred between lattice points; returns the features and the objects' patches."""
+    torch.manual_seed(seed)
+    features = torch.randn(16) + 0.05 * torch.randn(1, 324, 16)
+    objects = []
+    for i, (r, c) in enumerate((r, c) for r in (2, 8, 14) for c in (2, 8, 14)):
+        colour = torch.randn(16) + 3.0 * (i % 2)
+        for patch in (r * 18 + c, r * 18 + c + 1, (r + 1) * 18 + c, (r + 1) * 18 + c + 1):
+            features[0, patch] = colour + 0.05 * torch.randn(16)
+            objects.append(patch)
+    return features, objects
+
+
+def cells(patches: list[int]) -> set[tuple[int, int]]:
+    return {(p // 18 // 6, p % 18 // 6) for p in patches}
+
+
+def test_spread_sees_every_object_and_every_region():
+    """At 36 tokens of 324, Spread keeps a token of each of nine objects and tokens in every 6 x 6 cell;
+    features alone (DivPrune) leave cells unseen, space alone (the lattice) misses every object."""
+    from st3.methods.controls import lattice
+
+    features, objects = scene_features()
+    kept = st3.Spread().select(grid_view(features, 36, 18))[0].nonzero().squeeze(-1).tolist()
+    assert len(kept) == 36
+    assert cells(set(kept) & set(objects)) == cells(objects)  # every object has a kept patch
+    assert len(set(kept) & set(objects)) < 36 // 2  # and the rest of the budget goes elsewhere
+    corners = {(r, c) for r in range(0, 18, 3) for c in range(0, 18, 3)}
+    blocks = {(p // 18 // 3 * 3, p % 18 // 3 * 3) for p in kept}
+    assert len(blocks) >= 0.75 * len(corners)  # spread over the 3 x 3-patch blocks of the grid
+    divprune = st3.DivPrune().select(view(features, [36]))[0].nonzero().squeeze(-1).tolist()
+    assert len({(p // 18 // 3, p % 18 // 3) for p in divprune}) < len(blocks)
+    assert not set(objects) & set(lattice(18, 18, 36))
+
+
+def test_spread_without_the_space_term_is_divprune():
+    features = torch.randn(1, 49, 8)
+    for keep in (1, 5, 20):
+        spread = st3.Spread(spatial=0.0).select(grid_view(features, keep, 7))
+        assert torch.equal(spread, st3.DivPrune().select(view(features, [keep]))), keep
+
+
+def test_spread_shares_the_budget_among_images_and_frames_and_ignores_batch_mates():
+    from st3.adapters.base import Grid
+
+    torch.manual_seed(3)
+    features = torch.randn(2, 40, 8)
+    both = view(features, [10, 7])
+    both.grids = [[Grid(1, 4, 4), Grid(2, 3, 4)], [Grid(1, 5, 8)]]  # 16 + 24 tokens; one image of 40
+    kept = st3.Spread().select(both)
+    assert kept[0, :16].sum() == 4 and kept[0, 16:28].sum() == 3 and kept[0, 28:].sum() == 3
+    assert kept[1].sum() == 7
+    for b in range(2):
+        alone = view(features[b : b + 1], [[10, 7][b]])
+        alone.grids = [both.grids[b]]
+        assert torch.equal(st3.Spread().select(alone)[0], kept[b])
+
+
+def test_spread_without_a_grid_spreads_along_prompt_order_and_refuses_bad_knobs():
+    features = torch.ones(1, 12, 4)  # identical features: only the position separates them
+    kept = st3.Spread().select(view(features, [3]))[0].nonzero().squeeze(-1).tolist()
+    assert kept == [0, 6, 11] or kept == [0, 5, 11]
+    with pytest.raises(ValueError, match="spatial"):
+        st3.Spread(spatial=-1.0)
+    with pytest.raises(ValueError, match="features"):
+        st3.Spread(features="pixels")

@@ -13,9 +13,11 @@ from st3.methods.selectors import (
     DivPrune,
     RandomPick,
     Selector,
+    Spread,
     Stratified,
     UniformPick,
 )
+from st3.methods.spread import SpreadMethod
 from st3.methods.st3 import ST3
 from st3.methods.stratified import StratifiedMethod
 from st3.methods.visionzip import VisionZip
@@ -33,6 +35,8 @@ __all__ = [
     "Keep",
     "RandomPick",
     "Selector",
+    "Spread",
+    "SpreadMethod",
     "Stratified",
     "StratifiedMethod",
     "UniformPick",

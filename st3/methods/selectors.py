@@ -301,6 +301,98 @@ def best_per_stratum(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return chosen
 
 
+def grid_layout(grids: list | None, count: int) -> tuple[list[int], list[tuple[float, float]], list[int]]:
+    """Of a sample's `count` candidates (prompt order): each one's group (one per image or video frame), its
+    (row, col) divided by its grid's diagonal (so distances across a grid are at most 1), and each group's size.
+
+    Without grids (or once earlier layers dropped tokens, so they no longer tile) the candidates are one group
+    along prompt order, at positions i / count.
+    """
+    if grids is None or sum(g.tokens for g in grids) != count:
+        return [0] * count, [(0.0, i / max(count, 1)) for i in range(count)], [count]
+    groups: list[int] = []
+    coords: list[tuple[float, float]] = []
+    sizes: list[int] = []
+    for grid in grids:
+        diagonal = math.hypot(grid.rows, grid.cols)
+        for _ in range(grid.frames):
+            groups += [len(sizes)] * (grid.rows * grid.cols)
+            coords += [(y / diagonal, x / diagonal) for y in range(grid.rows) for x in range(grid.cols)]
+            sizes.append(grid.rows * grid.cols)
+    return groups, coords, sizes
+
+
+@dataclass(kw_only=True)
+class Spread(Selector):
+    """Spread (ours; st3's best rule on its benchmark): the max-min diverse subset in feature *and* image space.
+
+    DivPrune's greedy max-min, over a distance that adds to the tokens' cosine distance `spatial` times their
+    distance on the image grid (as a share of the grid's diagonal). Feature distance alone (DivPrune) piles
+    the budget onto a few distinct patterns and leaves whole regions unseen; space alone is a lattice, which
+    aliases with regular content and spends tokens on background. Together, the first picks land on what is
+    distinct and every later pick is pushed away from the regions already covered, so objects get tokens and
+    no region goes unseen. The budget is shared among a sample's images and video frames by token counts, and
+    each runs its own max-min (its first pick: its most unique token). Needs the grids for the space term (the
+    engine passes them where the adapter knows them); without them, positions along prompt order.
+    """
+
+    name: ClassVar[str] = "spread"
+    spatial: float = 2.0
+    """Weight of the grid distance (a share of the diagonal) against the cosine distance; 0 is DivPrune within
+    each image. Chosen on the validation split (docs/methods.md): 1 to 4 measure alike."""
+    features: str = "hidden"
+    """'hidden' (before the decoder: the visual embeddings; at a decoder layer its input) or 'keys'."""
+
+    def validate(self) -> None:
+        check(self.spatial >= 0, "spatial", f"must be >= 0, got {self.spatial}")
+        check(self.features in ("hidden", "keys"), "features", f"must be 'hidden' or 'keys', got {self.features!r}")
+
+    def layout(self, view: View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """groups [B, S] (-1: not a candidate), coords [B, S, 2], budgets [B, G]: each group's share of keep."""
+        candidates, keep = view.candidates, view.keep
+        batch, slots = candidates.shape
+        groups = torch.full((batch, slots), -1, dtype=torch.long)
+        coords = torch.zeros(batch, slots, 2, dtype=torch.float64)
+        per_sample = []
+        for b in range(batch):
+            where = candidates[b].nonzero().squeeze(-1).cpu()
+            group, coord, sizes = grid_layout(None if view.grids is None else view.grids[b], len(where))
+            groups[b, where] = torch.tensor(group, dtype=torch.long)
+            coords[b, where] = torch.tensor(coord, dtype=torch.float64).reshape(-1, 2)
+            per_sample.append(apportion(int(keep[b]), sizes))
+        budgets = torch.zeros(batch, max(len(p) for p in per_sample), dtype=torch.long)
+        for b, parts in enumerate(per_sample):
+            budgets[b, : len(parts)] = torch.tensor(parts, dtype=torch.long)
+        device = candidates.device
+        return groups.to(device), coords.to(device), budgets.to(device)
+
+    def select(self, view: View) -> torch.Tensor:
+        candidates, keep = view.candidates, view.keep
+        groups, coords, budgets = self.layout(view)
+        unit = F.normalize(_features(view, self.features).double(), dim=-1)
+        distance = quantised(1.0 - unit @ unit.transpose(1, 2) + self.spatial * torch.cdist(coords, coords))
+        same = (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)
+        eye = torch.eye(distance.shape[-1], dtype=torch.bool, device=distance.device)
+        inf = torch.tensor(float("inf"), dtype=distance.dtype, device=distance.device)
+        nearest = torch.where(same & ~eye, distance, inf).amin(-1)
+        nearest = torch.where(torch.isinf(nearest), torch.zeros_like(nearest), nearest)
+        # Until a group has a pick, its tokens rank by uniqueness above any distance (at most 2 + spatial).
+        closest = nearest + quantised(torch.tensor(2.0 + self.spatial)).item() + 1
+        chosen = torch.zeros_like(candidates)
+        taken = torch.zeros_like(budgets)
+        rows = torch.arange(candidates.shape[0], device=candidates.device)
+        group = groups.clamp(min=0)
+        for step in range(int(keep.max()) if keep.numel() else 0):
+            room = budgets.gather(-1, group) > taken.gather(-1, group)
+            score = closest.masked_fill(~candidates | chosen | ~room, float("-inf"))
+            pick = score.argmax(-1)  # first position among equal (quantised) scores
+            active = (keep > step) & torch.isfinite(score.amax(-1))
+            chosen[rows[active], pick[active]] = True
+            taken[rows[active], group[rows, pick][active]] += 1
+            closest = torch.minimum(closest, torch.where(same[rows, pick], distance[rows, pick], inf))
+        return chosen & candidates
+
+
 @dataclass(kw_only=True)
 class DART(Selector):
     """DART (Wen et al., EMNLP 2025, arXiv 2502.11494): keep the tokens least duplicated by a few pivots.
@@ -486,7 +578,7 @@ class VTA:
 
 
 SELECTORS: dict[str, type[Selector]] = {
-    cls.name: cls for cls in (Attention, RandomPick, UniformPick, Stratified, DivPrune, DART, CDPruner)
+    cls.name: cls for cls in (Attention, RandomPick, UniformPick, Stratified, Spread, DivPrune, DART, CDPruner)
 }
 
 

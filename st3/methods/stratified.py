@@ -1,4 +1,4 @@
-"""st3's best rule on its benchmark: a stratified spread before the decoder, one jittered token per block.
+"""A stratified spread before the decoder: one jittered token per block of an even tiling of each image.
 
     st3.get("stratified")       # keep `keep` tokens before the decoder: one per block of each image's grid
     st3.get("st3+stratified")   # ST3's progressive schedule, the stratified choice at each pruning layer
