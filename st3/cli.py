@@ -20,11 +20,21 @@ def demo(
     max_new_tokens: int = typer.Option(64, help="Tokens to generate per run."),
     json_out: str = typer.Option("", "--json", help="Also write the comparison as JSON to this path."),
     plot: str = typer.Option("st3-demo.png", help="Where to draw the patches kept per layer ('' for none)."),
+    method: str = typer.Option(
+        "st3", "--method", "-m", help="The method to compare: name or name:knob=value,... (e.g. spread:keep=108)."
+    ),
 ) -> None:
-    """Generate with and without ST3 on the embedded default model and compare cost side by side."""
+    """Generate with and without ST3 (or --method) on the embedded default model and compare side by side."""
+    import st3
     from st3.demo import run_demo
+    from st3.spec import parse
 
-    run_demo(max_new_tokens=max_new_tokens, json_path=json_out or None, plot_path=plot or None)
+    try:
+        choice = parse(method)
+        chosen = st3.get(choice.name, **choice.knobs)
+    except (TypeError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="--method") from None
+    run_demo(max_new_tokens=max_new_tokens, json_path=json_out or None, plot_path=plot or None, method=chosen)
 
 
 @app.command()

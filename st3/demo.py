@@ -90,13 +90,14 @@ def run_demo(
     plot_path: str | None = None,
     console: Console | None = None,
     model_dir: Path | None = None,
+    method: st3.Method | None = None,
 ) -> dict:
-    """Compare unpruned and ST3 on the embedded default; print, and write JSON / PNG when asked.
+    """Compare unpruned and `method` (default: ST3) on the embedded default; print, and write JSON / PNG when asked.
 
     `model_dir`: a scenes LLaVA (default: the scenes package's, when installed); without one, the random model.
     """
     console = console or Console()
-    method = st3.ST3()
+    method = method or st3.ST3()
     model_dir = model_dir or scenes_model_dir()
     if model_dir is not None and (model_dir / "config.json").is_file():
         console.print(f"model: {model_dir} (trained here); scene {DEMO_SCENE} of the test split")
@@ -113,7 +114,7 @@ def run_demo(
     print_comparison(result, console)
     if plot_path:
         plot_kept_patches(
-            image, method.trace, result["image_columns"], plot_path, title="ST3: patches kept after prefill"
+            image, method.trace, result["image_columns"], plot_path, title=f"{method.name}: patches kept after prefill"
         )
         console.print(f"wrote {plot_path}")
     report = {key: value for key, value in result.items() if key != "image_columns"}

@@ -21,6 +21,20 @@ def test_demo_compares_unpruned_and_st3(tmp_path):
     assert plot.stat().st_size > 10_000
 
 
+def test_demo_compares_any_method_given_and_refuses_a_bad_spec(tmp_path):
+    path = tmp_path / "demo.json"
+    args = ["demo", "-m", "spread:keep=54", "--max-new-tokens", "3", "--json", str(path), "--plot", ""]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(path.read_text())
+    assert report["method"]["name"] == "spread" and report["method"]["knobs"]["keep"] == 54
+    assert set(report["trace"]["visual_per_layer"]) == {54}
+    for spec, message in [("nope", "unknown method"), ("spread:keep=-1", "keep"), ("spread:colour=1", "colour")]:
+        result = runner.invoke(app, ["demo", "-m", spec, "--plot", ""])
+        assert result.exit_code == 2, spec
+        assert message in " ".join(result.output.split()), result.output
+
+
 def test_demo_without_a_trained_model_uses_the_random_llava_layout(tmp_path):
     from rich.console import Console
 
