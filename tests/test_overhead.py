@@ -178,7 +178,13 @@ def test_the_sync_counter_sees_a_sync(syncs):
 
 # ---------------------------------------------------------------------------------- operations
 def ops_per_decode_forward(model, inputs, method) -> list[int]:
-    """Torch operations issued by each decode forward of the decoder stack (layers included)."""
+    """Torch operations issued by each decode forward of the decoder stack (layers included).
+
+    The gather's per-shape block numbers (`cache._BLOCKS`) are forgotten first: built on a shape's first
+    eviction (two operations), they would otherwise make the count depend on which tests ran before."""
+    from st3.engine import cache
+
+    cache._BLOCKS.clear()
     return [ops.total() for ops in decode_ops(model, inputs, method, NEW_TOKENS)]
 
 
