@@ -369,8 +369,9 @@ class Spread(Selector):
     def select(self, view: View) -> torch.Tensor:
         candidates, keep = view.candidates, view.keep
         groups, coords, budgets = self.layout(view)
-        unit = F.normalize(_features(view, self.features).double(), dim=-1)
-        distance = quantised(1.0 - unit @ unit.transpose(1, 2) + self.spatial * torch.cdist(coords, coords))
+        unit = F.normalize(_features(view, self.features), dim=-1)
+        cosine = (unit @ unit.transpose(1, 2)).double()  # float32 products: the rounding below is far coarser
+        distance = quantised(1.0 - cosine + self.spatial * torch.cdist(coords, coords))
         same = (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)
         eye = torch.eye(distance.shape[-1], dtype=torch.bool, device=distance.device)
         inf = torch.tensor(float("inf"), dtype=distance.dtype, device=distance.device)
