@@ -338,8 +338,8 @@ class Spread(Selector):
 
     name: ClassVar[str] = "spread"
     spatial: float = 2.0
-    """Weight of the grid distance (a share of the diagonal) against the cosine distance; 0 is DivPrune within
-    each image. Chosen on the validation split (docs/methods.md): 1 to 4 measure alike."""
+    """Weight of the grid distance (a share of the diagonal) against the cosine distance; 0 is DivPrune's rule
+    within each image (up to the rounding of near-ties). Chosen on validation (docs/methods.md): 1 to 4 alike."""
     features: str = "hidden"
     """'hidden' (before the decoder: the visual embeddings; at a decoder layer its input) or 'keys'."""
 
