@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from st3.methods.base import Method, check, register
-from st3.methods.selectors import apportion, evenly_spaced
+from st3.methods.selectors import evenly_spaced, frame_budgets, frames, tiles
 
 
 @dataclass(kw_only=True)
@@ -67,7 +67,7 @@ class Uniform(_KeepCount):
     def select(self, scores, candidates: torch.Tensor, keep: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         layout = self.trace.image_grids
         counts = candidates.sum(-1).tolist()
-        if layout is not None and all(sum(g.tokens for g in grids) == n for grids, n in zip(layout, counts)):
+        if layout is not None and all(tiles(grids, n) for grids, n in zip(layout, counts)):
             chosen = torch.zeros_like(candidates)
             for b, grids in enumerate(layout):
                 cells = torch.tensor(uniform_cells(grids, int(keep[b])), dtype=patches.dtype, device=patches.device)
@@ -93,9 +93,7 @@ def lattice(rows: int, cols: int, keep: int) -> list[int]:
 def uniform_cells(grids: list, keep: int) -> list[int]:
     """Indices (over the sample's visual tokens, in prompt order) of `keep` cells spread over its grids."""
     cells, offset = [], 0
-    for grid, count in zip(grids, apportion(keep, [g.tokens for g in grids])):
-        frame = grid.rows * grid.cols
-        for f, part in enumerate(apportion(count, [frame] * grid.frames)):
-            cells += [offset + f * frame + i for i in lattice(grid.rows, grid.cols, part)]
-        offset += grid.tokens
+    for grid, part in zip(frames(grids), frame_budgets(grids, keep)):
+        cells += [offset + i for i in lattice(grid.rows, grid.cols, part)]
+        offset += grid.rows * grid.cols
     return cells

@@ -140,15 +140,33 @@ def strata(grids: list | None, count: int, keep: int) -> list[int]:
     grid is cut by `lattice_blocks`; without them (or once earlier layers dropped tokens) the candidates are
     cut into `keep` equal runs of prompt order.
     """
-    if grids is None or sum(g.tokens for g in grids) != count:
+    if not tiles(grids, count):
         return [min(i * keep // max(count, 1), keep - 1) for i in range(count)] if keep > 0 else [-1] * count
     labels, offset = [], 0
-    for grid, part in zip(grids, apportion(keep, [g.tokens for g in grids])):
-        for frame_part in apportion(part, [grid.rows * grid.cols] * grid.frames):
-            blocks = lattice_blocks(grid.rows, grid.cols, frame_part)
-            labels += [b + offset if b >= 0 else -1 for b in blocks]
-            offset += frame_part
+    for grid, frame_part in zip(frames(grids), frame_budgets(grids, keep)):
+        blocks = lattice_blocks(grid.rows, grid.cols, frame_part)
+        labels += [b + offset if b >= 0 else -1 for b in blocks]
+        offset += frame_part
     return labels
+
+
+def tiles(grids: list | None, count: int) -> bool:
+    """Whether a sample's grids lay out exactly its `count` candidates (not once earlier layers dropped some)."""
+    return grids is not None and sum(g.tokens for g in grids) == count
+
+
+def frames(grids: list) -> list:
+    """The grid of each image and video frame, in prompt order (a video's grid once per frame)."""
+    return [grid for grid in grids for _ in range(grid.frames)]
+
+
+def frame_budgets(grids: list, keep: int) -> list[int]:
+    """`keep` shared among a sample's images by token counts, then each image's share among its frames."""
+    return [
+        frame_part
+        for grid, part in zip(grids, apportion(keep, [g.tokens for g in grids]))
+        for frame_part in apportion(part, [grid.rows * grid.cols] * grid.frames)
+    ]
 
 
 def quantised(scores: torch.Tensor, resolution: float = 1e-4) -> torch.Tensor:
@@ -301,25 +319,23 @@ def best_per_stratum(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return chosen
 
 
-def grid_layout(grids: list | None, count: int) -> tuple[list[int], list[tuple[float, float]], list[int]]:
-    """Of a sample's `count` candidates (prompt order): each one's group (one per image or video frame), its
-    (row, col) divided by its grid's diagonal (so distances across a grid are at most 1), and each group's size.
+def grid_layout(grids: list | None, count: int, keep: int) -> tuple[list[int], list[tuple[float, float]], list[int]]:
+    """Of a sample's `count` candidates (prompt order): each one's group (one per image or video frame) and its
+    (row, col) divided by its grid's diagonal (so distances across a grid are at most 1); and each group's
+    share of `keep` (`frame_budgets`, as `strata` shares it).
 
     Without grids (or once earlier layers dropped tokens, so they no longer tile) the candidates are one group
     along prompt order, at positions i / count.
     """
-    if grids is None or sum(g.tokens for g in grids) != count:
-        return [0] * count, [(0.0, i / max(count, 1)) for i in range(count)], [count]
+    if not tiles(grids, count):
+        return [0] * count, [(0.0, i / max(count, 1)) for i in range(count)], [keep]
     groups: list[int] = []
     coords: list[tuple[float, float]] = []
-    sizes: list[int] = []
-    for grid in grids:
+    for index, grid in enumerate(frames(grids)):
         diagonal = math.hypot(grid.rows, grid.cols)
-        for _ in range(grid.frames):
-            groups += [len(sizes)] * (grid.rows * grid.cols)
-            coords += [(y / diagonal, x / diagonal) for y in range(grid.rows) for x in range(grid.cols)]
-            sizes.append(grid.rows * grid.cols)
-    return groups, coords, sizes
+        groups += [index] * (grid.rows * grid.cols)
+        coords += [(y / diagonal, x / diagonal) for y in range(grid.rows) for x in range(grid.cols)]
+    return groups, coords, frame_budgets(grids, keep)
 
 
 @dataclass(kw_only=True)
@@ -356,10 +372,10 @@ class Spread(Selector):
         per_sample = []
         for b in range(batch):
             where = candidates[b].nonzero().squeeze(-1).cpu()
-            group, coord, sizes = grid_layout(None if view.grids is None else view.grids[b], len(where))
+            group, coord, budget = grid_layout(None if view.grids is None else view.grids[b], len(where), int(keep[b]))
             groups[b, where] = torch.tensor(group, dtype=torch.long)
             coords[b, where] = torch.tensor(coord, dtype=torch.float64).reshape(-1, 2)
-            per_sample.append(apportion(int(keep[b]), sizes))
+            per_sample.append(budget)
         budgets = torch.zeros(batch, max(len(p) for p in per_sample), dtype=torch.long)
         for b, parts in enumerate(per_sample):
             budgets[b, : len(parts)] = torch.tensor(parts, dtype=torch.long)
