@@ -5,61 +5,42 @@ method = st3.ST3()
 with method(model):
     out = model.generate(**inputs, max_new_tokens=64)
 print(method.trace.summary())
+
+The public names load on first use (PEP 562): `import st3` costs no transformers import, so the command
+line starts fast and the selectors run where another transformers version is installed (the vLLM plugin).
 """
 
-from st3.adapters import supported_models
-from st3.budget import match
-from st3.methods import (
-    DART,
-    ST3,
-    VTA,
-    VTW,
-    Attention,
-    CDPruner,
-    DivPrune,
-    FastV,
-    Keep,
-    Method,
-    PyramidDrop,
-    Random,
-    RandomPick,
-    Selector,
-    Spread,
-    Stratified,
-    Uniform,
-    UniformPick,
-    VisionZip,
-    get,
-    methods,
-    register,
-)
-from st3.trace import Trace
+from __future__ import annotations
 
-__all__ = [
-    "ST3",
-    "FastV",
-    "PyramidDrop",
-    "VTW",
-    "VisionZip",
-    "Random",
-    "Uniform",
-    "Method",
-    "Keep",
-    "Selector",
-    "Attention",
-    "RandomPick",
-    "UniformPick",
-    "Stratified",
-    "Spread",
-    "DivPrune",
-    "DART",
-    "CDPruner",
-    "VTA",
-    "Trace",
-    "get",
-    "match",
-    "methods",
-    "register",
-    "supported_models",
-]
+import importlib
+
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "ST3", "FastV", "PyramidDrop", "VTW", "VisionZip", "Random", "Uniform", "Method", "Keep", "Selector",
+            "Attention", "RandomPick", "UniformPick", "Stratified", "Spread", "DivPrune", "DART", "CDPruner",
+            "VTA", "get", "methods", "register",
+        ),
+        "st3.methods",
+    ),
+    "supported_models": "st3.adapters",
+    "match": "st3.budget",
+    "Trace": "st3.trace",
+}  # fmt: skip
+
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'st3' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

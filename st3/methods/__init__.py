@@ -1,5 +1,8 @@
 """Token-trimming methods: each a validated dataclass, all run by the same engine."""
 
+import sys
+import types
+
 from st3.methods.base import Method, get, methods, register
 from st3.methods.composed import CDPrunerMethod, DARTMethod, DivPruneMethod, Keep
 from st3.methods.controls import Random, Uniform
@@ -52,3 +55,14 @@ __all__ = [
     "methods",
     "register",
 ]
+
+
+class _Package(types.ModuleType):
+    """This package, callable: `st3.methods()` lists the registered names. (Importing the package makes
+    `st3.methods` this module, which would otherwise hide the function of the same name; `st3` loads lazily.)"""
+
+    def __call__(self) -> list[str]:
+        return methods()
+
+
+sys.modules[__name__].__class__ = _Package
