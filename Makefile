@@ -23,7 +23,7 @@ $(BIN)/.st3-installed: pyproject.toml scenes/pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps -e scenes/
 	touch $@
 
-.PHONY: install demo test lint lock
+.PHONY: install demo test test-all lint lock
 install: $(BIN)/.st3-installed
 
 demo: install
@@ -32,7 +32,12 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
+# `make test`: everything but the `slow` family x method cross product (a few minutes on 2 cores);
+# `make test-all` adds it (CI runs both parts).
 test: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: lint
 	$(BIN)/python -m pytest -q
 
 # torch stays out of the lock (it is installed first, CPU or CUDA build by TORCH); its own dependencies

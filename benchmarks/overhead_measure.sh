@@ -9,10 +9,10 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 R=benchmarks/results
 WITH="$PY benchmarks/overhead_run_with.py $BEFORE"
-$WITH st3/bench/overhead.py --clock cpu --json $R/overhead-proxy-before.json | tee $R/overhead-proxy-before.txt
-$PY -m st3.bench.overhead --clock cpu --json $R/overhead-proxy-after.json | tee $R/overhead-proxy-after.txt
+$WITH st3/bench/overhead.py --clock thread --json $R/overhead-proxy-before.json | tee $R/overhead-proxy-before.txt
+$PY -m st3.bench.overhead --clock thread --json $R/overhead-proxy-after.json | tee $R/overhead-proxy-after.txt
 $WITH benchmarks/overhead_syncs.py | tee $R/overhead-syncs-before.txt
 $PY benchmarks/overhead_syncs.py | tee $R/overhead-syncs-after.txt
-B7="bench --layers 8 --dtype fp32 --clock cpu --threads 1 --batch-sizes 1 --new-tokens 16 --repeats 2 --warmup 1 -m st3"
+B7="bench --layers 8 --dtype fp32 --clock process --threads 1 --batch-sizes 1 --new-tokens 16 --repeats 2 --warmup 1 -m st3"
 $WITH -m st3.cli $B7 --json $R/overhead-7b-l8-before.json | tee $R/overhead-7b-l8-before.txt
 $PY -m st3.cli $B7 --json $R/overhead-7b-l8-after.json | tee $R/overhead-7b-l8-after.txt

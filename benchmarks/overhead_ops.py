@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/overhead_ops.py
 
 A deterministic companion of the timed proxy (`st3 bench --overhead`), counted by `st3.bench.ops` (the
-counter tests/test_overhead.py asserts with). Prints the count of each of 16 decode forwards for vanilla,
+counter tests/engine/test_overhead.py asserts with). Prints the count of each of 16 decode forwards for vanilla,
 the no-op, ST3 and FastV at their defaults, for ST3 the operations an eviction step adds, by name, and
 each stack's operations over the 63 decode steps of a 64-token run as a ratio to vanilla's.
 """

@@ -1,7 +1,7 @@
 """Run a module or a script against another checkout of st3 (e.g. main before a change), for before/after runs.
 
     .venv/bin/python benchmarks/overhead_run_with.py TREE -m st3.cli bench ...
-    .venv/bin/python benchmarks/overhead_run_with.py TREE st3/bench/overhead.py --clock cpu
+    .venv/bin/python benchmarks/overhead_run_with.py TREE st3/bench/overhead.py --clock thread
 
 The project's editable install puts a finder ahead of `sys.path` that would import this tree whatever
 PYTHONPATH says; it is dropped from `sys.meta_path` for this process only, and TREE goes first on the path.

@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 ${PYTHON:-python3} -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 if [ "$PART" = 1 ]; then
     stamp "CUDA test: sdpa (and FlashAttention-2 if installed) vs eager under pruning"
-    ${PYTHON:-python3} -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 5
+    ${PYTHON:-python3} -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py 2>&1 | tail -n 5
     stamp "launch-bound overhead proxy on the GPU (issue 20): engine vs vanilla per decode step"
     $ST3 bench --overhead --device cuda --repeats 5 --json "$R/gpu-overhead.json" > "$R/gpu-overhead.txt" 2>&1
     tail -n 20 "$R/gpu-overhead.txt"

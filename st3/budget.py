@@ -88,19 +88,9 @@ def batch_cost(method: Method, metric: str, shape: Shape, visual: list[int], tex
 
 
 def depth_scaled(name: str, num_layers: int) -> dict:
-    """Knobs in layers (ST3's start layer and stride, FastV's layer), given for 32-layer models, scaled to a
-    model of `num_layers` (empty when nothing to scale), as PyramidDrop's stages scale themselves."""
-    from st3.methods import ST3, FastV, Keep, Random, Uniform
-
-    def scale(layer: int) -> int:
-        return max(1, round(layer * num_layers / 32))
-
-    schedule = get(name)
-    if isinstance(schedule, ST3):
-        return {"start_layer": scale(2), "stride": scale(3)}
-    if isinstance(schedule, (FastV, Random, Uniform)) or (isinstance(schedule, Keep) and schedule.layer):
-        return {"layer": scale(2)}
-    return {}
+    """The method's knobs that name layers (its `depth_knobs`, given for 32-layer models), scaled to a model of
+    `num_layers` (empty when nothing to scale), as PyramidDrop's stages scale themselves."""
+    return {knob: max(1, round(layer * num_layers / 32)) for knob, layer in get(name).depth_knobs().items()}
 
 
 def at_budget(name: str, knobs: dict, budget: float, shape: Shape, visual: int, text: int) -> Method | None:

@@ -55,7 +55,7 @@ def bench(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     attn: str = typer.Option("sdpa", help="Attention backend: sdpa, eager or flash_attention_2."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
-    clock: str = typer.Option("wall", help="wall, or cpu: the process's CPU time (robust on a shared CPU)."),
+    clock: str = typer.Option("wall", help="wall, process or thread (CPU time: robust on a shared CPU)."),
     json_out: str = typer.Option("", "--json", help="Write the full result as JSON to this path."),
     plot: str = typer.Option("", help="Write a PNG of ratios, KV per layer and visual tokens to this path."),
     overhead: bool = typer.Option(
@@ -66,14 +66,14 @@ def bench(
 ) -> None:
     """Speed and memory of vanilla vs token-trimming methods at real model shapes (random weights)."""
     if overhead:
-        from st3.bench import overhead as proxy
+        from st3.bench.overhead import overhead as proxy
 
-        argv = [f"--method={m}" for m in method] + [f"--repeats={repeats}", f"--clock={clock}"]
-        argv += [f"--json={json_out}"] if json_out else []
-        argv += [f"--layers={layers}"] if layers else []
-        argv += [f"--threads={threads}"] if threads else []
-        argv += [f"--device={device}"] if device != "auto" else []
-        proxy.main(argv)
+        options = {"layers": layers or 32, "repeats": repeats, "warmup": warmup, "clock": clock,
+                   "threads": threads or 1, "device": "cpu" if device == "auto" else device}  # fmt: skip
+        try:
+            proxy(list(method) or None, json_out or None, **options)
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
         return
     from st3.bench import BenchConfig, main
 

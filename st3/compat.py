@@ -19,6 +19,7 @@ __all__ = [
     "DynamicCache",
     "DynamicLayer",
     "TRANSFORMERS_VERSION",
+    "cache_in",
     "cache_kwargs",
     "cache_of",
     "causal_mask",
@@ -39,6 +40,11 @@ if CACHE_KWARG not in _CACHE_NAMES:  # pragma: no cover - a release outside the 
         f"st3 does not know transformers {TRANSFORMERS_VERSION}'s cache keyword ({CACHE_KWARG!r}); "
         "install a version inside the range st3 declares (see pyproject.toml)"
     )
+
+
+def cache_in(kwargs: dict):
+    """The cache in a forward's keyword arguments, under either name (left in place)."""
+    return next((kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None), None)
 
 
 def take_cache(kwargs: dict):

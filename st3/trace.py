@@ -50,9 +50,12 @@ class Trace:
         """Record the rows one layer processed during prefill, each [B, S] (kept as tensors)."""
         self._prefill_log.append((columns, valid, visual))
 
-    def log_decode_step(self, visual: list[list[int]], keys: list[list[int]]) -> None:
-        """Record the visual tokens and keys each layer attended to in one decode forward, each [layer][sample]."""
-        self._decode_log.append((visual, keys))
+    def log_decode_step(self, attended: list[tuple[list[int], list[int], list[torch.Tensor] | None]]) -> None:
+        """Record, per layer, what one decode forward attended to: (visual tokens, keys) per sample (host counts),
+        and the visual columns per sample where positions are recorded."""
+        self._decode_log.append(([visual for visual, _, _ in attended], [keys for _, keys, _ in attended]))
+        if self.decode_visual_positions is not None:
+            self.decode_visual_positions.append([positions for _, _, positions in attended])
 
     @property
     def prefill_visual_positions(self) -> list[list[torch.Tensor]]:

@@ -7,6 +7,9 @@ registered method that no setting builds, that method with its budget knob match
 half the visual tokens: registering a method is all it takes to put it through every generic test.
 `REGISTERED` picks one case per registered name, for the properties that are checked once per method.
 
+`SELECTORS` maps every registered selector to a case that runs it (as a method's prefill rule or as VTA's
+eviction rule), adding a case where no setting uses it: a new selector joins every family row by itself too.
+
 `noop(name)` is the method's no-op setting: its budget knob at "keep everything" (again `st3.match`) and
 its decode schedule, if any, annealing to 1 (nothing evicted). A method for which that is not a no-op must
 be declared in `NO_NOOP` with the reason; the no-op test fails, saying so, until it is.
@@ -38,25 +41,27 @@ SETTINGS: dict[str, Callable[[], Method]] = {
     "pyramiddrop": lambda: st3.PyramidDrop(keep=0.5),
     "vtw": lambda: st3.VTW(layer=3),
     "random": lambda: st3.Random(keep=12, layer=1, seed=3),
-    "uniform": lambda: st3.Uniform(keep=10, layer=0),
+    "lattice": lambda: st3.Lattice(keep=10, layer=0),
     "visionzip": lambda: st3.VisionZip(dominant=7, contextual=4),
     "st3-text-query": lambda: st3.ST3(start_layer=2, stride=1, ratio=0.3, min_keep=2, query="text", anneal_every=1),
     "st3-layer0": lambda: st3.ST3(start_layer=0, stride=3, ratio=0.6, min_keep=2, anneal_curve="linear"),
     "st3-exponential": lambda: st3.ST3(start_layer=1, stride=1, ratio=0.2, anneal_curve="exponential", anneal_every=1),
     # compositions: schedule x selector (+ decode schedule)
     "divprune": lambda: st3.get("divprune", keep=10),
-    "divprune-layer2-keys": lambda: st3.get("divprune", keep=12, layer=2, selector=st3.DivPrune(features="keys")),
-    "dart": lambda: st3.get("dart", keep=12, layer=2, selector=st3.DART(pivots=3)),
+    "divprune-layer2-keys": lambda: st3.get(
+        "divprune", keep=12, layer=2, selector=st3.selectors.DivPrune(features="keys")
+    ),
+    "dart": lambda: st3.get("dart", keep=12, layer=2, selector=st3.selectors.DART(pivots=3)),
     "cdpruner": lambda: st3.get("cdpruner", keep=9),
     "stratified": lambda: st3.get("stratified", keep=10),
     "st3+stratified-diverse": lambda: st3.get(
         "st3+stratified", start_layer=0, stride=2, ratio=0.5, min_keep=2, anneal_final=1.0,
-        selector=st3.Stratified(within="diverse"),
+        selector=st3.selectors.Stratified(within="diverse"),
     ),
     "spread": lambda: st3.get("spread", keep=10),
     "st3+spread-keys": lambda: st3.get(
         "st3+spread", start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_final=1.0,
-        selector=st3.Spread(features="keys", spatial=1.0),
+        selector=st3.selectors.Spread(features="keys", spatial=1.0),
     ),
     "st3+dart-accumulated": lambda: st3.get(
         "st3+dart", start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=6, anneal_every=2,
@@ -70,13 +75,13 @@ SETTINGS: dict[str, Callable[[], Method]] = {
         "st3+cdpruner", start_layer=0, stride=3, ratio=0.5, min_keep=2, anneal_steps=4, anneal_every=2,
         anneal_evict="diverse",
     ),
-    "st3+uniform-coverage": lambda: st3.get(
-        "st3+uniform", start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=4, anneal_every=1,
+    "st3+raster-coverage": lambda: st3.get(
+        "st3+raster", start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=4, anneal_every=1,
         anneal_evict="coverage", anneal_protect=0.3,
     ),
     "fastv+vta": lambda: st3.get("fastv+vta", layer=2, ratio=0.5, decode=st3.VTA(steps=4, every=1, min_keep=2)),
     "pyramiddrop+vta-text": lambda: st3.PyramidDrop(
-        keep=0.5, selector=st3.Attention(query="text"), decode=st3.VTA(steps=6, every=2, evict="accumulated")
+        keep=0.5, selector=st3.selectors.Attention(query="text"), decode=st3.VTA(steps=6, every=2, evict="accumulated")
     ),
 }
 
@@ -114,6 +119,29 @@ def _registered_cases() -> tuple[dict[str, Callable[[], Method]], dict[str, str]
 CASES, _CASE_OF = _registered_cases()
 #: One case per registered method: {registered name: builder of its case}.
 REGISTERED: dict[str, Callable[[], Method]] = {name: CASES[case] for name, case in _CASE_OF.items()}
+
+
+def _selector_cases() -> dict[str, str]:
+    """{selector name: a case that runs it}; a selector no case runs gets one: `keep` at layer 1 choosing by it, or
+    (a rule that reads decode-time attention) FastV then VTA evicting by it."""
+    runs: dict[str, str] = {}
+    for case, build in CASES.items():
+        method = build()
+        for rule in (method.rule, method.eviction_rule) if method.selectable else (method.eviction_rule,):
+            runs.setdefault(rule.name, case)
+    for name in st3.selectors.names():
+        if name in runs:
+            continue
+        if "received" in st3.selectors.get(name).reads:
+            vta = st3.VTA(steps=4, every=1, min_keep=2, evict=name)
+            CASES[runs.setdefault(name, f"fastv+vta[{name}]")] = lambda vta=vta: st3.FastV(layer=2, decode=vta)
+        else:
+            CASES[runs.setdefault(name, f"keep[{name}]")] = lambda name=name: st3.Keep(keep=12, layer=1, selector=name)
+    return runs
+
+
+#: Every registered selector: the case that runs it.
+SELECTORS: dict[str, str] = _selector_cases()
 
 
 def noop(name: str) -> Method:

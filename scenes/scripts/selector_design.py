@@ -7,7 +7,7 @@ Each rule runs before the decoder through the registered `stratified`/`spread`/p
 swapped in, so no throw-away names are registered. Besides caption exact match it counts the caption's cell
 errors (a missed object, a phantom one, a wrong shape, colour or size, an answer off the template): where a
 rule fails tells more than how often. Rules: `spread:<spatial>`, `jitter`, `diverse` and `salient`
-(`st3.Stratified(within=...)`), and any registered name with a `keep` knob (`divprune`, `cdpruner`, ...).
+(`st3.selectors.Stratified(within=...)`), and any registered name with a `keep` knob (`divprune`, `cdpruner`, ...).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ RULES = ("spread:1", "spread:2", "spread:4", "jitter", "divprune", "cdpruner")
 def method(rule: str, keep: int) -> st3.Method:
     name, _, value = rule.partition(":")
     if name == "spread":
-        return st3.get("spread", keep=keep, selector=st3.Spread(spatial=float(value or 2.0)))
-    if name in st3.Stratified.WITHIN:
-        return st3.get("stratified", keep=keep, selector=st3.Stratified(within=name))
+        return st3.get("spread", keep=keep, selector=st3.selectors.Spread(spatial=float(value or 2.0)))
+    if name in st3.selectors.Stratified.WITHIN:
+        return st3.get("stratified", keep=keep, selector=st3.selectors.Stratified(within=name))
     return st3.get(name, keep=keep)
 
 

@@ -84,7 +84,8 @@ class Adapter:
         return self.language_model.config
 
     @property
-    def family(self) -> str:
+    def model_name(self) -> str:
+        """The loaded model's class name, for messages."""
         return type(self.model).__name__
 
     # ------------------------------------------------------------------------ what the adapter supports
@@ -115,7 +116,7 @@ class Adapter:
                 problems.append(f"attention soft-capping ({knob}={getattr(config, knob)})")
         if problems:
             raise UnsupportedModel(
-                f"st3 cannot run {self.family} with this decoder exactly: {'; '.join(problems)}. "
+                f"st3 cannot run {self.model_name} with this decoder exactly: {'; '.join(problems)}. "
                 f"Supported decoder layers: {supported}, full causal attention without sliding window or "
                 "soft-capping. (For Mistral, set text_config.sliding_window=None if the prompts are shorter "
                 "than the window.)"
@@ -126,12 +127,15 @@ class Adapter:
         if method.compresses_vision and not self.compresses_vision:
             raise ValueError(
                 f"{type(method).__name__} compresses visual tokens inside the vision tower, which st3 supports on "
-                f"LLaVA (CLIP tower with a [CLS] token) only; {self.family} has no [CLS] token to rank patches "
+                f"LLaVA (CLIP tower with a [CLS] token) only; {self.model_name} has no [CLS] token to rank patches "
                 "by. Use a method that prunes inside the decoder (ST3, FastV, PyramidDrop, VTW, Random, Uniform)."
             )
 
-    def check_inputs(self, kwargs: dict) -> None:
-        """Inspect the top-level model's keyword arguments (e.g. warn about missing inputs)."""
+    def check_inputs(self, kwargs: dict, continuing: bool) -> None:
+        """Inspect the top-level model's keyword arguments and refuse what cannot run exactly.
+
+        continuing: the call continues a cache that st3 pruned (a decode step).
+        """
 
     # -------------------------------------------------------------------- the decoder stack's own steps
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -208,7 +212,7 @@ class Adapter:
 
         inputs: the top-level model's keyword arguments; visual [B, S]; position_ids: what the decoder got.
         """
-        raise NotImplementedError(f"{self.family}: no image layout")
+        raise NotImplementedError(f"{self.model_name}: no image layout")
 
     # ----------------------------------------------------------- what travels with each row of a prefill
     def row_inputs(self, kwargs: dict, visual: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -224,15 +228,22 @@ class Adapter:
 
     def capture_vision(self, store: dict) -> list:
         """Register removable hooks that put the vision tower's saliency inputs in `store`; return the handles."""
-        raise NotImplementedError(f"{self.family} cannot compress visual tokens before the decoder")
+        raise NotImplementedError(f"{self.model_name} cannot compress visual tokens before the decoder")
 
     def vision_saliency(self, store: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """From a capture: ([CLS] attention [images, P], keys [images, P, d], projector inputs [images, P, d_v])."""
-        raise NotImplementedError(f"{self.family} cannot compress visual tokens before the decoder")
+        raise NotImplementedError(f"{self.model_name} cannot compress visual tokens before the decoder")
 
-    def project_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Vision features [images, P, d_v] -> decoder embeddings [images, P, H] (the multimodal projector)."""
-        raise NotImplementedError(f"{self.family} cannot compress visual tokens before the decoder")
+    def place_compressed(
+        self, hidden: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor, replaced: torch.Tensor,
+        merged: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Write a compression's merged features into the prompt's rows: (hidden [B, S, H], kept [B, S]).
+
+        keep / replaced [images, P]: the patches that stay and those rewritten with `merged` [images, P, d_v]
+        (projected here); the adapter knows where each image's patches sit in the prompt.
+        """
+        raise NotImplementedError(f"{self.model_name} cannot compress visual tokens before the decoder")
 
     # ------------------------------------------------------------------------------------- accounting
     @property

@@ -82,5 +82,22 @@ class LlavaAdapter(Adapter):
         cls_attention = probs.mean(1)[:, 0, 1:]
         return cls_attention, keys[:, :, 1:].mean(1), store["features"]
 
-    def project_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.model.multi_modal_projector(features)
+    def place_compressed(
+        self, hidden: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor, replaced: torch.Tensor,
+        merged: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """LLaVA scatters each image's patches, in raster order, into its image-token slots (row-major)."""
+        positions = visual.nonzero(as_tuple=True)
+        repeats, rest = divmod(len(positions[0]), keep.numel())
+        if rest or (repeats > 1 and keep.shape[0] * repeats != visual.shape[0]):
+            raise ValueError(f"{len(positions[0])} visual tokens in the prompt but {keep.numel()} image patches")
+        if repeats > 1:  # generate() expanded one image per sample for beams / num_return_sequences
+            keep, replaced, merged = (t.repeat_interleave(repeats, dim=0) for t in (keep, replaced, merged))
+        hidden = hidden.clone()
+        flat = replaced.reshape(-1)
+        if bool(flat.any()):
+            projected = self.model.model.multi_modal_projector(merged[replaced].unsqueeze(0))[0]
+            hidden[positions[0][flat], positions[1][flat]] = projected.to(hidden.dtype)
+        kept = torch.zeros_like(visual)
+        kept[positions] = keep.reshape(-1)
+        return hidden, kept

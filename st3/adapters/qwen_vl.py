@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from st3.adapters.base import Adapter, Grid
-from st3.engine.cache import PrunableLayer
 
 
 class QwenVLAdapter(Adapter):
@@ -31,21 +30,19 @@ class QwenVLAdapter(Adapter):
         config = self.model.config
         return (config.image_token_id, config.video_token_id)
 
-    def check_inputs(self, kwargs: dict) -> None:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        pruned = any(isinstance(layer, PrunableLayer) for layer in getattr(cache, "layers", ()))
-        if pruned and kwargs.get("position_ids") is None:
+    def check_inputs(self, kwargs: dict, continuing: bool) -> None:
+        if continuing and kwargs.get("position_ids") is None:
             raise ValueError(
-                f"{self.family} would derive the new tokens' M-RoPE positions from the cache length, which a pruned "
-                "cache does not equal (and from a full-width attention_mask transformers 5.24 builds positions of "
-                "the wrong width); pass `position_ids` [4, batch, new tokens] to every forward that continues a "
-                "pruned cache, as generate does"
+                f"{self.model_name} would derive the new tokens' M-RoPE positions from the cache length, which a "
+                "pruned cache does not equal (and from a full-width attention_mask transformers 5.24 builds "
+                "positions of the wrong width); pass `position_ids` [4, batch, new tokens] to every forward that "
+                "continues a pruned cache, as generate does"
             )
         ids = kwargs.get("input_ids")
         if ids is None or kwargs.get("mm_token_type_ids") is not None or not bool(self.visual_mask(ids).any()):
             return
         raise ValueError(
-            f"{self.family} got image or video tokens without `mm_token_type_ids`: transformers then silently "
+            f"{self.model_name} got image or video tokens without `mm_token_type_ids`: transformers then silently "
             "gives visual tokens 1-D text positions instead of their M-RoPE (t, h, w) positions. Pass the "
             "`mm_token_type_ids` the processor returns (0 text, 1 image, 2 video) along with `input_ids`."
         )
@@ -128,5 +125,3 @@ class Qwen3VLAdapter(QwenVLAdapter):
         kwargs.pop("deepstack_visual_embeds", None)  # decode forwards carry none; prefill popped them
         return super().layer_kwargs(kwargs)
 
-
-FAMILIES = (Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter)

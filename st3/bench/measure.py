@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import re
 import resource
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,17 +24,13 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from st3.bench.harness import CLOCKS, check_clock
 from st3.compare import timed_generate
 from st3.compat import cache_of
 from st3.methods.base import Method
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
-
-
-#: wall: elapsed time. cpu: this process's CPU time over all its threads, which counts the work done and not
-#: the time spent descheduled, so ratios stay meaningful when other processes share the cores (CPU only).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class StepClock(LogitsProcessor):
@@ -156,8 +151,7 @@ def measure_generate(
     if new_tokens < 2:
         raise ValueError("new_tokens must be >= 2 to separate prefill from decode")
     cuda = model.device.type == "cuda"
-    if cuda and clock != "wall":
-        raise ValueError("--clock cpu measures host CPU time; on CUDA use --clock wall")
+    check_clock(clock, model.device)
     now = CLOCKS[clock]
     if cuda:
         torch.cuda.synchronize()
@@ -200,11 +194,3 @@ def trace_digest(method: Method) -> dict:
         steps.append([sum(layer) / trace.batch_size for layer in step])
     summary["visual_over_steps"] = steps
     return summary
-
-
-# ------------------------------------------------------------------------------------------ summaries
-def spread(values: list[float]) -> dict[str, float]:
-    """Median, min, max and quartiles of repeated measurements (quartiles equal the median for n < 2)."""
-    median = statistics.median(values)
-    q1, q3 = (statistics.quantiles(values, n=4, method="inclusive")[::2]) if len(values) > 1 else (median, median)
-    return {"median": median, "min": min(values), "max": max(values), "q1": q1, "q3": q3, "n": len(values)}

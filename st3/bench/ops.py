@@ -2,7 +2,7 @@
 
 On a launch-bound GPU each torch call is one kernel launch or more, so the count per decode step is what
 the engine adds to vanilla's, free of the noise of a shared machine. `benchmarks/overhead_ops.py` prints
-it for the launch-bound proxy and tests/test_overhead.py asserts its bounds; both count with this module.
+it for the launch-bound proxy and tests/engine/test_overhead.py asserts its bounds; both count with this module.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import contextlib
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from st3.adapters import adapter_for
+from st3.compat import cache_in
 
 
 class Ops(TorchFunctionMode):
@@ -39,7 +42,7 @@ def decode_ops(model: nn.Module, inputs: dict, method, new_tokens: int) -> list[
     method: an st3 method (applied for the run), or None for vanilla transformers. The prefill forward is
     not counted, so the list has `new_tokens - 1` entries.
     """
-    lm = model.model.language_model
+    lm = adapter_for(model).language_model
     counts: list[collections.Counter] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
@@ -48,7 +51,7 @@ def decode_ops(model: nn.Module, inputs: dict, method, new_tokens: int) -> list[
         forward = lm.forward
 
         def counted(*args, **kwargs):
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = cache_in(kwargs)
             if cache is None or cache.get_seq_length() == 0:
                 return forward(*args, **kwargs)
             with Ops() as ops:

@@ -8,25 +8,24 @@ operation the engine adds per layer shows up in time per token. This proxy repro
 CPU: a 32-layer LLaVA of hidden size 64 (the arithmetic is negligible, the per-layer call overhead is
 not), 144 visual tokens, one thread. Each configuration generates 64 tokens and 1 token; the time per
 decode step is (t64 - t1) / 63, the prefill time is t1 (image encoding, prompt forward, first token).
-Runs are interleaved (vanilla, method, vanilla, ...) `repeats` times and medians are reported, so slow
-drifts of a shared machine hit every configuration alike. Ratios are to vanilla's medians. Each run reads
-two clocks: wall time, and this thread's CPU time (with one torch thread all the work runs on it), which
-a busy shared machine disturbs far less; `--clock` picks the one the ratios and targets read.
+Runs are interleaved (vanilla, method, vanilla, ...) `repeats` times by the benchmark harness
+(st3.bench.harness) and medians are reported. Ratios are to vanilla's medians. Each run reads every clock of
+the harness: wall time, and CPU time (process or thread: with one torch thread all the work runs on it),
+which a busy shared machine disturbs far less; `--clock` picks the one the ratios and targets read.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import st3
+from st3.bench.harness import CLOCKS, check_clock, environment, interleaved
 from st3.compare import timed_generate
 from st3.testing import tiny_inputs, tiny_llava
 
@@ -46,10 +45,6 @@ PREFILL_TARGET = ("noop", 1.10)
 def proxy_model(layers: int = 32, hidden: int = 64, visual_side: int = 12):
     """The launch-bound proxy: a tiny LLaVA with `layers` decoder layers and visual_side^2 visual tokens."""
     return tiny_llava(layers=layers, hidden=hidden, image_size=8 * visual_side, patch_size=8)
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-"""The clocks every run reads: wall time, and the CPU time of the thread that runs the model."""
 
 
 def timed(model, inputs: dict, new_tokens: int, method) -> dict[str, float]:
@@ -97,22 +92,20 @@ def run_overhead(
     if unknown:
         raise ValueError(f"unknown configuration(s) {unknown}; available: {', '.join(CONFIGS)}")
     torch.set_num_threads(threads)
-    if device != "cpu" and clock != "wall":
-        raise ValueError("--clock cpu measures host CPU time; on a GPU use --clock wall")
+    check_clock(clock, device)
+    started = time.time()
     model = proxy_model(layers).to(device)
     inputs = {k: v.to(device) for k, v in tiny_inputs(model, ((35, 40),) * batch_size).items()}
     entries = [VANILLA, *labels]
     factories = {VANILLA: lambda: None, **CONFIGS}
-    if clock not in CLOCKS:
-        raise ValueError(f"unknown clock {clock!r}; available: {', '.join(CLOCKS)}")
-    runs = {label: {"long": [], "short": []} for label in entries}
-    for _ in range(warmup):
-        for label in entries:
-            timed(model, inputs, 8, factories[label]())
-    for _ in range(repeats):
-        for label in entries:
-            runs[label]["long"].append(timed(model, inputs, new_tokens, factories[label]()))
-            runs[label]["short"].append(timed(model, inputs, 1, factories[label]()))
+
+    def long_and_short(label: str) -> tuple[dict, dict]:
+        return timed(model, inputs, new_tokens, factories[label]()), timed(model, inputs, 1, factories[label]())
+
+    samples = interleaved(entries, long_and_short, repeats, warmup, warm=lambda label: timed(model, inputs, 8,
+                                                                                              factories[label]()))
+    runs = {label: {"long": [long for long, _ in pairs], "short": [short for _, short in pairs]}
+            for label, pairs in samples.items()}  # fmt: skip
     rows = {}
     for label in entries:
         long, short = runs[label]["long"], runs[label]["short"]
@@ -134,7 +127,7 @@ def run_overhead(
         row["decode_target"] = TARGETS.get(label)
     return {
         "meta": {
-            "command": " ".join(sys.argv),
+            **environment(model.device, started),
             "layers": layers,
             "hidden": model.config.text_config.hidden_size,
             "visual_tokens": model.config.image_seq_length,
@@ -143,13 +136,7 @@ def run_overhead(
             "new_tokens": new_tokens,
             "repeats": repeats,
             "warmup": warmup,
-            "threads": torch.get_num_threads(),
             "clock": clock,
-            "device": str(model.device),
-            "cpu_count": os.cpu_count(),
-            "load_average_end": list(os.getloadavg()),
-            "torch": torch.__version__,
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "timing": f"decode = (t{new_tokens} - t1) / {new_tokens - 1} per run, prefill = t1; medians of the "
             "repeats, configurations interleaved",
         },
@@ -180,6 +167,16 @@ def print_overhead(result: dict) -> None:
             )
 
 
+def overhead(labels: list[str] | None = None, json_path: str | None = None, **options) -> dict:
+    """Run the proxy (`run_overhead`'s options), print its tables, and write the JSON when asked."""
+    result = run_overhead(labels, **options)
+    print_overhead(result)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--method", action="append", choices=sorted(CONFIGS), help="repeatable; default: all")
@@ -189,28 +186,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS), help="cpu: robust on a shared machine")
+    parser.add_argument("--clock", default="wall", help="wall, process or thread (CPU time: robust when shared)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: the real launch-bound case")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2")
-    result = run_overhead(
-        args.method,
-        args.layers,
-        args.new_tokens,
-        args.repeats,
-        args.warmup,
-        args.batch_size,
-        args.threads,
-        args.clock,
-        args.device,
-    )
-    print_overhead(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    options = {k: getattr(args, k) for k in ("layers", "new_tokens", "repeats", "warmup", "batch_size", "threads",
+                                             "clock", "device")}  # fmt: skip
+    try:
+        return overhead(args.method, args.json or None, **options)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -24,32 +24,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import st3
-import st3.engine.forward as engine_forward
-from st3 import compat
 from st3.bench.measure import measure_generate
 from st3.bench.shapes import DTYPES, bench_inputs, build_model
-from st3.compat import DynamicLayer
-from st3.engine.cache import PrunableLayer
-from st3.engine.forward import Engine
+from st3.engine.probes import STEPS
 from st3.models import spec_for
 
-#: (object, attribute, label): what gets a profiler label while profiling.
-PROBES: tuple[tuple[object, str, str], ...] = (
-    (Engine, "_prefill", "st3: prefill forward (all layers)"),
-    (Engine, "_decode", "st3: decode forward (all layers)"),
-    (Engine, "_layer", "st3: decoder layer call (incl. its mask)"),
-    (compat, "causal_mask", "st3: mask building (create_causal_mask per layer)"),
-    (Engine, "_prefill_scores", "st3: prefill scoring (re-projected attention)"),
-    (Engine, "_evict", "st3: decode eviction (scoring + select + keep)"),
-    (PrunableLayer, "keep", "st3: cache keep (gather K/V + bookkeeping)"),
-    (PrunableLayer, "record", "st3: cache bookkeeping (record columns/valid/visual)"),
-    (engine_forward, "gather", "st3: gather rows/cos/sin/positions"),
-    (engine_forward, "pack_index", "st3: pack_index (stable sort)"),
-    (Engine, "_measure_kv", "st3: measure KV bytes"),
-    (Engine, "_visual_mask", "st3: locate visual tokens"),
-    (DynamicLayer, "update", "cache update (torch.cat of K/V)"),
-)
-UPDATE_LABEL = PROBES[-1][2]
+UPDATE_LABEL = STEPS[-1][2]
 
 
 def labelled(fn: Callable, label: str) -> Callable:
@@ -63,13 +43,13 @@ def labelled(fn: Callable, label: str) -> Callable:
 
 @contextmanager
 def probes(method: st3.Method) -> Iterator[None]:
-    """Label the engine's steps (and the method's `select`) for the duration of the block."""
+    """Label the engine's steps (and the method's choices) for the duration of the block."""
+    method_steps = ((type(method), "choose", "st3: prefill choice (selector)"),
+                    (type(method), "evict", "st3: decode choice (eviction selector)"))  # fmt: skip
     with ExitStack() as stack:
-        for owner, name, label in PROBES:
-            original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        for owner, name, label in (*STEPS, *method_steps):
+            original = getattr(owner, name)
             stack.enter_context(mock.patch.object(owner, name, labelled(original, label)))
-        select = type(method).select
-        stack.enter_context(mock.patch.object(type(method), "select", labelled(select, "st3: top-k select")))
         yield
 
 
@@ -78,9 +58,9 @@ def profiled_run(model, inputs: dict, new_tokens: int, method: st3.Method | None
     with ExitStack() as stack:
         if method is not None:
             stack.enter_context(probes(method))
-        else:
-            update = labelled(DynamicLayer.update, UPDATE_LABEL)
-            stack.enter_context(mock.patch.object(DynamicLayer, "update", update))
+        else:  # vanilla: only the cache update, the last step
+            owner, name, label = STEPS[-1]
+            stack.enter_context(mock.patch.object(owner, name, labelled(getattr(owner, name), label)))
         prof = stack.enter_context(profile(activities=[ProfilerActivity.CPU]))
         start = time.perf_counter()
         measure_generate(model, inputs, new_tokens, method)

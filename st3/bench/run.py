@@ -8,20 +8,17 @@ processes, thermal state) hit every method alike. Ratios are taken between media
 from __future__ import annotations
 
 import importlib.util
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
-import transformers
 from tqdm import tqdm
 
 from st3.accounting import unpruned_flops
 from st3.adapters import adapter_for
-from st3.bench.measure import CLOCKS, Sample, measure_generate, spread
+from st3.bench.harness import check_clock, cpu_bf16_note, environment, interleaved, spread
+from st3.bench.measure import Sample, measure_generate
 from st3.bench.methods import Resolved, resolve
 from st3.bench.shapes import DTYPES, bench_inputs, build_model, load_model_dir, shape_name
 from st3.models import spec_for
@@ -52,14 +49,13 @@ class BenchConfig:
     text_after: int = 40
     threads: int | None = None
     clock: str = "wall"
-    """wall, or cpu: the process's CPU time (robust when other processes share the cores; CPU only)."""
+    """A clock of st3.bench.harness.CLOCKS: wall, process or thread (CPU time: robust on a shared CPU)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
         """Fail before building a 13 GB model, naming the option that is wrong."""
         checks = (
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
-            (self.clock in CLOCKS, f"--clock must be one of {', '.join(CLOCKS)}, got {self.clock!r}"),
             (self.attn in ATTN, f"--attn must be one of {', '.join(ATTN)}, got {self.attn!r}"),
             (
                 self.attn != "flash_attention_2" or importlib.util.find_spec("flash_attn") is not None,
@@ -73,6 +69,7 @@ class BenchConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_clock(self.clock, "cpu" if self.device == "auto" else self.device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,23 +123,23 @@ def run_block(model, config: BenchConfig, batch_size: int, new_tokens: int, meth
     """Warm up, then run vanilla and every method interleaved `repeats` times; summarise the block."""
     inputs = bench_inputs(model, batch_size, config.text_before, config.text_after)
     entries: list[Resolved] = [Resolved(VANILLA, VANILLA, None, {}), *methods]
-    samples: dict[str, list[Sample]] = {entry.label: [] for entry in entries}
     try:
-        for _ in range(config.warmup):
-            for entry in entries:
-                measure_generate(model, inputs, min(new_tokens, WARMUP_TOKENS), entry.method, config.clock)
-                bar.update()
-        for _ in range(config.repeats):
-            for entry in entries:
-                samples[entry.label].append(measure_generate(model, inputs, new_tokens, entry.method, config.clock))
-                bar.update()
+        samples = interleaved(
+            range(len(entries)),
+            lambda i: measure_generate(model, inputs, new_tokens, entries[i].method, config.clock),
+            config.repeats,
+            config.warmup,
+            warm=lambda i: measure_generate(model, inputs, min(new_tokens, WARMUP_TOKENS), entries[i].method,
+                                            config.clock),  # fmt: skip
+            tick=bar.update,
+        )
     except torch.cuda.OutOfMemoryError as error:  # larger batches where memory allows
         torch.cuda.empty_cache()
         return {"batch_size": batch_size, "new_tokens": new_tokens, "skipped": f"out of memory: {error}"}
     shape = adapter_for(model).shape
     prompt_tokens = inputs["attention_mask"].sum(-1).tolist()
     vanilla_flops = unpruned_flops(shape, prompt_tokens, new_tokens)
-    results = {e.label: summarise(e, samples[e.label], vanilla_flops) for e in entries}
+    results = {e.label: summarise(e, samples[i], vanilla_flops) for i, e in enumerate(entries)}
     return {
         "batch_size": batch_size,
         "new_tokens": new_tokens,
@@ -232,55 +229,16 @@ def meta(config: BenchConfig, model, shape, source: dict, device: torch.device, 
     if bf16_note:
         notes.append(bf16_note)
     return {
-        "command": " ".join(sys.argv),
+        **environment(device, started),
         "config": asdict(config),
         "model": source,
         "shape": asdict(shape),
         "shape_text": shape_name(model),
         "dtype": config.dtype,
-        "device": str(device),
-        "device_name": device_name(device),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_end": list(os.getloadavg()),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
         "build_s": build_s,
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "wall_s": time.time() - started,
         "timing": (
             "one generate per sample; prefill = start to the first logits, decode = (last logits - first logits) "
             "/ (N - 1), end to end = the whole generate call; medians over repeats, interleaved"
         ),
         "notes": notes,
     }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    line = _cpuinfo("model name")
-    return line.split(":", 1)[1].strip() if line else platform.processor() or "cpu"
-
-
-def cpu_bf16_note(device: torch.device, dtype: str) -> str:
-    """Warn when bf16 runs on a CPU without bf16 matrix instructions (then it is slower than fp32)."""
-    if device.type != "cpu" or dtype != "bf16":
-        return ""
-    flags = _cpuinfo("flags").split()
-    if flags and not any(flag in flags for flag in ("avx512_bf16", "amx_bf16")):
-        return (
-            "this CPU has neither AVX512-BF16 nor AMX-BF16: bf16 matrix products take a slow path "
-            "(slower than fp32 here)"
-        )
-    return ""
-
-
-def _cpuinfo(key: str) -> str:
-    """The first /proc/cpuinfo line starting with `key`, or '' off Linux."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    return next((line for line in text.splitlines() if line.startswith(key)), "")

@@ -7,7 +7,7 @@ keys and values.
 
 Decoding is host-bound on a GPU at batch 1, so the per-step bookkeeping costs no device operation: the
 slots appended by decode forwards are all real, non-visual and numbered consecutively, so they are kept
-as a count (`extra`) and only materialised (`columns`, `valid`, `visual`) when something reads them, e.g.
+as a count (`appended`) and only materialised (`columns`, `valid`, `visual`) when something reads them, e.g.
 an eviction. The per-sample counts of real and visual slots are mirrored on the host (`real`, `held`),
 so budgets, packing widths and padding are decided without waiting for the device.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from st3.compat import DynamicLayer
+from st3.compat import DynamicCache, DynamicLayer
 
 
 def pack_index(
@@ -86,6 +86,13 @@ def _blocks(lead: torch.Size, device: torch.device) -> torch.Tensor:
     return blocks
 
 
+def make_prunable(cache: DynamicCache, num_layers: int) -> None:
+    """Give an empty cache one `PrunableLayer` per decoder layer; refuse layer kinds st3 cannot prune."""
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        raise TypeError("st3 supports full-attention DynamicCache layers only (no sliding window or offloading)")
+    cache.layers[:] = [PrunableLayer() for _ in range(num_layers)]
+
+
 class PrunableLayer(DynamicLayer):
     """A `DynamicLayer` whose entries carry (column, valid, visual) bookkeeping and can be dropped.
 
@@ -100,14 +107,13 @@ class PrunableLayer(DynamicLayer):
 
     def __init__(self) -> None:
         super().__init__()
-        # The recorded slots [B, S0]; the `extra` decode slots after them are implied (see the module doc).
+        # The recorded slots [B, S0]; the `appended` decode slots after them are implied (see the module doc).
         self._columns: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._visual: torch.Tensor | None = None
-        self.extra = 0  # decode slots appended after the recorded ones: real, non-visual, consecutive columns
-        self.extra_start = 0  # column of the first of them
-        self._full: tuple | None = None  # materialised (columns, valid, visual), valid while `extra` is unchanged
-        self.visual_after_prefill: torch.Tensor | None = None  # [B] visual slots held when prefill ended
+        self.appended = 0  # decode slots appended after the recorded ones: real, non-visual, consecutive columns
+        self.appended_start = 0  # column of the first of them
+        self._full: tuple | None = None  # materialised (columns, valid, visual), valid while `appended` is unchanged
         self.received: torch.Tensor | None = None  # [B, S] attention summed over decode steps (if a rule reads it)
         # Host mirrors, per sample: real slots (padding excluded) and real visual slots; and whether any
         # slot is padding. Kept exact by every operation below, so no decision needs a device sync.
@@ -115,8 +121,48 @@ class PrunableLayer(DynamicLayer):
         self.held: list[int] = []
         self.held_after_prefill: list[int] = []
         self.padded = False
-        self.next_column = 0
-        self.steps = 0
+        self.next_column = 0  # the column of the next token fed
+        self.steps = 0  # decode forwards since prefill
+
+    # ------------------------------------------------------------------------------------ the run
+    def end_prefill(
+        self,
+        columns: torch.Tensor,
+        valid: torch.Tensor,
+        visual: torch.Tensor,
+        real: list[int],
+        held: list[int],
+        accumulate: bool,
+    ) -> None:
+        """After this layer's prefill: describe the slots it holds (host counts `real`, `held`), and start decoding.
+
+        accumulate: keep the attention each slot receives while decoding (`receive`), for rules that read it.
+        """
+        self.record(columns, valid, visual, real=real, held=held)
+        self.held_after_prefill = held
+        self.next_column, self.steps = columns.shape[-1], 0
+        self.received = torch.zeros(valid.shape, device=valid.device) if accumulate else None
+
+    def step(self) -> None:
+        """One decode forward appended one real, non-visual slot (the token fed) to every sample: count it."""
+        if self.appended == 0:
+            self.appended_start = self.next_column
+        self.appended += 1
+        self.real = [r + 1 for r in self.real]
+        if self.received is not None:
+            self.received = torch.cat([self.received, self.received.new_zeros(self.received.shape[0], 1)], -1)
+        self.next_column += 1
+        self.steps += 1
+
+    def receive(self, attention: torch.Tensor) -> None:
+        """Add one decode step's attention [B, S] to what each slot received."""
+        self.received = self.received + attention
+
+    def evict(self, selected: torch.Tensor, budget: list[int]) -> None:
+        """Keep the visual slots where `selected` [B, S] holds (min(held, budget) per sample) and every other slot."""
+        held = [min(h, b) for h, b in zip(self.held, budget)]
+        real = [r - h + k for r, h, k in zip(self.real, self.held, held)]
+        self.keep((self.valid & ~self.visual) | selected, real=real, held=held)
 
     # ------------------------------------------------------------------------------------ bookkeeping
     def record(
@@ -141,34 +187,25 @@ class PrunableLayer(DynamicLayer):
     def _set(self, columns, valid, visual, real: list[int] | None, held: list[int] | None) -> None:
         """Make (columns, valid, visual) [B, S] the description of every slot held."""
         self._columns, self._valid, self._visual = columns, valid, visual
-        self.extra, self._full = 0, None
+        self.appended, self._full = 0, None
         self.real = real if real is not None else valid.sum(-1).tolist()
         self.held = held if held is not None else (valid & visual).sum(-1).tolist()
         self.padded = any(r < valid.shape[-1] for r in self.real)
 
-    def record_step(self, column: int) -> None:
-        """One decode forward appended one real, non-visual slot at `column` to every sample: count it."""
-        if self.extra == 0:
-            self.extra_start = column
-        self.extra += 1
-        self.real = [r + 1 for r in self.real]
-        if self.received is not None:
-            self.received = torch.cat([self.received, self.received.new_zeros(self.received.shape[0], 1)], -1)
-
     def _materialise(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.extra == 0:
+        if self.appended == 0:
             return self._columns, self._valid, self._visual
-        if self._full is not None and self._full[0] == self.extra:
+        if self._full is not None and self._full[0] == self.appended:
             return self._full[1]
         batch, device = self._columns.shape[0], self._columns.device
-        new = torch.arange(self.extra_start, self.extra_start + self.extra, device=device).expand(batch, -1)
-        ones = torch.ones(batch, self.extra, dtype=torch.bool, device=device)
+        new = torch.arange(self.appended_start, self.appended_start + self.appended, device=device).expand(batch, -1)
+        ones = torch.ones(batch, self.appended, dtype=torch.bool, device=device)
         full = (
             torch.cat([self._columns, new], -1),
             torch.cat([self._valid, ones], -1),
             torch.cat([self._visual, ~ones], -1),
         )
-        self._full = (self.extra, full)
+        self._full = (self.appended, full)
         return full
 
     @property
@@ -190,13 +227,8 @@ class PrunableLayer(DynamicLayer):
         """[B, S + new]: which slots are real once `new` real slots are appended; None when none is padding."""
         if not self.padded:
             return None
-        ones = torch.ones(self._valid.shape[0], self.extra + new, dtype=torch.bool, device=self._valid.device)
+        ones = torch.ones(self._valid.shape[0], self.appended + new, dtype=torch.bool, device=self._valid.device)
         return torch.cat([self._valid, ones], -1)
-
-    @property
-    def visual_held(self) -> torch.Tensor:
-        """LongTensor [B]: real visual slots per sample (on the device; `held` is the host copy)."""
-        return (self._valid & self._visual).sum(-1)
 
     def keep(self, keep: torch.Tensor, real: list[int] | None = None, held: list[int] | None = None) -> None:
         """Remove, for real, every slot where `keep` [B, S] is False.
@@ -217,7 +249,7 @@ class PrunableLayer(DynamicLayer):
 
     # ----------------------------------------------------------------- batch operations of generate()
     def _batch(self, fn, host) -> None:
-        for name in ("_columns", "_valid", "_visual", "visual_after_prefill", "received"):
+        for name in ("_columns", "_valid", "_visual", "received"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, fn(value))

@@ -1,60 +1,25 @@
-"""Token-trimming methods: each a validated dataclass, all run by the same engine."""
+"""Token-trimming methods: each a validated dataclass (a schedule x a selector), all run by the same engine."""
 
 import sys
 import types
 
-from st3.methods.base import Method, get, methods, register
-from st3.methods.composed import CDPrunerMethod, DARTMethod, DivPruneMethod, Keep
-from st3.methods.controls import Random, Uniform
+from st3.methods import composed as _composed  # noqa: F401  (registers the compositions)
+from st3.methods.annealing import VTA
+from st3.methods.base import METHODS, Method, get, methods, register
 from st3.methods.fastv import FastV
+from st3.methods.keep import DART, CDPruner, DivPrune, Keep, Lattice, Random, Spread, Stratified
 from st3.methods.pyramiddrop import PyramidDrop
-from st3.methods.selectors import (
-    DART,
-    VTA,
-    Attention,
-    CDPruner,
-    DivPrune,
-    RandomPick,
-    Selector,
-    Spread,
-    Stratified,
-    UniformPick,
-)
-from st3.methods.spread import SpreadMethod
 from st3.methods.st3 import ST3
-from st3.methods.stratified import StratifiedMethod
 from st3.methods.visionzip import VisionZip
 from st3.methods.vtw import VTW
 
+METHODS.rename("uniform", "lattice")
+METHODS.rename("st3+uniform", "st3+raster")
+
 __all__ = [
-    "DART",
-    "VTA",
-    "Attention",
-    "CDPruner",
-    "CDPrunerMethod",
-    "DARTMethod",
-    "DivPrune",
-    "DivPruneMethod",
-    "Keep",
-    "RandomPick",
-    "Selector",
-    "Spread",
-    "SpreadMethod",
-    "Stratified",
-    "StratifiedMethod",
-    "UniformPick",
-    "ST3",
-    "FastV",
-    "Method",
-    "PyramidDrop",
-    "Random",
-    "Uniform",
-    "VTW",
-    "VisionZip",
-    "get",
-    "methods",
-    "register",
-]
+    "DART", "VTA", "VTW", "CDPruner", "DivPrune", "FastV", "Keep", "Lattice", "Method", "PyramidDrop", "Random",
+    "ST3", "Spread", "Stratified", "VisionZip", "get", "methods", "register",
+]  # fmt: skip
 
 
 class _Package(types.ModuleType):

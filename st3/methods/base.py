@@ -1,20 +1,23 @@
 """What every token-trimming method is: a small validated dataclass with a few decision hooks.
 
 The engine owns the mechanics (removing rows and cache entries, masks, positions, scoring); a method only
-decides how many visual tokens each layer keeps, during prefill and during decoding, and which ones.
-A method is a schedule (its own class: where and how many) composed with an optional `selector` (which
-ones, st3.methods.selectors) and an optional decode schedule `decode` (`VTA`, visual token annealing).
+decides how many visual tokens each layer keeps, during prefill and during decoding, and which ones. A method
+is a schedule (its own class: where and how many) composed with a `selector` (which ones: `st3.selectors`)
+and an optional decode schedule `decode` (`st3.VTA`, visual token annealing, with its own eviction selector).
+`st3.engine.protocol.Policy` lists what the engine calls; this class implements it once for every method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from st3.methods.selectors import QUERY_ROWS, VTA, Selector, View, anneal, check, selector, top_k_mask
+from st3.methods.annealing import VTA, anneal
+from st3.registry import Registry
+from st3.selectors import SELECTORS, Attention, Selector, View, check
 
 if TYPE_CHECKING:
     from torch import nn
@@ -22,7 +25,10 @@ if TYPE_CHECKING:
     from st3.engine.session import Session
     from st3.trace import Trace
 
-__all__ = ["QUERY_ROWS", "Method", "check", "get", "methods", "register", "share"]
+__all__ = ["METHODS", "Method", "check", "get", "methods", "register", "share"]
+
+METHODS: Registry = Registry("method")
+register = METHODS.register
 
 
 def share(n: torch.Tensor, kept: float, min_keep: int) -> torch.Tensor:
@@ -36,27 +42,25 @@ class Method:
     """Base class: apply with `with method(model): model.generate(...)`, then read `method.trace`."""
 
     name: ClassVar[str] = "method"
-    #: Whether `select` needs attention scores (controls such as Random do not).
-    needs_scores: ClassVar[bool] = True
     #: The knob that sets how many tokens the method keeps (searched by `st3.match`).
     budget_knob: ClassVar[str | None] = None
     #: Whether the method merges visual tokens before the decoder (`compress`, from the vision tower).
     compresses_vision: ClassVar[bool] = False
+    #: Whether the schedule accepts a `selector` (methods that keep no or merged tokens do not).
+    selectable: ClassVar[bool] = True
 
     record_positions: bool = False
     """Also record which visual columns each decode forward attended to, per layer (costs memory)."""
     selector: Selector | str | None = None
-    """Which visual tokens the schedule keeps (e.g. `st3.DivPrune()`); None: the method's own rule."""
+    """Which visual tokens the schedule keeps (e.g. `st3.selectors.DivPrune()` or 'divprune'); None: the
+    method's own rule (`default_selector`)."""
     decode: VTA | str | None = None
     """A decode schedule (`st3.VTA(...)` or 'vta'): anneal the visual tokens while generating; None: none."""
 
     _trace: Trace | None = field(default=None, init=False, repr=False, compare=False)
 
-    #: Whether the schedule accepts a `selector` (methods that keep no or merged tokens do not).
-    selectable: ClassVar[bool] = True
-
     def __post_init__(self) -> None:
-        self.selector = selector(self.selector)
+        self.selector = as_selector(self.selector)
         if isinstance(self.decode, str):
             check(self.decode.lower() == "vta", "decode", f"must be a VTA or 'vta', got {self.decode!r}")
             self.decode = VTA()
@@ -64,6 +68,12 @@ class Method:
             self.selector is None or self.selectable,
             "selector",
             f"{type(self).__name__} keeps no choice of tokens to make; leave selector unset",
+        )
+        check(
+            self.selector is None or "received" not in self.selector.reads,
+            "selector",
+            f"{type(self.selector).__name__} reads attention accumulated while decoding; use it as a decode "
+            "schedule's eviction rule (st3.VTA(evict=...)), not at prefill",
         )
         self.validate()
 
@@ -74,14 +84,18 @@ class Method:
     def validate_for(self, num_layers: int) -> None:
         """Checks that need the model's depth, run when the method is applied."""
 
-    @property
-    def query_rows(self) -> str:
-        """Which query rows' attention scores tokens: 'last' prompt token, 'text' after the image, 'all'."""
-        return "last"
+    def default_selector(self) -> Selector:
+        """The rule the schedule keeps tokens by when no `selector` is given (attention, as FastV ranks)."""
+        return Attention()
 
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
         """Visual tokens to keep [B] when entering `layer`, given `visual` [B] held; None: keep all."""
         return None
+
+    def depth_knobs(self) -> dict[str, int]:
+        """Knobs that name layers, as set for a 32-layer model (st3 eval and lmms-eval scale them to a model's
+        depth when the user does not set them)."""
+        return {}
 
     def tokens_before_decoder(self, visual: int) -> int:
         """Visual tokens per image that reach the decoder (methods that compress before it say fewer)."""
@@ -106,38 +120,51 @@ class Method:
         """Visual tokens layer `layer` may hold for decode forward `step` (0-based); None: no limit."""
         return None if self.annealing is None else self.annealing.budget(step, visual_after_prefill)
 
+    # ------------------------------------------------------------------- what the engine calls (Policy)
+    @property
+    def rule(self) -> Selector:
+        """The selector the schedule keeps tokens by at prefill."""
+        return self.selector if self.selector is not None else self.default_selector()
+
+    @property
+    def eviction_rule(self) -> Selector:
+        """The selector that evicts while decoding: the decode schedule's, else the prefill rule."""
+        return self.annealing.rule if self.annealing is not None else self.rule
+
     def choose(self, view: View) -> torch.Tensor:
-        """Prefill: the candidates of `view` to keep, by the selector, else by the method's own `select`."""
-        if self.selector is not None:
-            return _counted(self.selector.select(view), view, self.selector)
-        scores = view.attention(self.query_rows) if self.needs_scores else None
-        return self.select(scores, view.candidates, view.keep, view.patches)
+        """Prefill: the candidates of `view` to keep (their count checked: the planner and st3.match rely on it)."""
+        if not bool(view.keep.any()):  # nothing to choose (VTW's withdrawal): no rule runs
+            return torch.zeros_like(view.candidates)
+        rule = self.rule
+        selected = rule.select(view)
+        _check_counts([(selected, view)], rule)
+        return selected & view.candidates
 
     def evict(self, view: View) -> torch.Tensor:
-        """Decode: the cached visual entries to keep, by the decode schedule's eviction rule.
+        """Decode: the cached visual entries to keep, by the eviction rule.
 
         Not counted here (that would wait for the device at every evicting layer): the engine relies on
         `evicts_exactly`, or checks the counts of a whole step at once with `check_counts`.
         """
-        if self.annealing is not None:
-            selected = self.annealing.select(view)
-            # a rule of top-k masks over the candidates returns a subset of them already: no operation to add
-            return selected if self.evicts_exactly else selected & view.candidates
-        scores = view.attention("current") if self.needs_scores else None
-        return self.select(scores, view.candidates, view.keep, view.patches) & view.candidates
+        rule = self.eviction_rule
+        selected = rule.select(view)
+        return selected if rule.exact else selected & view.candidates
+
+    @property
+    def accumulates(self) -> bool:
+        """Whether the engine must sum each decode step's attention into the cache (the eviction rule reads it)."""
+        vta = self.annealing
+        return vta is not None and vta.final < 1.0 and "received" in vta.rule.reads
 
     @property
     def evicts_exactly(self) -> bool:
-        """Whether `evict` keeps exactly min(keep, candidates) per sample by construction (`top_k_mask` only)."""
-        annealing = self.annealing
-        if annealing is not None:
-            return annealing.evict in _EXACT_EVICTIONS
-        never_evicts = type(self).decode_budget is Method.decode_budget
-        return never_evicts or type(self).select is Method.select
+        """Whether `evict` keeps exactly min(keep, candidates) per sample by construction."""
+        never_evicts = self.annealing is None and type(self).decode_budget is Method.decode_budget
+        return never_evicts or self.eviction_rule.exact
 
     def check_counts(self, evictions: list[tuple[torch.Tensor, View]]) -> None:
         """Check the (kept, view) pairs of one decode step keep exactly their budgets (one device sync)."""
-        _check_counts(evictions, self.annealing if self.annealing is not None else self)
+        _check_counts(evictions, self.eviction_rule)
 
     def host_decode_budget(self, layer: int, step: int, visual_after_prefill: list[int]) -> list[int] | None:
         """`decode_budget` on host counts (per sample), called for every layer at every decode forward.
@@ -155,23 +182,26 @@ class Method:
         a = anneal(vta.curve, vta.final, vta.steps, step - vta.delay)
         return [min(max(round(n * a), vta.min_keep), n) for n in visual_after_prefill]
 
-    def select(
-        self, scores: torch.Tensor | None, candidates: torch.Tensor, keep: torch.Tensor, patches: torch.Tensor
-    ) -> torch.Tensor:
-        """BoolTensor [B, S]: which candidate slots [B, S] to keep, keep[b] of them per sample.
+    def begin(self, trace: Trace) -> None:
+        """Called by the engine at each prefill with the record of the new run (its image grids included)."""
+        self._trace = trace
 
-        scores: attention received [B, S] (None when `needs_scores` is False); patches: each candidate's
-        index among the sample's candidates (its patch in raster order while nothing was dropped before).
-        """
-        return top_k_mask(scores, candidates, keep)
+    @property
+    def label(self) -> str:
+        """The registered name, with the selector where it is not the method's own (e.g. 'st3 [divprune]')."""
+        if self.selector is None or type(self.selector) is type(self.default_selector()):
+            return self.name
+        return f"{self.name} [{self.selector.name}]"
 
     # ----------------------------------------------------------------------------------- the API
     def knobs(self) -> dict:
         """The method's settings (its constructor arguments), e.g. for JSON (a selector or VTA as a dict)."""
 
         def plain(value):
-            if isinstance(value, (Selector, VTA)):
-                return {"name": getattr(value, "name", "vta"), **asdict(value)}
+            if isinstance(value, Selector):
+                return value.knobs()
+            if isinstance(value, VTA):
+                return value.knobs()
             return value
 
         return {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.init}
@@ -182,10 +212,6 @@ class Method:
 
         return Session(self, model)
 
-    def begin(self, trace: Trace) -> None:
-        """Called by the engine at each prefill with the record of the new run (its image grids included)."""
-        self._trace = trace
-
     @property
     def trace(self) -> Trace:
         """The record of the last forward or generate call made under this method."""
@@ -194,14 +220,26 @@ class Method:
         return self._trace
 
 
-#: VTA eviction rules made of `top_k_mask` calls alone, which keep min(k, candidates) per sample by construction.
-_EXACT_EVICTIONS = ("current", "accumulated", "protected", "coverage")
-
-
-def _counted(selected: torch.Tensor, view: View, rule) -> torch.Tensor:
-    """`selected`, after checking it keeps exactly the budget (the planner and st3.match rely on it)."""
-    _check_counts([(selected, view)], rule)
-    return selected & view.candidates
+def as_selector(spec: Selector | Method | str | None) -> Selector | None:
+    """A selector from an instance or a registered name; a method (st3.DivPrune() where st3.selectors.DivPrune()
+    is meant, as before 0.2) gives its selector, with a DeprecationWarning."""
+    if spec is None or isinstance(spec, Selector):
+        return spec
+    if isinstance(spec, Method) and spec.selectable:
+        rule = spec.rule
+        warnings.warn(
+            f"selector: st3.{type(spec).__name__}() is a method now; pass the rule, "
+            f"st3.selectors.{type(rule).__name__}()",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        return rule
+    if isinstance(spec, str):
+        try:
+            return SELECTORS.get(spec)
+        except ValueError as error:
+            raise ValueError(f"selector: {error}") from None
+    raise ValueError(f"selector: must be a st3.selectors.Selector or a selector's name, got {spec!r}")
 
 
 def _check_counts(pairs: list[tuple[torch.Tensor, View]], rule) -> None:
@@ -212,31 +250,11 @@ def _check_counts(pairs: list[tuple[torch.Tensor, View]], rule) -> None:
         raise RuntimeError(f"{type(rule).__name__} kept {got.tolist()} visual tokens, not {want.tolist()}")
 
 
-# ------------------------------------------------------------------------------------------ registry
-_REGISTRY: dict[str, type[Method]] = {}
-M = TypeVar("M", bound=type[Method])
-
-
-def register(name: str) -> Callable[[M], M]:
-    """Class decorator: make a method findable as `st3.get(name)`."""
-
-    def wrap(cls: M) -> M:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
 def methods() -> list[str]:
     """Names of the registered methods."""
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def get(name: str, **knobs) -> Method:
     """Build the registered method `name` with `knobs`."""
-    try:
-        cls = _REGISTRY[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(methods())}") from None
-    return cls(**knobs)
+    return METHODS.get(name, **knobs)

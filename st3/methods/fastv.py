@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from st3.methods.base import Method, check, register, share
+from st3.selectors import Attention, Selector
 
 
 @register("fastv")
@@ -39,9 +40,11 @@ class FastV(Method):
     def validate_for(self, num_layers: int) -> None:
         check(self.layer < num_layers, "layer", f"{self.layer} is beyond the model's last layer ({num_layers - 1})")
 
-    @property
-    def query_rows(self) -> str:
-        return self.query
+    def default_selector(self) -> Selector:
+        return Attention(query=self.query)
+
+    def depth_knobs(self) -> dict[str, int]:
+        return {"layer": self.layer}
 
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
         return share(visual, 1.0 - self.ratio, 0) if layer == self.layer else None

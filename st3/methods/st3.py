@@ -17,10 +17,10 @@ where a falls from a(0) = 1 to `anneal_final` over `anneal_steps` generated toke
 budget evicts from its KV cache the visual tokens that the current token attended to least at that layer
 (the current step's attention, not accumulated: the token being written is what decides what is still
 looked at). That is `anneal_evict='current'`, the default; the alternatives ('accumulated', 'protected',
-'diverse') and `anneal_delay` are st3's (see `st3.VTA` and docs/methods.md).
+'coverage', 'diverse' or any selector's name) and `anneal_delay` are st3's (see `st3.VTA`, docs/methods.md).
 
-Composition: `selector=` replaces the attention ranking at the pruning layers (e.g. `st3.DivPrune()`), the
-schedule and annealing stay ST3's.
+Composition: `selector=` replaces the attention ranking at the pruning layers (e.g. `st3.selectors.DivPrune()`),
+the schedule and annealing stay ST3's.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from typing import ClassVar
 
 import torch
 
-from st3.methods.base import QUERY_ROWS, Method, check, register, share
-from st3.methods.selectors import CURVES, VTA, anneal
+from st3.methods.annealing import CURVES, VTA, anneal
+from st3.methods.base import Method, check, register, share
+from st3.selectors import Attention, Selector
 
 __all__ = ["CURVES", "ST3", "anneal"]
 
@@ -62,7 +63,8 @@ class ST3(Method):
     anneal_every: int = 4
     """Re-evaluate budgets (and evict) every this many decode steps."""
     anneal_evict: str = "current"
-    """Eviction rule: 'current' (the paper), 'accumulated', 'protected', 'coverage' or 'diverse' (`st3.VTA`)."""
+    """Eviction rule: 'current' (the paper), 'accumulated', 'protected', 'coverage', 'diverse' or a selector's name
+    (`st3.VTA`)."""
     anneal_protect: float = 0.5
     """'protected'/'coverage': the share of each budget kept by accumulated / current attention."""
     anneal_delay: int = 0
@@ -75,7 +77,7 @@ class ST3(Method):
         check(self.stride >= 1, "stride", f"must be >= 1, got {self.stride}")
         check(0.0 <= self.ratio < 1.0, "ratio", f"must be in [0, 1), got {self.ratio}")
         check(self.min_keep >= 0, "min_keep", f"must be >= 0, got {self.min_keep}")
-        check(self.query in QUERY_ROWS[:2], "query", f"must be 'last' or 'text', got {self.query!r}")
+        check(self.query in ("last", "text"), "query", f"must be 'last' or 'text', got {self.query!r}")
         check(self.decode is None, "decode", "ST3 anneals by its own anneal_* knobs; leave decode unset")
         _ = self.annealing  # building the VTA validates the anneal_* knobs
 
@@ -86,9 +88,11 @@ class ST3(Method):
             f"{self.start_layer} is beyond the model's last layer ({num_layers - 1})",
         )
 
-    @property
-    def query_rows(self) -> str:
-        return self.query
+    def default_selector(self) -> Selector:
+        return Attention(query=self.query)
+
+    def depth_knobs(self) -> dict[str, int]:
+        return {"start_layer": self.start_layer, "stride": self.stride}
 
     def is_pruning_layer(self, layer: int) -> bool:
         return layer >= self.start_layer and (layer - self.start_layer) % self.stride == 0

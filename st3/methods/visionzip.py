@@ -28,7 +28,6 @@ class VisionZip(Method):
     """Dominant patches by [CLS] attention + a few contextual tokens merged by key similarity."""
 
     compresses_vision: ClassVar[bool] = True
-    needs_scores: ClassVar[bool] = False
     selectable: ClassVar[bool] = False
     budget_knob: ClassVar[str] = "dominant"
 

@@ -21,7 +21,6 @@ from st3.methods.base import Method, check, register
 class VTW(Method):
     """Withdraw all visual tokens from layer K on."""
 
-    needs_scores: ClassVar[bool] = False
     selectable: ClassVar[bool] = False
     budget_knob: ClassVar[str] = "layer"
 
@@ -41,6 +40,3 @@ class VTW(Method):
 
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
         return torch.zeros_like(visual) if layer == self.withdrawal_layer(num_layers) else None
-
-    def select(self, scores, candidates: torch.Tensor, keep: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(candidates)

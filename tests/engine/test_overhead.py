@@ -118,7 +118,7 @@ ANNEALING = dict(start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=6,
 
 
 #: The configurations whose decode eviction syncs: their rule ('diverse', a greedy max-min subset) sizes its
-#: loop on the host at each evicting layer (at most one sync each, in st3.methods.selectors), and it is not exact by
+#: loop on the host at each evicting layer (at most one sync each, in st3.selectors.diversity), and it is not exact by
 #: construction, so the kept counts of an evicting step are checked after it, all layers in one sync.
 #: Every other rule is made of top-k masks, whose counts the host knows: no sync in any decode step.
 SYNCS_WHEN_EVICTING = {"st3+cdpruner-diverse"}
@@ -149,10 +149,11 @@ def test_host_budgets_equal_the_schedule(name):
 
 
 def test_a_miscounting_rule_is_caught_at_the_end_of_its_step(model, inputs, monkeypatch):
-    method = METHODS["st3+cdpruner-diverse"]()
-    select = st3.VTA.select
-    monkeypatch.setattr(st3.VTA, "select", lambda self, view: select(self, view) & (view.patches % 2 == 0))
-    with pytest.raises(RuntimeError, match="VTA kept"):
+    method = METHODS["st3+cdpruner-diverse"]()  # evicts by DivPrune over the cached keys: not exact, so checked
+    rule = st3.selectors.DivPrune
+    select = rule.select
+    monkeypatch.setattr(rule, "select", lambda self, view: select(self, view) & (view.patches % 2 == 0))
+    with pytest.raises(RuntimeError, match="DivPrune kept"):
         generate(model, inputs, method)
 
 
@@ -239,19 +240,20 @@ def test_the_overhead_bench_reports_every_configuration(tmp_path, capsys):
     """The bench's output structure (its figures are measurements, recorded in benchmarks/README)."""
     import json
 
-    from st3.bench.overhead import CLOCKS, TARGETS, main
+    from st3.bench.harness import CLOCKS
+    from st3.bench.overhead import TARGETS, main
 
     path = tmp_path / "overhead.json"
     argv = ["--layers", "4", "--repeats", "2", "--warmup", "0", "--new-tokens", "3", "-m", "noop", "-m", "fastv"]
-    result = main([*argv, "--clock", "cpu", "--json", str(path)])
+    result = main([*argv, "--clock", "thread", "--json", str(path)])
     assert json.loads(path.read_text()) == result
     assert list(result["rows"]) == ["vanilla", "noop", "fastv"]
-    assert result["meta"]["clock"] == "cpu" and result["meta"]["layers"] == 4 and result["meta"]["repeats"] == 2
+    assert result["meta"]["clock"] == "thread" and result["meta"]["layers"] == 4 and result["meta"]["repeats"] == 2
     vanilla = result["rows"]["vanilla"]
     for label, row in result["rows"].items():
         assert set(row["clocks"]) == set(CLOCKS)
         assert len(row["samples_long_s"]) == len(row["samples_short_s"]) == 2
-        assert {k: row[k] for k in row["clocks"]["cpu"] if k in row} == row["clocks"]["cpu"]  # the chosen clock
+        assert {k: row[k] for k in row["clocks"]["thread"] if k in row} == row["clocks"]["thread"]  # the chosen one
         for name, summary in row["clocks"].items():
             assert summary["decode_ms_min"] <= summary["decode_ms_per_step"] <= summary["decode_ms_max"]
             if label != "vanilla":  # ratios are to vanilla's medians on the same clock
@@ -261,5 +263,5 @@ def test_the_overhead_bench_reports_every_configuration(tmp_path, capsys):
         if label != "vanilla":
             assert row["decode_target"] == TARGETS[label]
     table = capsys.readouterr().out
-    assert table.index("cpu clock") < table.index("wall clock")
+    assert table.index("thread clock") < table.index("wall clock")
     assert all(f"| {label} |" in table for label in result["rows"])

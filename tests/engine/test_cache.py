@@ -6,7 +6,7 @@ import torch
 
 from st3.accounting import Shape, decode_flops, prefill_flops
 from st3.engine.cache import PrunableLayer, gather, pack_index
-from st3.methods.selectors import top_k_mask
+from st3.selectors import top_k_mask
 
 
 def test_pack_index_keeps_order_and_left_pads():
@@ -30,8 +30,9 @@ def _layer(batch=3, slots=4):
     keys = torch.arange(batch * slots, dtype=torch.float).view(batch, 1, slots, 1)
     layer.update(keys, keys.clone())
     columns = torch.arange(batch * slots).view(batch, slots)
-    layer.record(columns, torch.ones(batch, slots, dtype=torch.bool), columns % 2 == 0)
-    layer.visual_after_prefill = layer.visual_held
+    visual = columns % 2 == 0
+    layer.end_prefill(columns, torch.ones(batch, slots, dtype=torch.bool), visual, [slots] * batch,
+                      visual.sum(-1).tolist(), accumulate=True)  # fmt: skip
     return layer
 
 
@@ -45,7 +46,7 @@ def test_cache_bookkeeping_follows_batch_operations():
         getattr(layer, operation)(argument)
         # every slot still describes its own key: the key value equals its column by construction
         assert torch.equal(layer.keys[:, 0, :, 0].long(), layer.columns), operation
-        assert layer.visual_after_prefill.shape[0] == layer.keys.shape[0]
+        assert layer.received.shape[0] == layer.keys.shape[0] == len(layer.held_after_prefill)
 
 
 def test_keep_drops_entries_for_real():

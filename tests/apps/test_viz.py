@@ -10,7 +10,7 @@ from st3.viz import kept_grid, plot_kept_patches, stage_layers
 
 
 def test_kept_grid_and_plot(model, inputs, tmp_path):
-    method = st3.Uniform(keep=6, layer=2)
+    method = st3.Lattice(keep=6, layer=2)
     with torch.no_grad(), method(model):
         model(**inputs)
     columns = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(-1)

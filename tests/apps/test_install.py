@@ -43,7 +43,7 @@ def test_the_wheel_holds_no_trainer_and_no_checkpoint(tmp_path):
     """`pip wheel .` of the repository packs `st3` only; the scenes package stays out of it."""
     source = tmp_path / "src"
     ignore = shutil.ignore_patterns(".venv*", ".git", "build", "dist", "*.egg-info", "__pycache__", "runs")
-    shutil.copytree(Path(__file__).resolve().parents[1], source, ignore=ignore)
+    shutil.copytree(Path(__file__).resolve().parents[2], source, ignore=ignore)
     assert (source / "scenes" / "st3_scenes" / "train.py").is_file()  # there to leak, were the config wrong
     out = tmp_path / "wheel"
     command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out)]

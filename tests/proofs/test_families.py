@@ -103,11 +103,20 @@ def applicable(family: str, name: str) -> None:
     return True
 
 
-MATRIX = [(f, m) for f in FAMILIES for m in sorted(METHODS)]
+#: The cases every family runs in `make test`: each mechanism once (progressive pruning with annealing, the mean
+#: over query rows, a pre-decoder selector with a layout, key-norm pivots, accumulated attention, compression or
+#: its refusal). The rest of the family x case product is marked `slow`: CI runs it (`make test-all`).
+EVERY_FAMILY = ("st3", "st3-text-query", "fastv-all-rows", "spread", "dart", "st3+dart-accumulated", "visionzip")
 
-# DART's pivots on Qwen3 (k_norm: every key norm nearly equal) used to flip with ~1e-7 backend / padding noise;
-# its scores are now rounded before ranking (tests/test_selectors.py), so every row is expected to pass.
-BACKEND_MATRIX = MATRIX
+
+def matrix() -> list:
+    """(family, case) for every family and case; slow beyond LLaVA's row and EVERY_FAMILY."""
+    slow = pytest.mark.slow
+    return [pytest.param(f, m, marks=() if f == "llava" or m in EVERY_FAMILY else slow, id=f"{f}-{m}")
+            for f in FAMILIES for m in sorted(METHODS)]  # fmt: skip
+
+
+MATRIX = matrix()
 
 
 # ------------------------------------------------------------------------------------ pruning nothing
@@ -167,9 +176,9 @@ def test_prefill_keeps_the_top_k_of_previous_layer_attention(family, name):
                 continue
             probs = weights[layer - 1][b].mean(0)  # [rows, keys], mean over heads
             real = inputs["attention_mask"][b].bool()
-            if method.query_rows == "last":
+            if method.rule.query == "last":
                 score = probs[-1]
-            elif method.query_rows == "all":
+            elif method.rule.query == "all":
                 score = probs[real].mean(0)
             else:
                 rows = real & ~visual[b]
@@ -182,7 +191,7 @@ def test_prefill_keeps_the_top_k_of_previous_layer_attention(family, name):
 
 
 # ----------------------------------------------------------------------------- batches and backends
-@pytest.mark.parametrize("family,name", BACKEND_MATRIX)
+@pytest.mark.parametrize("family,name", MATRIX)
 def test_a_padded_batch_equals_its_samples_one_by_one(family, name):
     if not applicable(family, name):
         return
@@ -202,7 +211,7 @@ def test_a_padded_batch_equals_its_samples_one_by_one(family, name):
             assert torch.equal(batch_trace.prefill_visual_positions[layer][b] - pad, positions[0])
 
 
-@pytest.mark.parametrize("family,name", BACKEND_MATRIX)
+@pytest.mark.parametrize("family,name", MATRIX)
 def test_eager_and_sdpa_agree(family, name):
     if not applicable(family, name):
         return
@@ -293,25 +302,25 @@ def test_a_manual_decode_loop_on_qwen_vl_needs_positions_never_the_pruned_cache_
     torch.testing.assert_close(step.logits[:, -1], expected.logits[1], atol=1e-5, rtol=0)
 
 
-def test_uniform_spreads_over_each_image_and_frame_grid():
+def test_lattice_spreads_over_each_image_and_frame_grid():
     from st3.adapters import Grid
-    from st3.methods.controls import lattice, uniform_cells
+    from st3.selectors.layout import lattice, lattice_cells
 
     assert lattice(6, 6, 6) == [7, 9, 11, 25, 27, 29]
     assert lattice(4, 4, 4) == [5, 7, 13, 15]
     assert lattice(2, 3, 9) == list(range(6))
     # two frames of 2 x 2 and one 4 x 4 image share 6 tokens by size (2 : 4), the frames 1 : 1
-    assert uniform_cells([Grid(2, 2, 2), Grid(1, 4, 4)], 6) == [3, 4 + 3, 8 + 5, 8 + 7, 8 + 13, 8 + 15]
+    assert lattice_cells([Grid(2, 2, 2), Grid(1, 4, 4)], 6) == [3, 4 + 3, 8 + 5, 8 + 7, 8 + 13, 8 + 15]
     model, _, inputs = models("qwen2-vl")
     visual = torch.isin(inputs["input_ids"], torch.tensor([3, 4]))
     ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
     positions = full_positions(model, inputs, ids, mask, types)
     layout = adapter_for(model).image_layout(inputs, visual, positions)
     assert layout == [[Grid(1, 4, 4)], [Grid(1, 4, 6)], [Grid(2, 4, 4)]]
-    method = st3.Uniform(keep=8, layer=1)
+    method = st3.Lattice(keep=8, layer=1)
     with torch.no_grad(), method(model):
         model(**inputs)
     visual = torch.isin(inputs["input_ids"], torch.tensor([3, 4]))
     for b, grids in enumerate(layout):
         columns = visual[b].nonzero().squeeze(-1)
-        assert method.trace.prefill_visual_positions[1][b].tolist() == columns[uniform_cells(grids, 8)].tolist()
+        assert method.trace.prefill_visual_positions[1][b].tolist() == columns[lattice_cells(grids, 8)].tolist()

@@ -1,7 +1,7 @@
 """ST3's own rules on the tiny LLaVA: its prefill schedule, its annealing curves and eviction rules.
 
 The generic proofs (masked reference, no-op, batch == one by one, eager == sdpa, generation modes) run for
-every registered method in tests/test_families.py and tests/test_properties.py.
+every registered method in tests/proofs/test_families.py and tests/proofs/test_properties.py.
 """
 
 from __future__ import annotations

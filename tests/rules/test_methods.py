@@ -19,7 +19,7 @@ def prefill(method, model, inputs):
 
 
 def test_the_registry_lists_every_method():
-    assert set(st3.methods()) >= {"fastv", "pyramiddrop", "random", "st3", "uniform", "visionzip", "vtw"}
+    assert set(st3.methods()) >= {"fastv", "pyramiddrop", "random", "st3", "lattice", "visionzip", "vtw"}
     assert set(st3.methods()) >= {"divprune", "dart", "cdpruner", "keep", "st3+dart", "fastv+vta", "pyramiddrop+vta"}
     for name in st3.methods():
         method = st3.get(name)
@@ -52,9 +52,9 @@ def test_vtw_holds_no_visual_key_from_layer_k_on(model, inputs):
     assert st3.VTW().withdrawal_layer(32) == 16
 
 
-def test_uniform_keeps_evenly_spaced_patches_and_random_is_seeded(model, inputs):
+def test_lattice_keeps_evenly_spaced_patches_and_random_is_seeded(model, inputs):
     image_start = [row.tolist().index(3) for row in inputs["input_ids"]]
-    trace = prefill(st3.Uniform(keep=6, layer=1), model, inputs)
+    trace = prefill(st3.Lattice(keep=6, layer=1), model, inputs)
     for b, start in enumerate(image_start):
         assert (trace.prefill_visual_positions[1][b] - start).tolist() == [7, 9, 11, 25, 27, 29]  # a 2 x 3 lattice
     first = prefill(st3.Random(keep=6, layer=1, seed=1), model, inputs)
@@ -82,7 +82,7 @@ def test_peer_knobs_are_validated(knob, value, name):
         st3.get(name, **{knob: value})
 
 
-@pytest.mark.parametrize("name", ["st3", "fastv", "pyramiddrop", "random", "uniform", "visionzip"])
+@pytest.mark.parametrize("name", ["st3", "fastv", "pyramiddrop", "random", "lattice", "visionzip"])
 @pytest.mark.parametrize("target", [288, 192, 160])
 def test_matched_budgets_hit_the_target_within_one_token_per_layer(name, target):
     method = st3.match(name, target)

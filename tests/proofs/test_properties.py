@@ -7,7 +7,7 @@ normal exit, an exception of the caller's and an error of st3's); bad knobs are 
 Checked for every case (all settings): the model-free planner equals the real run, and the KV bytes
 measured from the cache equal the planned ones. Greedy runs against the masked reference, a padded batch
 against its samples one by one and eager against sdpa are checked for every case on every family in
-tests/test_families.py. A property that does not apply to a method is declared in tests/cases.py with
+tests/proofs/test_families.py. A property that does not apply to a method is declared in tests/cases.py with
 its reason (`NO_NOOP`) or below (`KNOB_EXCEPTIONS`), never left out silently.
 """
 

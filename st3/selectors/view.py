@@ -1,7 +1,8 @@
-"""What the engine shows a method where it chooses tokens: the candidates, the budget and lazy reads.
+"""What the engine shows a selector where it chooses tokens: the candidates, the budget and lazy reads.
 
-The engine builds a `View` at each pruning layer and eviction; selectors and eviction rules read only it, so
-the engine knows nothing of methods and a method nothing of the engine's state.
+The engine builds a `View` at each pruning layer and eviction (the vLLM plugin builds one from an image's
+embeddings); selectors read only it, so the engine knows nothing of selectors and a selector nothing of the
+engine's state. Everything that costs work is a function, computed only if a selector calls it.
 """
 
 from __future__ import annotations
@@ -16,21 +17,26 @@ import torch
 class View:
     """What a selector may read where it acts. Tensors are [B, S] over the slots the layer holds.
 
-    attention(rows): attention each slot received from the query rows ('last', 'text', 'all'; in decode only
-    'current', the token being written), heads averaged, at the scoring layer (the layer before, in prefill).
-    hidden(): the slots' hidden states entering the layer [B, S, H] (before the decoder: the embeddings).
+    attention(rows): attention each slot received at the scoring layer (the layer before, in prefill), heads
+    averaged, from the query `rows` [B, S] (mean over them; a sample without any is scored by its default
+    row), or from the default row when None: the last prompt token in prefill, the token being written in
+    decode.
+    hidden(): the slots' hidden states entering the layer [B, S, H] (before the decoder: the embeddings), or
+    None where they are gone (decode).
     keys(): the slots' keys at the layer [B, kv_heads, S, D] (rotated; norms and cosines do not depend on it).
     text(): BoolTensor [B, S], the instruction's rows (after the image), or None where they are gone (decode).
-    received: attention accumulated over decode steps [B, S] (None outside decode).
+    received: attention accumulated over decode steps [B, S] (None outside decode, or when no rule reads it).
     """
 
     layer: int
     candidates: torch.Tensor
     keep: torch.Tensor
-    attention: Callable[[str], torch.Tensor]
+    attention: Callable[[torch.Tensor | None], torch.Tensor]
     hidden: Callable[[], torch.Tensor | None]
     keys: Callable[[], torch.Tensor]
     text: Callable[[], torch.Tensor | None] = lambda: None
+    valid: torch.Tensor | None = None
+    """BoolTensor [B, S]: the real (not padding) slots; None where every slot is real."""
     received: torch.Tensor | None = None
     decoding: bool = False
     grids: list | None = None

@@ -17,7 +17,8 @@ import st3
 from st3.accounting import Shape, unpruned_flops
 from st3.adapters.llava import LlavaAdapter
 from st3.bench import BenchConfig, main, run_bench
-from st3.bench.measure import cache_bytes_per_layer, measure_generate, spread
+from st3.bench.harness import spread
+from st3.bench.measure import cache_bytes_per_layer, measure_generate
 from st3.bench.methods import match_cost, resolve
 from st3.bench.report import markdown, write_json, write_plot
 from st3.bench.shapes import bench_inputs, build_model
@@ -271,22 +272,24 @@ def test_model_dir_is_loaded_and_truncated(tiny, tmp_path):
 
 def test_profile_labels_the_engine_steps_and_restores_it():
     from st3.bench.profile import run_profile
-    from st3.engine.forward import Engine
+    from st3.engine.probes import STEPS
 
-    layer_call = Engine.__dict__["_layer"]
+    before = [getattr(owner, name) for owner, name, _ in STEPS]  # every step the engine names exists
     result = run_profile("tiny", layers=4, batch_size=1, new_tokens=5, dtype="fp32")
     names = {row["name"] for row in result["method_labels"]}
     assert "st3: mask building (create_causal_mask per layer)" in names
     assert "st3: prefill scoring (re-projected attention)" in names
-    assert Engine.__dict__["_layer"] is layer_call
+    assert [getattr(owner, name) for owner, name, _ in STEPS] == before
 
 
 def test_cpu_clock_measures_process_time(tiny):
     inputs = bench_inputs(tiny, 1, 3, 4)
-    sample = measure_generate(tiny, inputs, 4, clock="cpu")
+    sample = measure_generate(tiny, inputs, 4, clock="process")
     assert sample.prefill_s > 0 and sample.decode_s_per_token > 0 and sample.e2e_s >= sample.prefill_s
     with pytest.raises(ValueError, match="--clock"):
         BenchConfig(clock="sundial")
+    with pytest.raises(ValueError, match="'process'"):  # 0.1's ambiguous name says what it became
+        BenchConfig(clock="cpu")
 
 
 def test_bad_options_fail_before_building():

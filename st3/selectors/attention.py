@@ -1,0 +1,87 @@
+"""Rules that rank visual tokens by the attention they receive (FastV, ST3, PyramidDrop; VTA's evictions).
+
+`attention` reads the scoring layer's attention from chosen query rows (in decode: the token being written);
+the three decode rules also read `view.received`, the attention summed over the decode steps so far (the engine
+accumulates it only when the eviction rule reads it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from st3.selectors.base import Selector, View, check, register, top_k_mask
+
+QUERIES = ("last", "text", "all")
+
+
+@register("attention")
+@dataclass(kw_only=True)
+class Attention(Selector):
+    """The most attended visual tokens, heads averaged (in decode: by the token being written)."""
+
+    reads: ClassVar[frozenset[str]] = frozenset({"attention"})
+    exact: ClassVar[bool] = True
+    query: str = "last"
+    """Query rows at prefill: the 'last' prompt token, the 'text' rows after the image (mean), or 'all' rows."""
+
+    def validate(self) -> None:
+        check(self.query in QUERIES, "query", f"must be one of {QUERIES}, got {self.query!r}")
+
+    def score(self, view: View) -> torch.Tensor:
+        if view.decoding or self.query == "last":
+            return view.attention(None)
+        return view.attention(view.text() if self.query == "text" else view.valid)
+
+
+@register("accumulated")
+@dataclass(kw_only=True)
+class Accumulated(Selector):
+    """Decode: the visual tokens with the most attention summed over every decode step so far."""
+
+    reads: ClassVar[frozenset[str]] = frozenset({"received"})
+    exact: ClassVar[bool] = True
+
+    def score(self, view: View) -> torch.Tensor:
+        return view.received
+
+
+@register("protected")
+@dataclass(kw_only=True)
+class Protected(Selector):
+    """Decode: the `share` of the budget with the most accumulated attention, the rest by the current token's."""
+
+    reads: ClassVar[frozenset[str]] = frozenset({"attention", "received"})
+    exact: ClassVar[bool] = True  # two top-k masks with complementary counts
+    share: float = 0.5
+    """Share of each budget kept by accumulated attention."""
+
+    def validate(self) -> None:
+        check(0.0 <= self.share <= 1.0, "share", f"must be in [0, 1], got {self.share}")
+
+    def select(self, view: View) -> torch.Tensor:
+        first = top_k_mask(view.received, view.candidates, torch.floor(view.keep * self.share).long())
+        rest = top_k_mask(view.attention(None), view.candidates & ~first, view.keep - first.sum(-1))
+        return first | rest
+
+
+@register("coverage")
+@dataclass(kw_only=True)
+class Coverage(Selector):
+    """Decode: the `share` of the budget the current token attends to most, the rest to the tokens with the
+    *least* accumulated attention (not read yet: a caption's cells still to describe)."""
+
+    reads: ClassVar[frozenset[str]] = frozenset({"attention", "received"})
+    exact: ClassVar[bool] = True  # two top-k masks with complementary counts
+    share: float = 0.5
+    """Share of each budget kept by the current token's attention."""
+
+    def validate(self) -> None:
+        check(0.0 <= self.share <= 1.0, "share", f"must be in [0, 1], got {self.share}")
+
+    def select(self, view: View) -> torch.Tensor:
+        first = top_k_mask(view.attention(None), view.candidates, torch.floor(view.keep * self.share).long())
+        unread = top_k_mask(-view.received, view.candidates & ~first, view.keep - first.sum(-1))
+        return first | unread
