@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 
+from st3.knobs import check_types, unknown_knobs
 from st3.methods.selectors import QUERY_ROWS, VTA, Selector, View, anneal, check, selector, top_k_mask
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class Method:
     selectable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        check_types(self)
         self.selector = selector(self.selector)
         if isinstance(self.decode, str):
             check(self.decode.lower() == "vta", "decode", f"must be a VTA or 'vta', got {self.decode!r}")
@@ -239,4 +241,5 @@ def get(name: str, **knobs) -> Method:
         cls = _REGISTRY[name.lower()]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(methods())}") from None
+    unknown_knobs(cls, knobs, name)
     return cls(**knobs)

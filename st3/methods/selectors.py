@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from st3.engine.view import View
+from st3.knobs import check_types
 
 QUERY_ROWS = ("last", "text", "all")
 
@@ -46,6 +47,7 @@ class Selector:
     needs_attention: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_types(self)
         self.validate()
 
     def validate(self) -> None:
@@ -360,7 +362,7 @@ class Spread(Selector):
     """'hidden' (before the decoder: the visual embeddings; at a decoder layer its input) or 'keys'."""
 
     def validate(self) -> None:
-        check(self.spatial >= 0, "spatial", f"must be >= 0, got {self.spatial}")
+        check(0 <= self.spatial <= 1e6, "spatial", f"must be in [0, 1e6] (a lattice long before), got {self.spatial}")
         check(self.features in ("hidden", "keys"), "features", f"must be 'hidden' or 'keys', got {self.features!r}")
 
     def layout(self, view: View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -553,6 +555,7 @@ class VTA:
     """Decode steps before annealing starts (an answer's first words are written with every token)."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         self.validate()
 
     def validate(self) -> None:
