@@ -196,6 +196,7 @@ class Engine:
             if self._accumulates:
                 layer.received = torch.zeros(layer.valid.shape, device=device)
             trace.log_prefill_layer(rows.columns, rows.valid, rows.visual)
+        trace.explain(self.method)  # why a sample kept every visual token, if one did
         self._measure_kv(cache)
         return rows.hidden
 

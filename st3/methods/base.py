@@ -9,7 +9,7 @@ ones, st3.methods.selectors) and an optional decode schedule `decode` (`VTA`, vi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
@@ -178,6 +178,18 @@ class Method:
 
         return {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.init}
 
+    @property
+    def label(self) -> str:
+        """The registered name plus what was composed onto it (`st3+divprune` for `ST3(selector=DivPrune())`,
+        `fastv+vta` for `FastV(decode=VTA())`): the trace's `method`, so a record says which rule chose."""
+        default = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(self)}
+        parts = [self.name]
+        if self.selector is not None and type(self.selector) is not type(default["selector"]):
+            parts.append(self.selector.name)
+        if self.decode is not None and default["decode"] is None:
+            parts.append("vta")
+        return "+".join(parts)
+
     def __call__(self, model: nn.Module) -> Session:
         """A context manager that applies this method to `model` and restores it on exit."""
         from st3.engine.session import Session
@@ -186,6 +198,7 @@ class Method:
 
     def begin(self, trace: Trace) -> None:
         """Called by the engine at each prefill with the record of the new run (its image grids included)."""
+        trace.method = self.label
         self._trace = trace
 
     @property
