@@ -3,8 +3,9 @@
 The classes' own `validate()` checks ranges; this checks what the annotation promises first, so that a bad
 value fails at construction with the knob's name instead of deep inside a run: `True` is not an `int`
 (`keep=true` would keep one token), `1.5` is not an `int`, NaN and infinities are not numbers a knob can
-take, a string is not a number, and an integer fits in 64 bits (knobs end up in tensors). An `int` given for a `float` knob becomes a float and a list given for a
-tuple becomes a tuple, so a knob holds its annotated type afterwards (`st3.match` reads it).
+take, a string is not a number, and an integer fits in 64 bits (knobs end up in tensors). An `int` given
+for a `float` knob becomes a float and a list given for a tuple becomes a tuple, so a knob holds its
+annotated type afterwards (`st3.match` reads it).
 
     check_types(self)   # the first line of a base class's __post_init__
 """

@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import single
 
 import st3
