@@ -117,6 +117,8 @@ def plan(
     visual: int = typer.Option(576, help="Visual tokens in the prompt."),
     text: int = typer.Option(60, help="Other prompt tokens."),
     new_tokens: int = typer.Option(64, help="Generated tokens."),
+    tokens: float = typer.Option(None, help="Match the budget knob to this many visual tokens per layer (st3.match)."),
+    budget: float = typer.Option(None, help="Match the budget knob to this share of the visual tokens per layer."),
     json_out: str = typer.Option("", "--json", help="Write the plan as JSON to this path."),
 ) -> None:
     """Print what a method does at a model shape, and what it costs, without running a model."""
@@ -130,6 +132,11 @@ def plan(
         raise typer.BadParameter(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}", param_hint="--shape")
     chosen = chosen_method(method, knob)
     try:
+        if tokens is not None or budget is not None:
+            from st3.budget import match
+
+            chosen = match(chosen, tokens=tokens, budget=budget, shape=SHAPES[shape], visual=visual, text=text,
+                           new_tokens=new_tokens)  # fmt: skip
         result = make_plan(chosen, SHAPES[shape], visual=visual, text=text, new_tokens=new_tokens)
     except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from None
