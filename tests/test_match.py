@@ -77,3 +77,15 @@ def test_model_and_shape_are_not_both_given(model, inputs):
         st3.match("fastv", tokens=10, model=model, inputs=inputs, shape=TINY)
     with pytest.raises(ValueError, match="^inputs: pass model= too"):
         st3.match("fastv", tokens=10, inputs=inputs)
+
+
+def test_a_budget_out_of_reach_in_st3_eval_points_at_the_spec():
+    """st3 eval and the lmms-eval plugin match through `at_budget`: their note names what a user can change there
+    (the method spec's knobs), not `tolerance=`, which neither takes."""
+    from st3.budget import at_budget
+    from st3.plan import LLAVA_15_7B
+
+    with pytest.raises(ValueError) as error:
+        at_budget("pyramiddrop", {}, 0.11, LLAVA_15_7B, 576, 60)
+    assert "tolerance" not in str(error.value)
+    assert str(error.value).endswith("change its other knobs in the method spec (pyramiddrop:knob=value,...)")
