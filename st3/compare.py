@@ -30,6 +30,7 @@ def load(model_id: str, dtype: str = "auto", method: Method | None = None):
     from transformers import AutoConfig
 
     from st3.adapters import ADAPTERS, supported_models
+    from st3.compat import LOAD_KWARGS
     from st3.spec import DTYPES, dtype_name
 
     dtype = dtype_name(dtype)
@@ -52,7 +53,7 @@ def load(model_id: str, dtype: str = "auto", method: Method | None = None):
         method.validate_for(config.get_text_config().num_hidden_layers)
     processor = processor_for(model_id, config, architecture)
     try:
-        model = getattr(transformers, architecture).from_pretrained(model_id, dtype=DTYPES[dtype])
+        model = getattr(transformers, architecture).from_pretrained(model_id, dtype=DTYPES[dtype], **LOAD_KWARGS)
     except OSError as error:
         raise ValueError(f"model: cannot load {model_id!r} ({str(error).splitlines()[0]})") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
