@@ -1,6 +1,7 @@
 # Two entry points do all the set-up on a fresh clone:
 #   make demo   -- the main job on an embedded default model (no download)
 #   make test   -- lint + the test suite (the library's tests/ and the scenes package's scenes/tests/)
+#   make test-latest -- the correctness core on the newest transformers release (a release routine, not set-up)
 # `make install` installs the library and, beside it, the scenes package (scenes/: the benchmark, its trainer
 # and the trained model that `make demo` uses), both editable.
 # torch is installed first and pinned, so pip never swaps in a different (e.g. CUDA) build; everything
@@ -23,7 +24,7 @@ $(BIN)/.st3-installed: pyproject.toml scenes/pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps -e scenes/
 	touch $@
 
-.PHONY: install demo test test-all lint lock
+.PHONY: install demo test test-all test-latest lint lock
 install: $(BIN)/.st3-installed
 
 demo: install
@@ -39,6 +40,11 @@ test: lint
 
 test-all: lint
 	$(BIN)/python -m pytest -q
+
+# The correctness core on the newest transformers release, even outside pyproject.toml's range (.ci/latest;
+# docs/transformers.md: the routine for a new release).
+test-latest:
+	.ci/latest
 
 # torch stays out of the lock (it is installed first, CPU or CUDA build by TORCH); its own dependencies
 # are pinned in it, resolved against $(TORCH).

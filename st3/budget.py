@@ -1,7 +1,8 @@
 """Matched budgets: configure any method to a target cost, so comparisons at equal cost are one call.
 
-    fastv = st3.match("fastv", 192)                                  # 192 visual tokens per layer on average
-    pdrop = st3.match("pyramiddrop", 0.5, metric="prefill_flops_ratio")
+    fastv = st3.match("fastv", tokens=192, model=model, inputs=inputs)   # 192 visual tokens per layer on average
+    fastv = st3.match("fastv", budget=0.33, model=model, inputs=inputs)  # a third of them
+    pdrop = st3.match("pyramiddrop", prefill_flops=0.5, shape=st3.plan.LLAVA_15_7B, visual=576, text=60)
 
 The method's `budget_knob` (FastV's `ratio`, PyramidDrop's `keep`, ...) is searched with the model-free
 planner, whose counts equal a real run's (tested). Every knob moves the cost monotonically, so bisection
@@ -14,6 +15,7 @@ token for a quarter of the layers unless its `stages` are moved.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 
 from st3.accounting import Shape, unpruned_flops
@@ -23,27 +25,57 @@ from st3.plan import LLAVA_15_7B, plan
 METRICS = ("visual_per_layer", "prefill_flops_ratio", "total_flops_ratio")
 
 
+class AssumedShape(UserWarning):
+    """`st3.match` was not told the model or the token counts, and matched at assumed ones (it says which)."""
+
+
+TARGETS = {"tokens": "visual_per_layer", "budget": "visual_per_layer", "prefill_flops": "prefill_flops_ratio",
+           "total_flops": "total_flops_ratio"}  # fmt: skip
+
+
 def match(
     method: Method | str,
-    target: float,
+    target: float | None = None,
     *,
-    metric: str = "visual_per_layer",
-    shape: Shape = LLAVA_15_7B,
-    visual: int | Sequence[int] = 576,
-    text: int = 60,
+    tokens: float | None = None,
+    budget: float | None = None,
+    prefill_flops: float | None = None,
+    total_flops: float | None = None,
+    model=None,
+    inputs: dict | None = None,
+    shape: Shape | None = None,
+    visual: int | Sequence[int] | None = None,
+    text: int | Sequence[int] | None = None,
     new_tokens: int = 64,
     tolerance: float | None = None,
+    metric: str | None = None,
     **knobs,
 ) -> Method:
-    """A method whose planned `metric` is as close to `target` as its budget knob allows.
+    """A method whose planned cost is as close to the target as its budget knob allows.
 
-    `method` is a registered name (with `knobs`) or an instance (its other knobs are kept). `metric` is the
-    mean visual tokens per layer after prefill, or a FLOPs ratio (prefill or total) to the unpruned model.
-    `visual` may list one count per sample (e.g. Qwen-VL images of different sizes): the target is then the
-    batch's mean tokens per layer, or its FLOPs summed over samples against the unpruned sum.
+    The target, one of: `tokens=` mean visual tokens per layer after prefill; `budget=` the same as a share of
+    the visual tokens (0.5: half of them per layer); `prefill_flops=` / `total_flops=` a FLOPs ratio to the
+    unpruned model. (`target` with `metric=` is the older spelling: a count of tokens unless `metric` names a
+    FLOPs ratio; a float in (0, 1] there is refused as ambiguous.)
+
+    The costs are those of `model` (its decoder's shape) on `inputs` (visual and text tokens per sample, counted
+    by the model's adapter); or of `shape` with `visual` / `text` tokens per sample. Whatever is not given is
+    assumed (LLaVA-1.5-7B's decoder, 576 visual and 60 text tokens), with an `AssumedShape` warning saying so.
+    `method` is a registered name (with `knobs`) or an instance (its other knobs are kept).
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric: must be one of {METRICS}, got {metric!r}")
+    name, value = _target(target, metric, tokens=tokens, budget=budget, prefill_flops=prefill_flops,
+                          total_flops=total_flops)  # fmt: skip
+    metric = TARGETS[name]
+    shape, counts, texts, assumed = _costed(model, inputs, shape, visual, text)
+    if metric == "visual_per_layer" and assumed[-1:] == ["60 text tokens per sample"]:
+        assumed.pop()  # visual tokens per layer do not depend on the text
+    if assumed:
+        warnings.warn(f"st3.match assumed {', '.join(assumed)}: pass model= and inputs= (or shape=, visual=, text=) "
+                      "to match your model", AssumedShape, stacklevel=2)  # fmt: skip
+    if name == "budget":
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"budget: a share of the visual tokens, in (0, 1]; got {value!r} (tokens= for a count)")
+        value = value * sum(counts) / len(counts)
     base = get(method, **knobs) if isinstance(method, str) else dataclasses.replace(method, **knobs)
     knob = type(base).budget_knob
     if knob is None:
@@ -51,38 +83,112 @@ def match(
 
     steps = new_tokens if metric == "total_flops_ratio" else 1  # prefill metrics need no decoding
 
-    def cost(value) -> float | None:
+    def cost(setting) -> float | None:
         try:
-            candidate = dataclasses.replace(base, **{knob: value})
-            return batch_cost(candidate, metric, shape, counts, text, steps)
+            candidate = dataclasses.replace(base, **{knob: setting})
+            return batch_cost(candidate, metric, shape, counts, texts, steps)
         except ValueError:  # outside the knob's valid range
             return None
 
-    counts = [visual] if isinstance(visual, int) else list(visual)
-    if not counts or min(counts) < 0:
-        raise ValueError(f"visual: needs one or more counts >= 0, got {visual!r}")
     integer = isinstance(getattr(base, knob), int) or getattr(base, knob) is None
     low, high = (0, max(max(counts), shape.num_layers)) if integer else (0.0, 1.0)
     while cost(high) is None:  # e.g. ST3's ratio must stay below 1
         high = high - 1 if integer else high - 1e-6
-    best = _bisect(cost, low, high, target, integer)
+    best = _bisect(cost, low, high, value, integer)
     achieved = cost(best)
     tolerance = tolerance if tolerance is not None else (1.0 if metric == "visual_per_layer" else 0.01)
-    if abs(achieved - target) > tolerance:
-        raise ValueError(
-            f"{type(base).__name__} cannot reach {metric}={target} through {knob}: the closest is {achieved:.4g} "
-            f"({knob}={best!r}); pass tolerance= to accept it, or change its other knobs"
+    if abs(achieved - value) > tolerance:
+        raise OutOfReach(
+            f"{type(base).__name__} cannot reach {metric}={value:.4g} through {knob}: the closest is {achieved:.4g} "
+            f"({knob}={best!r})", hint="pass tolerance= to accept it, or change its other knobs"
         )
     return dataclasses.replace(base, **{knob: best})
 
 
-def batch_cost(method: Method, metric: str, shape: Shape, visual: list[int], text: int, new_tokens: int) -> float:
-    """`metric` of a batch of samples with `visual` tokens each: mean tokens per layer, or summed FLOPs ratios."""
-    plans = [plan(method, shape, visual=n, text=text, new_tokens=new_tokens) for n in visual]
+class OutOfReach(ValueError):
+    """A target the budget knob cannot reach; `hint` (the end of the message) says what the caller can change."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(f"{message}; {hint}")
+        self.reason = message
+
+
+def _target(target, metric, **named) -> tuple[str, float]:
+    """(which target, its value) from exactly one of `target` (with `metric`) and the named targets."""
+    given = {key: value for key, value in named.items() if value is not None}
+    if target is not None:
+        given["target"] = target
+    if len(given) != 1:
+        raise ValueError(f"target: give exactly one of tokens=, budget=, prefill_flops=, total_flops=; got {given}")
+    (key, value), = given.items()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{key}: must be a number, got {value!r}")
+    if key != "target":
+        if metric is not None:
+            raise ValueError(f"metric: the target names its metric ({key}=); leave metric unset")
+        return key, float(value)
+    if metric not in (None, *METRICS):
+        raise ValueError(f"metric: must be one of {METRICS}, got {metric!r}")
+    if metric in (None, "visual_per_layer"):
+        if isinstance(value, float) and 0.0 < value <= 1.0:
+            raise ValueError(f"target: {value} visual tokens per layer is at most one token; for a share of the "
+                             f"visual tokens pass budget={value}, for a count pass tokens=")  # fmt: skip
+        return "tokens", float(value)
+    return {v: k for k, v in TARGETS.items() if k != "budget"}[metric], float(value)
+
+
+def _costed(model, inputs, shape, visual, text) -> tuple[Shape, list[int], list[int], list[str]]:
+    """(shape, visual tokens per sample, text tokens per sample) to plan with, and what of it was assumed."""
+    assumed = []
+    if model is not None:
+        from st3.adapters import adapter_for
+
+        adapter = adapter_for(model)
+        if shape is not None:
+            raise ValueError("shape: the model gives it; pass model= or shape=, not both")
+        shape = adapter.shape
+        if inputs is not None:
+            if visual is not None or text is not None:
+                raise ValueError("visual: the inputs give the token counts; pass inputs= or visual= / text=, not both")
+            ids = inputs["input_ids"]
+            real = inputs.get("attention_mask")
+            real = real.bool() if real is not None else ids.new_ones(ids.shape, dtype=bool)
+            seen = adapter.visual_mask(ids) & real
+            visual, text = seen.sum(-1).tolist(), (real & ~seen).sum(-1).tolist()
+        elif visual is None:
+            visual = adapter.tokens_per_image()
+            if visual is None:
+                raise ValueError(f"inputs: {type(model).__name__}'s visual tokens depend on the image; pass inputs= "
+                                 "(the processor's output) or visual=")  # fmt: skip
+    elif inputs is not None:
+        raise ValueError("inputs: pass model= too, whose adapter counts the visual tokens")
+    if shape is None:
+        shape = LLAVA_15_7B
+        assumed.append("LLaVA-1.5-7B's decoder (32 layers)")
+    if visual is None:
+        visual = 576
+        assumed.append("576 visual tokens per sample")
+    if text is None:
+        text = 60
+        assumed.append("60 text tokens per sample")
+    counts = [visual] if isinstance(visual, int) else list(visual)
+    if not counts or min(counts) < 0:
+        raise ValueError(f"visual: needs one or more counts >= 0, got {visual!r}")
+    texts = [text] * len(counts) if isinstance(text, int) else list(text)
+    if len(texts) != len(counts):
+        raise ValueError(f"text: one count per sample ({len(counts)}), got {text!r}")
+    return shape, counts, texts, assumed
+
+
+def batch_cost(method: Method, metric: str, shape: Shape, visual: list[int], text, new_tokens: int) -> float:
+    """`metric` of a batch of samples with `visual` tokens each and `text` (one count, or one per sample): mean
+    tokens per layer, or summed FLOPs ratios."""
+    texts = [text] * len(visual) if isinstance(text, int) else list(text)
+    plans = [plan(method, shape, visual=n, text=t, new_tokens=new_tokens) for n, t in zip(visual, texts)]
     if metric == "visual_per_layer":
         return sum(p.mean_visual_per_layer for p in plans) / len(plans)
     part = "prefill" if metric == "prefill_flops_ratio" else "total"
-    full = [unpruned_flops(shape, [n + text], new_tokens)[part] for n in visual]
+    full = [unpruned_flops(shape, [n + t], new_tokens)[part] for n, t in zip(visual, texts)]
     ratio = f"{part}_flops_ratio"
     return sum(getattr(p, ratio) * f for p, f in zip(plans, full)) / sum(full)
 
@@ -107,14 +213,18 @@ def at_budget(name: str, knobs: dict, budget: float, shape: Shape, visual: int, 
     scaled = {k: v for k, v in depth_scaled(name, shape.num_layers).items() if k not in knobs}
 
     def matched(layer_knobs: dict) -> Method:
-        return match(name, budget * visual, shape=shape, visual=visual, text=text, **layer_knobs, **knobs)
+        return match(name, tokens=budget * visual, shape=shape, visual=visual, text=text, **layer_knobs, **knobs)
 
     try:
-        return matched(scaled)
-    except ValueError:
-        if not scaled:
-            raise
-        return matched({key: 0 if key in ("start_layer", "layer") else value for key, value in scaled.items()})
+        try:
+            return matched(scaled)
+        except ValueError:
+            if not scaled:
+                raise
+            return matched({key: 0 if key in ("start_layer", "layer") else value for key, value in scaled.items()})
+    except OutOfReach as error:  # the caller has knobs in a spec to change, not a tolerance to pass
+        hint = f"change its other knobs in the method spec ({name}:knob=value,...)"
+        raise OutOfReach(error.reason, hint=hint) from None
 
 
 def _bisect(cost, low, high, target: float, integer: bool):

@@ -15,26 +15,36 @@ def main() -> None:
     """st3: spatial-temporal visual token trimming for vision-language models."""
 
 
-@app.command()
-def demo(
-    max_new_tokens: int = typer.Option(64, help="Tokens to generate per run."),
-    json_out: str = typer.Option("", "--json", help="Also write the comparison as JSON to this path."),
-    plot: str = typer.Option("st3-demo.png", help="Where to draw the patches kept per layer ('' for none)."),
-    method: str = typer.Option(
-        "st3", "--method", "-m", help="The method to compare: name or name:knob=value,... (e.g. spread:keep=108)."
-    ),
-) -> None:
-    """Generate with and without ST3 (or --method) on the embedded default model and compare side by side."""
-    import st3
-    from st3.demo import run_demo
-    from st3.spec import parse
+METHOD = "A method: name or name:knob=value,... (see `st3 methods`), e.g. spread:keep=108."
+KNOB = "A knob of the method as KNOB=VALUE, on top of the spec's; repeatable."
+REPEATS = "Timed runs of each side, interleaved, after a warm-up (0: no wall times)."
+
+
+def chosen_method(spec: str, knobs: list[str]):
+    """The method of `-m SPEC` and `--knob K=V` options, or a usage error naming the bad knob."""
+    from st3.spec import build
 
     try:
-        choice = parse(method)
-        chosen = st3.get(choice.name, **choice.knobs)
+        return build(spec, knobs)
     except (TypeError, ValueError) as error:
-        raise typer.BadParameter(str(error), param_hint="--method") from None
-    run_demo(max_new_tokens=max_new_tokens, json_path=json_out or None, plot_path=plot or None, method=chosen)
+        raise typer.BadParameter(str(error), param_hint="--method / --knob") from None
+
+
+@app.command()
+def demo(
+    method: str = typer.Option("st3", "--method", "-m", help=METHOD),
+    knob: list[str] = typer.Option([], "--knob", help=KNOB),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate per run."),
+    repeats: int = typer.Option(3, min=0, help=REPEATS),
+    json_out: str = typer.Option("", "--json", help="Also write the comparison as JSON to this path."),
+    plot: str = typer.Option("st3-demo.png", help="Where to draw the patches kept per layer ('' for none)."),
+) -> None:
+    """Generate with and without ST3 (or --method) on the embedded default model and compare side by side."""
+    from st3.demo import run_demo
+
+    chosen = chosen_method(method, knob)
+    run_demo(max_new_tokens=max_new_tokens, json_path=json_out or None, plot_path=plot or None, method=chosen,
+             repeats=repeats)  # fmt: skip
 
 
 @app.command()
@@ -51,7 +61,7 @@ def bench(
     new_tokens: str = typer.Option("64", help="Comma-separated numbers of generated tokens."),
     repeats: int = typer.Option(3, help="Timed runs per method (interleaved)."),
     warmup: int = typer.Option(1, help="Untimed warm-up runs per method."),
-    dtype: str = typer.Option("bf16", help="fp32, fp16 or bf16."),
+    dtype: str = typer.Option("bf16", help="fp32, bf16 or fp16."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     attn: str = typer.Option("sdpa", help="Attention backend: sdpa, eager or flash_attention_2."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
@@ -76,6 +86,7 @@ def bench(
             raise typer.BadParameter(str(error)) from None
         return
     from st3.bench import BenchConfig, main
+    from st3.spec import dtype_name
 
     try:
         config = BenchConfig(
@@ -87,7 +98,7 @@ def bench(
             new_tokens=[int(n) for n in new_tokens.split(",")],
             repeats=repeats,
             warmup=warmup,
-            dtype=dtype,
+            dtype=dtype_name(dtype, ("fp32", "bf16", "fp16")),
             device=device,
             attn=attn,
             threads=threads or None,
@@ -98,38 +109,34 @@ def bench(
     main(config, json_path=json_out or None, plot_path=plot or None)
 
 
-def knob_options(knobs: list[str]) -> dict:
-    """`--knob KNOB=VALUE` options as a dict (`st3.spec.parse_knobs`: the bench's and eval's parser too)."""
-    from st3.spec import parse_knobs as parse
-
-    try:
-        return parse(knobs)
-    except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--knob") from None
-
-
 @app.command()
 def plan(
-    method: str = typer.Option("st3", help="Registered method name (see `st3 methods`)."),
-    knob: list[str] = typer.Option([], help="Method knob as KNOB=VALUE; repeatable."),
+    method: str = typer.Option("st3", "--method", "-m", help=METHOD),
+    knob: list[str] = typer.Option([], "--knob", help=KNOB),
     shape: str = typer.Option("llava-1.5-7b", help="Decoder shape: one of `st3.models.SPECS` (see st3 bench --model)."),
     visual: int = typer.Option(576, help="Visual tokens in the prompt."),
     text: int = typer.Option(60, help="Other prompt tokens."),
     new_tokens: int = typer.Option(64, help="Generated tokens."),
+    tokens: float = typer.Option(None, help="Match the budget knob to this many visual tokens per layer (st3.match)."),
+    budget: float = typer.Option(None, help="Match the budget knob to this share of the visual tokens per layer."),
     json_out: str = typer.Option("", "--json", help="Write the plan as JSON to this path."),
 ) -> None:
     """Print what a method does at a model shape, and what it costs, without running a model."""
     import dataclasses
     import json
 
-    import st3
     from st3.plan import SHAPES
     from st3.plan import plan as make_plan
 
     if shape not in SHAPES:
         raise typer.BadParameter(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}", param_hint="--shape")
+    chosen = chosen_method(method, knob)
     try:
-        chosen = st3.get(method, **knob_options(knob))
+        if tokens is not None or budget is not None:
+            from st3.budget import match
+
+            chosen = match(chosen, tokens=tokens, budget=budget, shape=SHAPES[shape], visual=visual, text=text,
+                           new_tokens=new_tokens)  # fmt: skip
         result = make_plan(chosen, SHAPES[shape], visual=visual, text=text, new_tokens=new_tokens)
     except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from None
@@ -148,11 +155,14 @@ def plan(
 
 @app.command("methods")
 def list_methods() -> None:
-    """List the registered methods."""
-    import st3
+    """The registered methods: what each does, and its knobs with their defaults (`-m name:knob=value`)."""
+    import textwrap
 
-    for name in st3.methods():
-        typer.echo(name)
+    from st3.catalogue import CATALOGUE  # a table generated from the registry: no torch import, a fast answer
+
+    for name, (text, knobs) in CATALOGUE.items():
+        typer.echo(typer.style(name, bold=True) + "  " + text)
+        typer.echo(textwrap.fill(knobs, 110, initial_indent="    ", subsequent_indent="    "))
 
 
 @app.command("eval")
@@ -160,10 +170,11 @@ def scenes_eval(
     model_dir: str = typer.Argument(..., help="A scenes LLaVA directory (e.g. scenes/st3_scenes/assets/scenes-llava)."),
     split: str = typer.Option("test", help="train, validation or test."),
     method: list[str] = typer.Option(
-        ["st3", "fastv", "pyramiddrop", "visionzip", "random"],
+        ["st3", "spread", "fastv", "pyramiddrop", "visionzip", "random"],
         "--method",
         "-m",
-        help="Repeatable: name or name:knob=value,... (fixed knobs; the budget knob is matched).",
+        help="Repeatable: name or name:knob=value,... (fixed knobs; the budget knob is matched). "
+        "Default: st3, spread (st3's best rule), fastv, pyramiddrop, visionzip, random.",
     ),
     budget: list[float] = typer.Option([1.0, 0.5, 0.33, 0.22, 0.11], help="Shares of visual tokens per layer."),
     qa: int = typer.Option(200, help="One-word questions per method and budget."),
@@ -200,35 +211,35 @@ def generate(
     model: str = typer.Argument(..., help="A LLaVA or Qwen-VL checkpoint directory, or a hub id in the local cache."),
     image: str = typer.Option(..., help="The image to ask about."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A question; repeatable (answered as a batch)."),
-    method: str = typer.Option("st3", "--method", "-m", help="Registered method name (see `st3 methods`)."),
-    knob: list[str] = typer.Option([], help="Method knob as KNOB=VALUE; repeatable."),
+    method: str = typer.Option("st3", "--method", "-m", help=METHOD),
+    knob: list[str] = typer.Option([], "--knob", help=KNOB),
     max_new_tokens: int = typer.Option(64),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    plot: str = typer.Option("", help="Write a PNG of the patches kept per layer to this path."),
+    dtype: str = typer.Option("auto", help="auto, fp32, bf16 or fp16."),
+    repeats: int = typer.Option(3, min=0, help=REPEATS),
+    plot: str = typer.Option("", help="Write a PNG of the patches kept per layer (prefill and decoding) to this path."),
     json_out: str = typer.Option("", "--json", help="Write answers and costs as JSON to this path."),
 ) -> None:
-    """Answer prompts about an image unpruned and under a method; compare answers, time, KV and FLOPs."""
+    """Answer prompts about an image unpruned and under a method; compare answers, KV, FLOPs and wall time."""
     import json
 
-    import st3
-    from st3.compare import compare, load, open_image, print_comparison
+    from st3.compare import compare, load, open_image, print_comparison, report
     from st3.viz import plot_kept_patches
 
+    chosen = chosen_method(method, knob)
     try:
-        chosen = st3.get(method, **knob_options(knob))
         picture = open_image(image)
-        loaded, processor = load(model, dtype)
-        result = compare(loaded, processor, picture, list(prompt), chosen, max_new_tokens)
+        loaded, processor = load(model, dtype, chosen)  # checks the method against the config before the weights
+        result = compare(loaded, processor, picture, list(prompt), chosen, max_new_tokens, repeats)
     except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from None
     print_comparison(result)
     if plot:
-        plot_kept_patches(picture, chosen.trace, result["image_columns"], plot, title=f"{method}: patches kept",
-                          grid=result.get("image_grid"))  # fmt: skip
+        plot_kept_patches(picture, result["run_trace"], result["image_columns"], plot,
+                          title=f"{chosen.label}: patches kept", grid=result.get("image_grid"))  # fmt: skip
         typer.echo(f"wrote {plot}")
     if json_out:
         with open(json_out, "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "image_columns"}, f, indent=2, default=str)
+            json.dump(report(result), f, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = [
     "CACHE_KWARG",
+    "LOAD_KWARGS",
     "DynamicCache",
     "DynamicLayer",
     "TRANSFORMERS_VERSION",
@@ -29,6 +30,11 @@ __all__ = [
 ]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
+
+# 5.25 made `from_pretrained` kernelize a model by default (`use_kernels` None -> True: hub kernels replace layer
+# forwards, and without the `kernels` package loading fails). st3's own loaders ask for transformers' own layers,
+# as 5.23 and 5.24 load them by default: the layers the exactness proofs run on. (The keyword exists in both.)
+LOAD_KWARGS: dict = {"use_kernels": False}
 
 # 5.24 renamed the cache keyword of every model, decoder layer, attention module and `create_causal_mask`
 # from `past_key_values` to `cache` (the old name is deprecated until 5.40). Read it off the mask function,

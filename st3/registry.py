@@ -9,6 +9,8 @@ import warnings
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from st3.knobs import unknown_knobs
+
 T = TypeVar("T", bound=type)
 
 
@@ -57,5 +59,7 @@ class Registry(Generic[T]):
             raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}") from None
 
     def get(self, name: str, **knobs):
-        """An instance of the class registered as `name`, built with `knobs`."""
-        return self.cls(name)(**knobs)
+        """An instance of the class registered as `name`, built with `knobs` (an unknown knob is named)."""
+        cls = self.cls(name)
+        unknown_knobs(cls, knobs, name)
+        return cls(**knobs)

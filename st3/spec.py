@@ -69,3 +69,25 @@ def parse(spec: str) -> Choice:
             raise ValueError(f"method spec {spec!r}: expected knob=value, got {item!r}") from None
         choice.knobs[key] = value
     return choice
+
+
+def build(spec: str, knobs: list[str] = ()):
+    """The method of a spec (`name:knob=value,...`), with `--knob KNOB=VALUE` items on top (they win)."""
+    import st3
+
+    choice = parse(spec)
+    if choice.match:
+        raise ValueError(f"method spec {spec!r}: ':match' is st3 bench's; give knobs or a budget instead")
+    return st3.get(choice.name, **(choice.knobs | parse_knobs(list(knobs))))
+
+
+#: The dtype names of every command (`--dtype`), and the torch dtype each stands for.
+DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_name(text: str, allowed: tuple[str, ...] = tuple(DTYPES)) -> str:
+    """`text` as one of `allowed` (`fp32`, `bf16`, `fp16`, `auto`); torch's names (`float32`, ...) are read alike."""
+    name = {long: short for short, long in DTYPES.items()}.get(text, text)
+    if name not in allowed:
+        raise ValueError(f"dtype: must be one of {', '.join(allowed)}, got {text!r}")
+    return name

@@ -28,7 +28,8 @@ class Trace:
     """Visual tokens per sample in the prompt."""
     dtype_bytes: int
     note: str = ""
-    """Why nothing was pruned, when nothing was."""
+    """Why nothing was pruned, or less than the method asks, where that happened (`explain`); also what a method
+    merged before the decoder."""
     image_grids: list | None = None
     """Per sample, the image/frame grids (`st3.adapters.Grid`) its visual tokens tile, in prompt order (None
     where the model's adapter gives no layout)."""
@@ -76,6 +77,31 @@ class Trace:
     def decode_keys(self) -> list[list[list[int]]]:
         """[step][layer][sample]: keys (all kinds) the query of each decode forward attended to."""
         return [[list(layer) for layer in keys] for _, keys in self._decode_log]
+
+    def explain(self, method) -> None:
+        """At the end of prefill: add to `note` which samples kept every visual token, and which knob let them.
+
+        A method asked to keep more tokens than an image has (`keep=192` on a 20-token Qwen image), or set to
+        remove none (`ratio=0`), runs unpruned for those samples: the note says so instead of a silent no-op.
+        """
+        held = (self._prefill_log[-1][1] & self._prefill_log[-1][2]).sum(-1).tolist() if self._prefill_log else []
+        untouched = [b for b, (n, h) in enumerate(zip(self.visual_tokens, held)) if 0 < n <= h]
+        if not untouched:
+            return
+        counts = [self.visual_tokens[b] for b in untouched]
+        why = _why_unpruned(method, counts, self.shape.num_layers)
+        vta = method.annealing
+        if len(untouched) < sum(n > 0 for n in self.visual_tokens):
+            some = f"sample {untouched[0]}" if len(untouched) == 1 else f"samples {', '.join(map(str, untouched))}"
+            text = f"{some} kept every visual token during prefill: {why}"
+        elif vta is not None and vta.final < 1.0:
+            text = f"nothing pruned during prefill: {why}; only the decode schedule (VTA) evicts, while generating"
+        elif vta is not None:
+            final = "anneal_final" if hasattr(method, "anneal_final") else "the decode schedule's final"
+            text = f"nothing pruned: {why}, and {final}=1.0 evicts none while decoding"
+        else:
+            text = f"nothing pruned: {why}"
+        self.note = f"{self.note}; {text}" if self.note else text
 
     # ----------------------------------------------------------------------------------------- derived
     @property
@@ -148,6 +174,20 @@ class Trace:
             "kv_bytes_unpruned": self.kv_bytes_unpruned,
             "kv_ratio": _ratio(self.kv_bytes, self.kv_bytes_unpruned),
         }
+
+
+def _why_unpruned(method, counts: list[int], num_layers: int) -> str:
+    """'keep=1000 on 324 visual tokens removes none': the method's budget knob against the samples' token counts."""
+    knob = type(method).budget_knob
+    tokens = " and ".join(dict.fromkeys(map(str, counts)))
+    setting = f"{knob}={getattr(method, knob)!r}" if knob else f"{type(method).__name__}'s settings"
+    text = f"{setting} on {tokens} visual tokens removes none"
+    if knob and knob.endswith("layer"):
+        text += f" (the model has {num_layers} layers)"
+    min_keep = getattr(method, "min_keep", 0)
+    if min_keep and min_keep >= min(counts):
+        text += f" (min_keep={min_keep})"
+    return text
 
 
 def _mean(values: list[float]) -> float:

@@ -22,6 +22,18 @@ def kept_grid(trace: Trace, image_columns: torch.Tensor, layer: int, sample: int
     grid: its `st3.adapters.Grid` (one frame), from the model's adapter (`image_layout`); without one the
     image is taken to be square.
     """
+    return _on_grid(trace.prefill_visual_positions[layer][sample], image_columns, grid)
+
+
+def decoded_grid(trace: Trace, image_columns: torch.Tensor, layer: int, sample: int = 0, grid=None) -> torch.Tensor:
+    """BoolTensor [rows, cols]: which patches layer `layer` still attended to at the last decode step (a run
+    with `record_positions=True`); the patches kept after prefill and not here were evicted while decoding."""
+    if not trace.decode_visual_positions:
+        raise ValueError("no decode-time positions: run the method with record_positions=True and generate")
+    return _on_grid(trace.decode_visual_positions[-1][layer][sample], image_columns, grid)
+
+
+def _on_grid(positions: torch.Tensor, image_columns: torch.Tensor, grid) -> torch.Tensor:
     if grid is None:
         side = math.isqrt(len(image_columns))
         if side * side != len(image_columns):
@@ -31,8 +43,7 @@ def kept_grid(trace: Trace, image_columns: torch.Tensor, layer: int, sample: int
         rows, cols = grid.rows, grid.cols
         if rows * cols != len(image_columns):
             raise ValueError(f"{len(image_columns)} image tokens are not one {rows} x {cols} grid")
-    kept = torch.isin(image_columns, trace.prefill_visual_positions[layer][sample].to(image_columns.device))
-    return kept.view(rows, cols)
+    return torch.isin(image_columns, positions.to(image_columns.device)).view(rows, cols)
 
 
 def stage_layers(trace: Trace, sample: int = 0, most: int = 8) -> list[int]:
@@ -57,20 +68,49 @@ def plot_kept_patches(
     title: str = "",
     grid=None,
 ) -> list[int]:
-    """Write a PNG: the image once per stage, dropped patches dimmed; return the layers drawn."""
+    """Write a PNG: the image once per stage, dropped patches dimmed; return the layers drawn.
+
+    Where the trace recorded decode-time positions (`record_positions=True`) and decoding evicted any, a second
+    row shows each of those layers at the last decode step, the patches evicted while decoding in red: the
+    tokens a long answer lost after it started, which the first row cannot show.
+    """
     layers = stage_layers(trace, sample)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    fig, axes = plt.subplots(1, len(layers), figsize=(2.4 * len(layers), 2.8), squeeze=False)
-    for ax, layer in zip(axes[0], layers):
-        kept = kept_grid(trace, image_columns, layer, sample, grid).numpy()
-        block = (math.ceil(pixels.shape[0] / kept.shape[0]), math.ceil(pixels.shape[1] / kept.shape[1]))
-        cell = np.kron(kept, np.ones(block))[: pixels.shape[0], : pixels.shape[1]]
-        shown = pixels * (0.2 + 0.8 * cell[..., None])
-        ax.imshow(shown)
-        ax.set_title(f"layer {layer}: {int(kept.sum())}/{kept.size}", fontsize=9)
-        ax.axis("off")
-    fig.suptitle(title or f"{trace.method}: visual tokens kept after prefill", fontsize=10)
+    panels = [[(layer, kept_grid(trace, image_columns, layer, sample, grid).numpy(), None) for layer in layers]]
+    if trace.decode_visual_positions:
+        decoded = [decoded_grid(trace, image_columns, layer, sample, grid).numpy() for layer in layers]
+        if any((before & ~after).any() for (_, before, _), after in zip(panels[0], decoded)):
+            panels.append([(layer, after, before) for (layer, before, _), after in zip(panels[0], decoded)])
+    fig, axes = plt.subplots(len(panels), len(layers), figsize=(2.4 * len(layers), 2.8 * len(panels)), squeeze=False)
+    for row, (axes_row, panel_row) in enumerate(zip(axes, panels)):
+        for ax, (layer, kept, before) in zip(axes_row, panel_row):
+            ax.imshow(_shade(pixels, kept, before))
+            if before is None:
+                ax.set_title(f"layer {layer}: {int(kept.sum())}/{kept.size}", fontsize=9)
+            else:
+                evicted = int((before & ~kept).sum())
+                ax.set_title(f"layer {layer}: {int(kept.sum())}/{kept.size}, {evicted} evicted", fontsize=9)
+            ax.axis("off")
+        axes_row[0].text(-0.08, 0.5, ("after prefill", f"after {trace.decode_steps} decode steps")[row],
+                         transform=axes_row[0].transAxes, rotation=90, va="center", ha="right", fontsize=9)  # fmt: skip
+    suffix = "; red: evicted while decoding" if len(panels) > 1 else ""
+    fig.suptitle((title or f"{trace.method}: visual tokens kept") + suffix, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return layers
+
+
+def _shade(pixels: np.ndarray, kept: np.ndarray, before: np.ndarray | None) -> np.ndarray:
+    """The image with the patches not `kept` dimmed, and those in `before` but not kept (evicted) red."""
+
+    def upscale(cells: np.ndarray) -> np.ndarray:
+        block = (math.ceil(pixels.shape[0] / cells.shape[0]), math.ceil(pixels.shape[1] / cells.shape[1]))
+        return np.kron(cells, np.ones(block))[: pixels.shape[0], : pixels.shape[1], None]
+
+    shown = pixels * (0.2 + 0.8 * upscale(kept))
+    if before is not None:
+        red = np.array([0.9, 0.1, 0.1], dtype=np.float32)
+        evicted = upscale(before & ~kept)
+        shown = shown * (1 - evicted) + (0.4 * pixels + 0.6 * red) * evicted
+    return shown

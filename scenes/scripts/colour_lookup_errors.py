@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from st3.compat import LOAD_KWARGS
 from st3_scenes.evaluate import answers
 from st3_scenes.scenes import SIZES
 from st3_scenes.tasks import ANSWER_TOKENS, example
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, **LOAD_KWARGS).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     questions = [e for e in (example("validation", i) for i in range(args.examples)) if e.kind == "colour_of_shape"]
     got, _ = answers(model, processor, questions, ANSWER_TOKENS["qa"])

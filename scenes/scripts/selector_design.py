@@ -19,6 +19,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import st3
+from st3.compat import LOAD_KWARGS
 from st3_scenes import MODEL_DIR
 from st3_scenes.evaluate import answers
 from st3_scenes.tasks import ANSWER_TOKENS, Example, example, parse_caption
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = LlavaForConditionalGeneration.from_pretrained(MODEL_DIR).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(MODEL_DIR, **LOAD_KWARGS).eval()
     processor = AutoProcessor.from_pretrained(MODEL_DIR)
     tasks = {"caption": args.captions, "qa": args.qa}
     for task, n in tasks.items():

@@ -32,12 +32,14 @@ import st3
 from st3.adapters import adapter_for
 from st3.budget import at_budget
 from st3.compare import timed_generate
+from st3.compat import LOAD_KWARGS
 from st3.spec import parse
 from st3_scenes.processor import prompt
 from st3_scenes.tasks import ANSWER_TOKENS, SPLITS, Example, example
 
 BUDGETS = (1.0, 0.5, 0.33, 0.22, 0.11)
-METHODS = ("st3", "fastv", "pyramiddrop", "visionzip", "random")
+#: st3, st3's best rule on this benchmark (spread), the peers and a random control
+METHODS = ("st3", "spread", "fastv", "pyramiddrop", "visionzip", "random")
 
 
 def answers(
@@ -145,7 +147,7 @@ def evaluate(
     if not Path(model_dir, "config.json").is_file():
         raise FileNotFoundError(f"no model at {model_dir!r}: expected a directory written by save_pretrained")
 
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, **LOAD_KWARGS).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     adapter = adapter_for(model)
     shape, visual = adapter.shape, adapter.tokens_per_image()
@@ -213,7 +215,7 @@ def print_table(result: dict) -> None:
     for row in sorted(result["rows"], key=lambda r: (r["task"], r["method"] != "unpruned", r["method"], -r["budget"])):
         table.add_row(
             row["task"],
-            {"pyramiddrop": "pdrop", "visionzip": "vzip", "unpruned": "full"}.get(row["method"], row["method"]),
+            row["method"],  # the spec as given: the same name as in the JSON and the plot
             f"{row['budget']:.0%}",
             f"{row['accuracy']:.1%}",
             "n/a" if row["relative"] != row["relative"] else f"{row['relative']:.0%}",
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, **LOAD_KWARGS).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     t0 = time.time()
     result = accuracy(model, processor, args.split, args.qa, args.captions, args.start, args.batch_size)

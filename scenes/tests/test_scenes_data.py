@@ -248,6 +248,7 @@ def test_processor_loads_expands_image_tokens_and_left_pads(saved_processor):
 def test_tiny_model_round_trips_through_from_pretrained(tmp_path, saved_processor):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from st3.compat import LOAD_KWARGS  # transformers' own layers (5.25 kernelizes by default)
     from st3_scenes.model import ScenesSpec, build_scenes_model
 
     spec = ScenesSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2,
@@ -255,7 +256,7 @@ def test_tiny_model_round_trips_through_from_pretrained(tmp_path, saved_processo
     model = build_scenes_model(spec).eval()
     model.save_pretrained(tmp_path)
     build_processor().save_pretrained(tmp_path)
-    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path, **LOAD_KWARGS).eval()
     processor = AutoProcessor.from_pretrained(tmp_path)
     assert loaded.config.image_seq_length == 324 == spec.image_tokens
     assert loaded.config.text_config.rope_parameters["rope_theta"] == 1e6

@@ -36,7 +36,7 @@ def test_eval_runs_end_to_end_and_writes_json_and_png(scenes_model_dir, tmp_path
         (["/nonexistent/model"], "no model at"),
         (["MODEL", "-m", "nope"], "unknown method"),
         (["MODEL", "-m", "st3:query=all"], "method 'st3:query=all': query: must be 'last' or 'text'"),
-        (["MODEL", "-m", "st3:bogus=1"], "method 'st3:bogus=1': ST3.__init__()"),
+        (["MODEL", "-m", "st3:bogus=1"], "bogus: not a knob of st3"),
         (["MODEL", "--budget", "1.5"], "budget"),
         (["MODEL", "--split", "dev"], "split"),
     ],

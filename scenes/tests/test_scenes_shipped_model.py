@@ -14,7 +14,9 @@ from st3_scenes.tasks import ANSWER_TOKENS, example, parse_caption
 def shipped():
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(SHIPPED).eval()
+    from st3.compat import LOAD_KWARGS  # transformers' own layers (5.25 kernelizes by default)
+
+    model = LlavaForConditionalGeneration.from_pretrained(SHIPPED, **LOAD_KWARGS).eval()
     return model, AutoProcessor.from_pretrained(SHIPPED)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from st3.compat import LOAD_KWARGS
 from st3_scenes.model import ScenesSpec
 from st3_scenes.tasks import ALWAYS_ASKED
 from st3_scenes.train import CONTENT, COUNT, FOCUS_KINDS, WORD, focus_plan, main, parse_args
@@ -58,7 +59,7 @@ def test_trainer_runs_resumes_and_exports(tmp_path, capsys, counts):
     else:
         assert re.search(r"flags changed since: --caption-weight 1.0 -> 2.0$", printed.out, flags=re.M)
     assert "focus_position=" in printed.err and "focus_content=" in printed.err  # each lookup's own focus loss
-    model = LlavaForConditionalGeneration.from_pretrained(export)
+    model = LlavaForConditionalGeneration.from_pretrained(export, **LOAD_KWARGS)
     assert model.config.text_config.hidden_size == 32
     assert model.config.text_config.head_dim == (16 if counts else 8)
     final = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]

@@ -128,7 +128,7 @@ class Adapter:
             raise ValueError(
                 f"{type(method).__name__} compresses visual tokens inside the vision tower, which st3 supports on "
                 f"LLaVA (CLIP tower with a [CLS] token) only; {self.model_name} has no [CLS] token to rank patches "
-                "by. Use a method that prunes inside the decoder (ST3, FastV, PyramidDrop, VTW, Random, Uniform)."
+                "by. Use a method that prunes inside the decoder (e.g. spread, st3, fastv: `st3 methods` lists them)."
             )
 
     def check_inputs(self, kwargs: dict, continuing: bool) -> None:

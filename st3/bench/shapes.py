@@ -18,6 +18,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from st3.adapters import adapter_for
+from st3.compat import LOAD_KWARGS
 from st3.models import PAD_TOKEN, ModelSpec, config_for, model_class
 
 FILL_STD = 0.02
@@ -116,7 +117,7 @@ def load_model_dir(
     attn: str = "sdpa",
 ) -> LlavaForConditionalGeneration:
     """A local LLaVA checkpoint, optionally truncated to its first `layers` decoder layers."""
-    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype).to(device)
+    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, **LOAD_KWARGS).to(device)
     if layers is not None:
         truncate(model, layers)
     return prepare(model, attn)

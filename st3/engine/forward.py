@@ -110,6 +110,7 @@ class Engine:
                 rows.columns, rows.valid, rows.visual, counts.real, counts.held, self.method.accumulates
             )
             trace.log_prefill_layer(rows.columns, rows.valid, rows.visual)
+        trace.explain(self.method)  # why a sample kept every visual token, if one did
         self._measure_kv(cache)
         return rows.hidden
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from st3.knobs import check_types
 from st3.selectors import SELECTORS, Accumulated, Attention, Coverage, DivPrune, Protected, Selector, check
 
 CURVES = ("linear", "cosine", "exponential")
@@ -79,6 +80,7 @@ class VTA:
     _rule: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        check_types(self)
         self.validate()
 
     def validate(self) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from st3.knobs import check_types
 from st3.methods.annealing import VTA, anneal
 from st3.registry import Registry
 from st3.selectors import SELECTORS, Attention, Selector, View, check
@@ -60,6 +61,9 @@ class Method:
     _trace: Trace | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.selector, Method):  # before 0.2 a method named a rule: its rule, with a warning
+            self.selector = as_selector(self.selector)
+        check_types(self)
         self.selector = as_selector(self.selector)
         if isinstance(self.decode, str):
             check(self.decode.lower() == "vta", "decode", f"must be a VTA or 'vta', got {self.decode!r}")
@@ -182,17 +186,6 @@ class Method:
         a = anneal(vta.curve, vta.final, vta.steps, step - vta.delay)
         return [min(max(round(n * a), vta.min_keep), n) for n in visual_after_prefill]
 
-    def begin(self, trace: Trace) -> None:
-        """Called by the engine at each prefill with the record of the new run (its image grids included)."""
-        self._trace = trace
-
-    @property
-    def label(self) -> str:
-        """The registered name, with the selector where it is not the method's own (e.g. 'st3 [divprune]')."""
-        if self.selector is None or type(self.selector) is type(self.default_selector()):
-            return self.name
-        return f"{self.name} [{self.selector.name}]"
-
     # ----------------------------------------------------------------------------------- the API
     def knobs(self) -> dict:
         """The method's settings (its constructor arguments), e.g. for JSON (a selector or VTA as a dict)."""
@@ -206,11 +199,28 @@ class Method:
 
         return {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.init}
 
+    @property
+    def label(self) -> str:
+        """The registered name plus what was composed onto it (`st3+divprune` for `ST3(selector=DivPrune())`,
+        `fastv+vta` for `FastV(decode=VTA())`): the trace's `method`, so a record says which rule chose."""
+        parts = [self.name]
+        if self.selector is not None and type(self.selector) is not type(self.default_selector()):
+            parts.append(self.selector.name)
+        default = {f.name: f.default for f in fields(self)}
+        if self.decode is not None and default.get("decode") is None:
+            parts.append("vta")
+        return "+".join(parts)
+
     def __call__(self, model: nn.Module) -> Session:
         """A context manager that applies this method to `model` and restores it on exit."""
         from st3.engine.session import Session
 
         return Session(self, model)
+
+    def begin(self, trace: Trace) -> None:
+        """Called by the engine at each prefill with the record of the new run (its image grids included)."""
+        trace.method = self.label
+        self._trace = trace
 
     @property
     def trace(self) -> Trace:

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import torch
 
+from st3.knobs import check_types
 from st3.registry import Registry
 from st3.selectors.view import View
 
@@ -46,6 +47,7 @@ class Selector:
     exact: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_types(self)
         self.validate()
 
     def validate(self) -> None:

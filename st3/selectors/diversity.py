@@ -104,7 +104,7 @@ class Spread(Selector):
     """'hidden' (before the decoder: the visual embeddings; at a decoder layer its input) or 'keys'."""
 
     def validate(self) -> None:
-        check(self.spatial >= 0, "spatial", f"must be >= 0, got {self.spatial}")
+        check(0 <= self.spatial <= 1e6, "spatial", f"must be in [0, 1e6] (a lattice long before), got {self.spatial}")
         check(self.features in FEATURES, "features", f"must be one of {FEATURES}, got {self.features!r}")
 
     def select(self, view: View) -> torch.Tensor:

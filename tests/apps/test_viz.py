@@ -33,3 +33,28 @@ def test_kept_grid_of_a_non_square_image():
     columns = torch.arange(10, 16)
     grid = kept_grid(trace, columns, 0, grid=Grid(1, 2, 3))
     assert grid.tolist() == [[True, False, True], [False, False, True]]
+
+
+def test_the_picture_shows_the_evictions_made_while_decoding(model, inputs, tmp_path):
+    """With record_positions=True a second row shows each layer at the last decode step: what VTA evicted after
+    prefill (red) is exactly the prefill set minus the decode-time set."""
+    from st3.viz import decoded_grid
+
+    method = st3.ST3(start_layer=1, stride=2, ratio=0.3, min_keep=2, anneal_steps=4, anneal_every=1,
+                     record_positions=True)  # fmt: skip
+    with torch.no_grad(), method(model):
+        model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    columns = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(-1)
+    after = decoded_grid(method.trace, columns, 5)
+    before = kept_grid(method.trace, columns, 5)
+    assert (after <= before).all() and int(after.sum()) < int(before.sum())
+    expected = set(method.trace.decode_visual_positions[-1][5][0].tolist())
+    assert set(columns[after.flatten()].tolist()) == expected
+    image = Image.fromarray((torch.rand(48, 48, 3) * 255).byte().numpy())
+    two_rows, one_row = tmp_path / "decode.png", tmp_path / "prefill.png"
+    plot_kept_patches(image, method.trace, columns, str(two_rows))
+    prefill_only = st3.ST3(start_layer=1, stride=2, ratio=0.3, min_keep=2, anneal_final=1.0, record_positions=True)
+    with torch.no_grad(), prefill_only(model):
+        model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    plot_kept_patches(image, prefill_only.trace, columns, str(one_row))  # nothing evicted: one row
+    assert Image.open(two_rows).size[1] > 1.8 * Image.open(one_row).size[1]
