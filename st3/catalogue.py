@@ -29,9 +29,11 @@ def build() -> dict[str, tuple[str, str]]:
     for name in st3.methods():
         method = st3.get(name)
         text = " ".join(inspect.getdoc(type(method)).split("\n\n")[0].split())
-        optional = {"record_positions"} | {k for k in ("selector", "decode") if getattr(method, k) is None}
-        out[name] = (text, ", ".join(f"{k}={shown(getattr(method, k))}" for k in knob_types(type(method))
-                                     if k not in optional))  # fmt: skip
+        knobs = {k: getattr(method, k) for k in knob_types(type(method)) if k != "record_positions"}
+        if knobs.get("selector", 0) is None and method.selectable:
+            knobs["selector"] = method.default_selector()  # the rule it keeps by when none is given
+        knobs = {k: v for k, v in knobs.items() if v is not None or k not in ("selector", "decode")}
+        out[name] = (text, ", ".join(f"{k}={shown(v)}" for k, v in knobs.items()))
     return out
 
 
@@ -57,107 +59,107 @@ if __name__ == "__main__":
 CATALOGUE: dict[str, tuple[str, str]] = {
     'cdpruner': (
         'CDPruner (arXiv 2506.10967): before the decoder, a conditional DPP with instruction relevance.',
-        'keep=192, layer=0',
+        'keep=192, layer=0, selector=cdpruner(theta=0.5)',
     ),
     'dart': (
         'DART (arXiv 2502.11494): at layer 2, pivots by key norm and the tokens least duplicated by them.',
-        'keep=192, layer=2',
+        'keep=192, layer=2, selector=dart(pivots=8)',
     ),
     'divprune': (
         'DivPrune (arXiv 2503.02175): before the decoder, the max-min diverse `keep` visual tokens.',
-        'keep=192, layer=0',
+        "keep=192, layer=0, selector=divprune(features='hidden')",
     ),
     'fastv': (
         'Prune once, at layer K, by the attention the visual tokens received at layer K - 1.',
-        "layer=2, ratio=0.5, query='last'",
+        "layer=2, ratio=0.5, query='last', selector=attention(query='last')",
     ),
     'fastv+vta': (
         "FastV's prune at layer K, then visual token annealing while decoding.",
-        "layer=2, ratio=0.5, query='last', decode=vta(curve='cosine', final=0.3, steps=32, every=4, "
-        "min_keep=4, evict='current', protect=0.5, delay=0)",
+        "layer=2, ratio=0.5, query='last', selector=attention(query='last'), decode=vta(curve='cosine', "
+        "final=0.3, steps=32, every=4, min_keep=4, evict='current', protect=0.5, delay=0)",
     ),
     'keep': (
         '`keep` visual tokens from `layer` on (0: before the decoder), chosen by `selector` (default: '
         'attention).',
-        'keep=192, layer=2',
+        "keep=192, layer=2, selector=attention(query='last')",
     ),
     'lattice': (
         "Control: `keep` visual tokens on a lattice per image grid (the budget shared among a sample's "
         'images and frames by token counts; every n-th visual token where the model gives no grid).',
-        'keep=192, layer=2',
+        'keep=192, layer=2, selector=lattice()',
     ),
     'pyramiddrop': (
         'Keep a fixed share of the remaining visual tokens at each stage boundary.',
-        'keep=0.5, stages=None',
+        "keep=0.5, stages=None, selector=attention(query='last')",
     ),
     'pyramiddrop+vta': (
         "PyramidDrop's stages, then visual token annealing while decoding.",
-        "keep=0.5, stages=None, decode=vta(curve='cosine', final=0.3, steps=32, every=4, min_keep=4, "
-        "evict='current', protect=0.5, delay=0)",
+        "keep=0.5, stages=None, selector=attention(query='last'), decode=vta(curve='cosine', final=0.3, "
+        "steps=32, every=4, min_keep=4, evict='current', protect=0.5, delay=0)",
     ),
     'random': (
         'Control: `keep` visual tokens drawn at random (seeded: the same patches for every sample).',
-        'seed=0, keep=192, layer=2',
+        'seed=0, keep=192, layer=2, selector=random(seed=0)',
     ),
     'spread': (
         "st3's best rule on its benchmark: before the decoder, `keep` visual tokens by greedy max-min "
         'over cosine + `spatial` x grid distance, the budget shared among images and frames by token '
         'counts (docs/methods.md).',
-        'keep=192, layer=0',
+        "keep=192, layer=0, selector=spread(spatial=2.0, features='hidden')",
     ),
     'st3': (
         'Progressive visual token pruning over depth + visual token annealing over decoding steps.',
         "start_layer=2, stride=3, ratio=0.2, min_keep=4, query='last', anneal_curve='cosine', "
         "anneal_final=0.3, anneal_steps=32, anneal_every=4, anneal_evict='current', anneal_protect=0.5, "
-        'anneal_delay=0',
+        "anneal_delay=0, selector=attention(query='last')",
     ),
     'st3+cdpruner': (
         "ST3's schedule and annealing; the cdpruner selector chooses at each pruning layer.",
         "start_layer=2, stride=3, ratio=0.2, min_keep=4, query='last', anneal_curve='cosine', "
         "anneal_final=0.3, anneal_steps=32, anneal_every=4, anneal_evict='current', anneal_protect=0.5, "
-        'anneal_delay=0',
+        'anneal_delay=0, selector=cdpruner(theta=0.5)',
     ),
     'st3+dart': (
         "ST3's schedule and annealing; the dart selector chooses at each pruning layer.",
         "start_layer=2, stride=3, ratio=0.2, min_keep=4, query='last', anneal_curve='cosine', "
         "anneal_final=0.3, anneal_steps=32, anneal_every=4, anneal_evict='current', anneal_protect=0.5, "
-        'anneal_delay=0',
+        'anneal_delay=0, selector=dart(pivots=8)',
     ),
     'st3+divprune': (
         "ST3's schedule and annealing; the divprune selector chooses at each pruning layer.",
         "start_layer=2, stride=3, ratio=0.2, min_keep=4, query='last', anneal_curve='cosine', "
         "anneal_final=0.3, anneal_steps=32, anneal_every=4, anneal_evict='current', anneal_protect=0.5, "
-        'anneal_delay=0',
+        "anneal_delay=0, selector=divprune(features='hidden')",
     ),
     'st3+random': (
         "ST3's schedule and annealing; the random selector chooses at each pruning layer.",
         "start_layer=2, stride=3, ratio=0.2, min_keep=4, query='last', anneal_curve='cosine', "
         "anneal_final=0.3, anneal_steps=32, anneal_every=4, anneal_evict='current', anneal_protect=0.5, "
-        'anneal_delay=0',
+        'anneal_delay=0, selector=random(seed=0)',
     ),
     'st3+raster': (
         "ST3's schedule and annealing; the raster selector chooses at each pruning layer.",
         "start_layer=2, stride=3, ratio=0.2, min_keep=4, query='last', anneal_curve='cosine', "
         "anneal_final=0.3, anneal_steps=32, anneal_every=4, anneal_evict='current', anneal_protect=0.5, "
-        'anneal_delay=0',
+        'anneal_delay=0, selector=raster()',
     ),
     'st3+spread': (
         "ST3's schedule and annealing; the spread selector chooses at each pruning layer.",
         "start_layer=2, stride=3, ratio=0.2, min_keep=4, query='last', anneal_curve='cosine', "
         "anneal_final=0.3, anneal_steps=32, anneal_every=4, anneal_evict='current', anneal_protect=0.5, "
-        'anneal_delay=0',
+        "anneal_delay=0, selector=spread(spatial=2.0, features='hidden')",
     ),
     'st3+stratified': (
         "ST3's schedule and annealing; the stratified selector chooses at each pruning layer.",
         "start_layer=2, stride=3, ratio=0.2, min_keep=4, query='last', anneal_curve='cosine', "
         "anneal_final=0.3, anneal_steps=32, anneal_every=4, anneal_evict='current', anneal_protect=0.5, "
-        'anneal_delay=0',
+        "anneal_delay=0, selector=stratified(within='jitter', features='hidden', seed=0)",
     ),
     'stratified': (
         "Before the decoder, `keep` visual tokens: each image's grid cut into `keep` blocks, one seeded "
         'random token of each (jittered sampling; `selector=st3.selectors.Stratified(within=...)` for the'
         ' other rules).',
-        'keep=192, layer=0',
+        "keep=192, layer=0, selector=stratified(within='jitter', features='hidden', seed=0)",
     ),
     'visionzip': (
         'Dominant patches by [CLS] attention + a few contextual tokens merged by key similarity.',
