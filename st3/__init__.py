@@ -38,13 +38,16 @@ _MOVED: dict[str, tuple[str, str]] = {
     "UniformPick": ("st3.selectors", "Raster"),
 }
 
-__all__ = [*_EXPORTS, "selectors"]
+#: subpackages reachable as attributes without their own import (`st3.selectors.DivPrune()`)
+_SUBPACKAGES = ("adapters", "selectors")
+
+__all__ = [*_EXPORTS, *_SUBPACKAGES]
 __version__ = "0.2.0"
 
 
 def __getattr__(name: str):
-    if name == "selectors":
-        return importlib.import_module("st3.selectors")
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"st3.{name}")
     if name in _MOVED:
         module, new = _MOVED[name]
         warnings.warn(

@@ -85,7 +85,7 @@ def test_peer_knobs_are_validated(knob, value, name):
 @pytest.mark.parametrize("name", ["st3", "fastv", "pyramiddrop", "random", "lattice", "visionzip"])
 @pytest.mark.parametrize("target", [288, 192, 160])
 def test_matched_budgets_hit_the_target_within_one_token_per_layer(name, target):
-    method = st3.match(name, target)
+    method = st3.match(name, tokens=target, shape=LLAVA_15_7B, visual=576)
     assert abs(plan(method, LLAVA_15_7B, new_tokens=1).mean_visual_per_layer - target) <= 1
 
 
