@@ -23,13 +23,13 @@ import torch
 vllm = pytest.importorskip("vllm", reason="the vLLM plugin's tests run in .ci/run's vLLM stage (docs/vllm.md)")
 st3_scenes = pytest.importorskip("st3_scenes", reason="needs the scenes package (pip install --no-deps -e scenes/)")
 
-from st3_scenes.processor import prompt  # noqa: E402
-from st3_scenes.tasks import example  # noqa: E402
 from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
 from st3.plugins.vllm import llava as plugin  # noqa: E402
 from st3.plugins.vllm import selection  # noqa: E402
 from st3.plugins.vllm.config import Pruning  # noqa: E402
+from st3_scenes.processor import prompt  # noqa: E402
+from st3_scenes.tasks import example  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the tests read the model's record
 MODEL = str(st3_scenes.MODEL_DIR)
