@@ -128,11 +128,12 @@ def reference_choice(
     embeds = model.model.multi_modal_projector(features)[0]
     if seen is not None:
         torch.testing.assert_close(seen, embeds, atol=1e-4, rtol=0)
-    text = None
+    text = before = None
     if pruning.rule.reads_prompt:
-        after = ids[ids.index(config.image_token_id) + 1 :]
-        text = model.get_input_embeddings()(torch.tensor(after))
-    kept = selection.select(selector, embeds if seen is None else seen, selection.Grid(1, side, side), keep, text)
+        image = ids.index(config.image_token_id)
+        text, before = (model.get_input_embeddings()(torch.tensor(part)) for part in (ids[image + 1 :], ids[:image]))
+    grid = selection.Grid(1, side, side)
+    kept = selection.select(selector, embeds if seen is None else seen, grid, keep, text, before)
     return kept, embeds[kept], ids
 
 

@@ -34,8 +34,8 @@ from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
 from st3.plugins.vllm import selection
 from st3.plugins.vllm.config import Pruning
 
-TEXT_FIELD = "st3_text_ids"
-"""The per-image field holding the instruction's token ids (only for rules that read the prompt)."""
+TEXT_FIELD = "st3_prompt_ids"
+"""The per-image field holding the prompt's token ids (only for rules that read the prompt)."""
 
 
 def image_grid(hf_config) -> tuple[int, int]:
@@ -81,17 +81,20 @@ class St3LlavaMultiModalProcessor(LlavaMultiModalProcessor):
     def apply(self, inputs, *args, **kwargs):
         result = super().apply(inputs, *args, **kwargs)
         if self._reads_prompt:
-            text = instruction_ids(list(inputs.prompt), self.info.get_hf_config().image_token_index)
+            ids = torch.tensor(list(inputs.prompt), dtype=torch.long)
             for item in result["mm_kwargs"].get("image", []):
                 if item is not None:  # None: cached in the engine core, with the same prompt (same hash)
-                    item[TEXT_FIELD] = MultiModalFieldElem(data=text, field=MultiModalBatchedField())
+                    item[TEXT_FIELD] = MultiModalFieldElem(data=ids, field=MultiModalBatchedField())
         return result
 
 
-def instruction_ids(prompt: list[int], image_token: int) -> torch.Tensor:
-    """The prompt's token ids after its last image token (the rows st3's engine reads as the instruction)."""
-    last = max((i for i, token in enumerate(prompt) if token == image_token), default=len(prompt) - 1)
-    return torch.tensor(prompt[last + 1 :], dtype=torch.long)
+def split_prompt(ids: torch.Tensor, image_token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids before the first image token, ids after the last): the text rows of the engine's view, in which
+    the rows after the image are the instruction a prompt-reading rule weighs the patches by."""
+    images = (ids == image_token).nonzero().squeeze(-1)
+    if not len(images):
+        return ids, ids[:0]
+    return ids[: images[0]], ids[images[-1] + 1 :]
 
 
 # transformers 5 saves a LLaVA's CLIP tower without its `vision_model.` level (the scenes model is such a
@@ -140,9 +143,14 @@ class St3LlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.st3_kept = [index.cpu() for index in kept]
         return torch.stack(embeds)
 
-    def _select(self, embeds: torch.Tensor, text_ids: torch.Tensor | None) -> torch.Tensor:
-        text = None if text_ids is None else self.language_model.embed_input_ids(text_ids.to(embeds.device))
-        return selection.select(self.st3_selector, embeds, self.st3_grid, self.st3_keep, text)
+    def _select(self, embeds: torch.Tensor, prompt_ids: torch.Tensor | None) -> torch.Tensor:
+        if prompt_ids is None:
+            return selection.select(self.st3_selector, embeds, self.st3_grid, self.st3_keep)
+        before, after = (
+            self.language_model.embed_input_ids(part.to(embeds.device))
+            for part in split_prompt(prompt_ids, self.config.image_token_index)
+        )
+        return selection.select(self.st3_selector, embeds, self.st3_grid, self.st3_keep, after, before)
 
     def _visionzip(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """VisionZip: the feature layer's [CLS] attention and keys from vLLM's tower, st3's merge rule."""

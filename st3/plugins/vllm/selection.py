@@ -128,16 +128,31 @@ def _unavailable(what: str) -> Callable:
     return read
 
 
-def select(selector, features: torch.Tensor, grid: Grid, keep: int, text: torch.Tensor | None = None) -> torch.Tensor:
+def select(
+    selector,
+    features: torch.Tensor,
+    grid: Grid,
+    keep: int,
+    text: torch.Tensor | None = None,
+    before: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Indices (ascending) of the `keep` rows of one image's `features` [N, d] that `selector` keeps.
 
-    `text` [T, d]: the token embeddings of the instruction after the image, for selectors that read it.
+    `text` [T, d]: the token embeddings of the instruction after the image, for rules that read it; `before`
+    [P, d]: the prompt's embeddings before the image, which the engine's view holds too (nothing reads them,
+    but with them the view has the engine's very shape, so its products round alike: CDPruner's greedy DPP
+    flips on differences of 1e-7).
     """
     count = features.shape[0]
-    hidden = features if text is None else torch.cat([features, text.to(features.dtype)])
+    parts = [p.to(features.dtype) for p in (before, features, text) if p is not None]
+    hidden = torch.cat(parts) if len(parts) > 1 else features
+    start = 0 if before is None else before.shape[0]
     candidates = torch.zeros(1, hidden.shape[0], dtype=torch.bool, device=features.device)
-    candidates[0, :count] = True
-    instruction = None if text is None or not len(text) else ~candidates
+    candidates[0, start : start + count] = True
+    instruction = None
+    if text is not None and len(text):
+        instruction = torch.zeros_like(candidates)
+        instruction[0, start + count :] = True
     view = View(
         layer=0,
         candidates=candidates,
@@ -148,7 +163,7 @@ def select(selector, features: torch.Tensor, grid: Grid, keep: int, text: torch.
         text=lambda: instruction,
         grids=[[grid]],
     )
-    return selector.select(view)[0, :count].nonzero().squeeze(-1)
+    return selector.select(view)[0, start : start + count].nonzero().squeeze(-1)
 
 
 def compress(method: VisionZip, saliency: torch.Tensor, keys: torch.Tensor, features: torch.Tensor):
