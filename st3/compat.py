@@ -47,6 +47,7 @@ def check_engine_version() -> None:
             f"engine). Install 'transformers>={ENGINE_TRANSFORMERS}' in an environment without vLLM."
         )
 
+
 # 5.24 renamed the cache keyword of every model, decoder layer, attention module and `create_causal_mask`
 # from `past_key_values` to `cache` (the old name is deprecated until 5.40). Read it off the mask function,
 # whose fourth parameter is the cache in every release st3 supports.

@@ -83,7 +83,7 @@ def test_plugin_choice_equals_the_engine_choice_before_the_decoder(name, scenes)
         ({"keep": 3}, "st3.method: required"),
         ({"method": "spread"}, "st3.keep: required"),
         ({"method": "spread", "keep": 0}, "st3.keep: must be >= 1"),
-        ({"method": "spread", "keep": 1.0}, "st3.keep: a share must lie in (0, 1)"),
+        ({"method": "spread", "keep": 1.5}, "st3.keep: a share must lie in (0, 1]"),
         ({"method": "spread", "keep": "half"}, "st3.keep: must be an integer or a share"),
         ({"method": "spread", "keep": 3, "spatial": -1}, "st3.spatial: must be >= 0"),
         ({"method": "divprune", "keep": 3, "features": "keys"}, "st3.features: not a knob of 'divprune'"),
@@ -102,6 +102,7 @@ def test_budgets():
     assert Pruning.parse({"method": "spread", "keep": 0.22}).tokens(324) == 71
     assert Pruning.parse({"method": "spread", "keep": 0.001}).tokens(324) == 1  # at least one token per image
     assert Pruning.parse({"method": "spread", "keep": 324}).tokens(324) == 324
+    assert Pruning.parse({"method": "raster", "keep": 1.0}).tokens(576) == 576  # the unpruned baseline
     with pytest.raises(ValueError, match=r"^st3.keep: 325 is more than an image's 324 visual tokens"):
         Pruning.parse({"method": "spread", "keep": 325}).tokens(324)
     assert Pruning.parse({"method": "visionzip", "keep": 64}).selector(64).dominant == 54  # the paper's 54 + 10

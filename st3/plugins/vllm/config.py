@@ -4,7 +4,8 @@
                      "st3": {"method": "spread", "keep": 0.5, "spatial": 2.0}}'
 
 `st3.method`: a rule that acts before the language model (`selection.RULES`); `st3.keep`: the visual tokens
-kept per image, an integer count or a share in (0, 1) of the image's tokens; every other key is a knob of the
+kept per image, an integer count or a share in (0, 1] of the image's tokens (1.0: every token, an unpruned
+baseline through the same code); every other key is a knob of the
 rule, validated by st3's own class. A bad setting raises a ValueError naming it (`st3.keep: ...`) when the
 engine starts, never a silent fallback. Imports neither vLLM nor transformers (tested without them).
 """
@@ -42,12 +43,12 @@ class Pruning:
             raise ValueError(f"st3.method: required, a name among {', '.join(selection.RULES)}; got {method!r}")
         selection.rule(method)
         if "keep" not in rest:
-            raise ValueError("st3.keep: required, visual tokens kept per image (an integer, or a share in (0, 1))")
+            raise ValueError("st3.keep: required, visual tokens kept per image (an integer, or a share in (0, 1])")
         keep = rest.pop("keep")
         if isinstance(keep, bool) or not isinstance(keep, int | float):
-            raise ValueError(f"st3.keep: must be an integer or a share in (0, 1), got {keep!r}")
-        if isinstance(keep, float) and not 0.0 < keep < 1.0:
-            raise ValueError(f"st3.keep: a share must lie in (0, 1), got {keep}")
+            raise ValueError(f"st3.keep: must be an integer or a share in (0, 1], got {keep!r}")
+        if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+            raise ValueError(f"st3.keep: a share must lie in (0, 1], got {keep}")
         if isinstance(keep, int) and keep < 1:
             raise ValueError(f"st3.keep: must be >= 1 token per image, got {keep}")
         pruning = cls(method, keep, rest)
