@@ -45,7 +45,7 @@ def start(model: str, setting: dict, args):
         enforce_eager=args.enforce_eager,
         max_model_len=args.max_model_len,
         limit_mm_per_prompt={"image": 1},
-        gpu_memory_utilization=args.memory,
+        **({} if args.memory is None else {"gpu_memory_utilization": args.memory}),
         kv_cache_memory_bytes=args.kv_bytes,
         enable_prefix_caching=False,  # every request a fresh image: measure the prefill, not the cache
         hf_overrides=overrides,
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, default=512)
-    parser.add_argument("--memory", type=float, default=0.9, help="gpu_memory_utilization per engine (GPU)")
+    parser.add_argument("--memory", type=float, default=None, help="gpu_memory_utilization per engine (GPU)")
     parser.add_argument("--kv-bytes", type=int, default=None, help="KV cache bytes per engine (CPU: 2**28)")
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--json", default=None)
