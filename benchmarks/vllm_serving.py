@@ -38,7 +38,7 @@ def start(model: str, setting: dict, args):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    overrides = {"architectures": ["St3LlavaForConditionalGeneration"], "st3": setting}
+    overrides = {"architectures": [args.architecture], "st3": setting}
     engine_args = AsyncEngineArgs(
         model=model,
         dtype=args.dtype,
@@ -131,6 +131,8 @@ def table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint (default: the scenes model)")
+    parser.add_argument("--architecture", default="St3LlavaForConditionalGeneration",
+                        help="the plugin's class (St3Qwen2_5_VLForConditionalGeneration for Qwen2.5-VL)")  # fmt: skip
     parser.add_argument("--settings", nargs="+", default=["none", "spread:0.5", "spread:0.22", "stratified:0.5",
                                                           "stratified:0.22"])  # fmt: skip
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])

@@ -14,6 +14,7 @@ from __future__ import annotations
 #: architecture name -> "module:Class", selected with hf_overrides {"architectures": [name]}
 ARCHITECTURES = {
     "St3LlavaForConditionalGeneration": "st3.plugins.vllm.llava:St3LlavaForConditionalGeneration",
+    "St3Qwen2_5_VLForConditionalGeneration": "st3.plugins.vllm.qwen_vl:St3Qwen2_5_VLForConditionalGeneration",
 }
 
 

@@ -121,6 +121,14 @@ def build(name: str, knobs: dict, keep: int) -> object:
         raise ValueError(f"st3.{name}: {error}") from None
 
 
+def reads_features(name: str, knobs: dict) -> bool:
+    """Whether a rule's choice depends on the image's features (else on its grid and seed alone, so it is
+    known before the encoder runs)."""
+    if name in ("random", "raster", "lattice"):
+        return False
+    return not (name == "stratified" and knobs.get("within", selectors.Stratified.within) == "jitter")
+
+
 def _unavailable(what: str) -> Callable:
     def read(*_):
         raise ValueError(f"{what} is not available before the language model (the vLLM plugin selects there)")
