@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessor,
@@ -29,7 +30,7 @@ from transformers import (  # noqa: E402
 
 from st3.plugins.vllm.config import Pruning  # noqa: E402
 from st3.plugins.vllm.qwen_vl import kept_patches  # noqa: E402
-from st3.testing import tiny_qwen_vl  # noqa: E402
+from st3.testing import QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 ARCH = "St3Qwen2_5_VLForConditionalGeneration"
@@ -56,7 +57,18 @@ def checkpoint(tmp_path_factory) -> str:
         video_processor=Qwen2VLVideoProcessor(**sizes),
         tokenizer=tokenizer,
     )
-    model = tiny_qwen_vl("qwen2.5-vl", layers=2, hidden=64)
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(  # head_dim 64: vLLM's CPU attention has kernels for 32, 64, 80, ... (not 16)
+        text_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=128, max_position_embeddings=1024, pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12]}),
+        vision_config=dict(depth=2, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                           hidden_size=32, intermediate_size=64, out_hidden_size=128, window_size=16,
+                           fullatt_block_indexes=[1]),
+        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END,
+    )  # fmt: skip
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
     path = tmp_path_factory.mktemp("tiny-qwen2.5-vl")
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -121,6 +133,32 @@ def test_qwen_vllm_equals_transformers_at_the_original_positions(method, checkpo
     finally:
         del llm
         gc.collect()
+
+
+def test_the_positions_matter(checkpoint, monkeypatch):
+    """Negative control: the same kept tokens at consecutive positions (vLLM's plain layout) answer otherwise."""
+    from vllm import SamplingParams
+
+    from st3.plugins.vllm import qwen_vl
+
+    def consecutive(self, input_tokens, mm_features):
+        return torch.arange(len(input_tokens)).expand(3, -1), 0
+
+    monkeypatch.setattr(qwen_vl.St3Qwen2_5_VLForConditionalGeneration, "get_mrope_input_positions", consecutive)
+    setting = {"method": "lattice", "keep": 0.5}
+    llm = engine(checkpoint, setting)
+    try:
+        differ = []
+        for seed, size in enumerate(SIZES):
+            picture = image(size, seed)
+            params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+            out = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": picture}}], params, use_tqdm=False)
+            expected, _ = reference(checkpoint, Pruning.parse(setting), picture, steps=6)
+            differ.append(list(out[0].outputs[0].token_ids) != expected)
+    finally:
+        del llm
+        gc.collect()
+    assert any(differ)
 
 
 @pytest.mark.parametrize(
