@@ -112,3 +112,18 @@ def test_the_door_to_the_selectors_imports_neither_transformers_nor_vllm():
     code = "import sys, st3.plugins.vllm.config; print(sorted({'transformers', 'vllm'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_engine_refuses_a_transformers_below_its_floor(monkeypatch, model, inputs):
+    """pyproject's floor is lowered for st3[vllm]; applying a method on such a transformers is refused, saying why."""
+    from st3 import compat
+
+    monkeypatch.setattr(compat, "TRANSFORMERS_VERSION", "5.19.0")
+    with pytest.raises(RuntimeError, match=r"st3's engine needs transformers >= 5\.23 .* 5\.19\.0 is installed"):
+        st3.ST3()(model)
+    monkeypatch.setattr(compat, "TRANSFORMERS_VERSION", compat.ENGINE_TRANSFORMERS + ".0.dev0")  # the floor's own
+    with st3.ST3()(model):  # pre-releases are accepted
+        pass
+    monkeypatch.undo()
+    with st3.ST3()(model):
+        model(**inputs)
