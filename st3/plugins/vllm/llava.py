@@ -3,7 +3,7 @@
 vLLM's own LLaVA classes, subclassed at three points and nothing else:
 - `get_num_image_tokens` returns K, so the prompt holds K placeholders per image and the scheduler, the KV
   cache and every later layer see a prompt K tokens long per image instead of the image's N;
-- the processor sends the instruction's token ids with each image when the rule reads them (CDPruner) and
+- when the rule reads the prompt (CDPruner), the processor sends the prompt's token ids with each image and
   folds a digest of the prompt into the image's hash, so the encoder and prefix caches never serve one
   question's choice to another;
 - `embed_multimodal` runs the tower and projector as vLLM does, asks st3's selector which K of the N rows to
@@ -65,7 +65,7 @@ class St3LlavaProcessingInfo(LlavaProcessingInfo):
 
 
 class St3LlavaMultiModalProcessor(LlavaMultiModalProcessor):
-    """Sends the instruction with each image and keys the image's hash by the prompt when the rule reads it."""
+    """Sends the prompt with each image and keys the image's hash by the prompt, when the rule reads it."""
 
     @property
     def _reads_prompt(self) -> bool:
