@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import st3
-from st3.methods.selectors import UniformPick
 from st3.plugins.vllm import selection
 from st3.plugins.vllm.config import Pruning
 
@@ -27,7 +26,7 @@ ENGINE = {
     "divprune": lambda: st3.get("divprune", keep=KEEP),
     "cdpruner": lambda: st3.get("cdpruner", keep=KEEP),
     "random": lambda: st3.get("random", keep=KEEP, layer=0),
-    "raster": lambda: st3.Keep(keep=KEEP, layer=0, selector=UniformPick()),
+    "raster": lambda: st3.Keep(keep=KEEP, layer=0, selector=st3.UniformPick()),
     "lattice": lambda: st3.get("uniform", keep=KEEP, layer=0),
 }
 
