@@ -60,6 +60,10 @@ def features(monkeypatch):
     monkeypatch.setattr(plugin.St3LlavaForConditionalGeneration, "_select", recording)
 
 
+#: hf_overrides that make vLLM keep a position table per request (docs/vllm.md): original positions
+TABLE = {"rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 1]}}
+
+
 def engine(setting: dict, **overrides):
     from vllm import LLM
 
@@ -168,6 +172,49 @@ def test_vllm_equals_transformers_with_the_same_selection(method, reference, fea
         gc.collect()
 
 
+@torch.no_grad()
+def reference_tokens_at_original_positions(reference, kept: torch.Tensor, kept_embeds: torch.Tensor, ids: list):
+    """Greedy tokens of transformers on the pruned prompt, each row at its position in the unpruned prompt."""
+    model, _ = reference
+    config = model.config
+    image = ids.index(config.image_token_id)
+    count = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    pruned = ids[:image] + [config.image_token_id] * len(kept) + ids[image + 1 :]
+    positions = torch.cat([torch.arange(image), image + kept, torch.arange(image + count, count + len(ids) - 1)])
+    embeds = model.get_input_embeddings()(torch.tensor([pruned]))
+    embeds[0, image : image + len(kept)] = kept_embeds
+    out = model(inputs_embeds=embeds, position_ids=positions[None], use_cache=True)
+    tokens = []
+    for step in range(8):
+        token = int(out.logits[0, -1].argmax())
+        tokens.append(token)
+        if token == model.generation_config.eos_token_id:
+            break
+        position = torch.tensor([[count + len(ids) - 1 + step]])
+        out = model(input_ids=torch.tensor([[token]]), position_ids=position, past_key_values=out.past_key_values,
+                    use_cache=True)  # fmt: skip
+    return tokens
+
+
+@pytest.mark.parametrize("method", ["stratified", "lattice"])
+def test_original_positions_with_a_position_table(method, reference):
+    """With vLLM's position table on, the kept tokens and the text keep the unpruned prompt's positions (st3's
+    semantics): vLLM's greedy tokens equal transformers' at those positions."""
+    setting = {"method": method, "keep": SETTINGS[method]}
+    pruning = Pruning.parse(setting)
+    llm = engine(setting, **TABLE)
+    try:
+        for qa in QUESTIONS:
+            tokens, scheduled, kept = ask(llm, qa.question, qa.image)
+            expected_kept, kept_embeds, ids = reference_choice(reference, pruning, qa.question, qa.image)
+            assert torch.equal(kept, expected_kept)
+            assert scheduled == len(ids) - 1 + SETTINGS[method]
+            assert tokens == reference_tokens_at_original_positions(reference, kept, kept_embeds, ids), qa.question
+    finally:
+        del llm
+        gc.collect()
+
+
 def two_questions_one_image() -> tuple[str, str, object]:
     qa = QUESTIONS[0]
     return qa.question, "how many objects are there?", qa.image
@@ -222,6 +269,7 @@ def test_without_the_prompt_in_the_hash_the_selection_goes_stale(monkeypatch):
         ({"method": "cdpruner", "keep": 71, "query": "last"}, {}, "st3.query: not a knob of 'cdpruner'"),
         ({"method": "spread", "keep": 71}, {"vision_feature_select_strategy": "full"}, "st3: vision_feature_select"),
         ("spread", {}, "st3: must be a dict"),
+        ({"method": "spread", "keep": 71}, TABLE, "st3.method: 'spread' chooses by the image's features"),
     ],
 )
 def test_bad_settings_are_refused_at_engine_start(setting, overrides, names):

@@ -8,8 +8,9 @@ vLLM's own LLaVA classes, subclassed at three points and nothing else:
   question's choice to another;
 - `embed_multimodal` runs the tower and projector as vLLM does, asks st3's selector which K of the N rows to
   keep (`selection.select`, the engine's own rule) and returns those rows, in raster order.
-The kept tokens take consecutive positions (vLLM lays a prompt out contiguously), as DivPrune's, CDPruner's
-and VisionZip's released code do; st3's transformers engine keeps their original positions instead.
+By default the kept tokens take consecutive positions (vLLM lays a prompt out contiguously), as DivPrune's,
+CDPruner's and VisionZip's released code do. With a position table (`supports_mrope` below) the kept tokens and the
+text keep their original positions, as in st3's transformers engine, for the rules the grid decides.
 """
 
 from __future__ import annotations
@@ -120,11 +121,40 @@ class St3LlavaForConditionalGeneration(LlavaForConditionalGeneration):
         selector = pruning.selector(keep)
         if pruning.rule.needs_cls and get_tensor_model_parallel_world_size() > 1:
             raise ValueError("st3.method: visionzip reads every head of the tower's attention: tensor_parallel_size 1")
+        if vllm_config.model_config.uses_mrope and selection.reads_features(pruning.method, pruning.knobs):
+            raise ValueError(
+                f"st3.method: {pruning.method!r} chooses by the image's features, known only after the encoder runs, "
+                "but original positions (the rope_parameters override) are fixed when a request arrives: use "
+                "stratified, random, raster or lattice, or drop the override (consecutive positions; docs/vllm.md)"
+            )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.st3, self.st3_keep, self.st3_selector = pruning, keep, selector
         self.st3_grid = selection.Grid(1, rows, cols)
         self.st3_kept: list[torch.Tensor] = []
         """The kept patch indices of each image of the last `embed_multimodal` call (for tests and tracing)."""
+
+    supports_mrope = True
+    """vLLM builds a position table per request only for a config that declares an M-RoPE section: with
+    `"rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 1]}` in hf_overrides (the language model
+    reads its own rotary settings, untouched), the kept tokens and the text keep their original positions."""
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        """[3, L] positions (three equal rows) of the pruned prompt: the unpruned prompt's, at the rows that remain."""
+        count = self.st3_grid.tokens
+        kept = selection.select(self.st3_selector, torch.zeros(count, 1), self.st3_grid, self.st3_keep)
+        pieces, cursor, following = [], 0, 0
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            text = feature.mm_position.offset - cursor
+            pieces += [torch.arange(text) + following, kept + following + text]
+            cursor, following = feature.mm_position.offset + len(kept), following + text + count
+        pieces.append(torch.arange(len(input_tokens) - cursor) + following)
+        positions = torch.cat(pieces).expand(3, -1)
+        return positions, int(positions.max()) + 1 - len(input_tokens)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if positions.ndim == 2:  # the position table's rows are equal: LLaVA's language model takes one
+            positions = positions[0]
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def embed_multimodal(self, **kwargs):
         text_ids = kwargs.pop(TEXT_FIELD, None)
