@@ -39,6 +39,8 @@ def start(model: str, setting: dict, args):
     from vllm.v1.engine.async_llm import AsyncLLM
 
     overrides = {"architectures": [args.architecture], "st3": setting}
+    if args.positions == "original":  # vLLM's per-request position table (docs/vllm.md): LLaVA keeps original ones
+        overrides["rope_parameters"] = {"rope_type": "default", "mrope_section": [1, 1, 1]}
     engine_args = AsyncEngineArgs(
         model=model,
         dtype=args.dtype,
@@ -135,6 +137,8 @@ def main() -> None:
                         help="the plugin's class (St3Qwen2_5_VLForConditionalGeneration for Qwen2.5-VL)")  # fmt: skip
     parser.add_argument("--settings", nargs="+", default=["none", "spread:0.5", "spread:0.22", "stratified:0.5",
                                                           "stratified:0.22"])  # fmt: skip
+    parser.add_argument("--positions", choices=("consecutive", "original"), default="consecutive",
+                        help="LLaVA: kept tokens at consecutive or original positions (grid-decided rules only)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--start", type=int, default=0, help="first scenes test question")
