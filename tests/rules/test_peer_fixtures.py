@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).parent / "fixtures" / "peers"
+HERE = Path(__file__).parents[1] / "fixtures" / "peers"
 sys.path.insert(0, str(HERE))
 import inputs  # noqa: E402
 
