@@ -3,9 +3,12 @@
 # (by estimate, not measured) to fit a 10-minute slot each:
 #   benchmarks/run_gpu.sh 1 OUTDIR   # the CUDA test, then LLaVA-1.5-7B's shape: batch 1 and 8, 64 and 256 tokens
 #   benchmarks/run_gpu.sh 2 OUTDIR   # LLaVA-NeXT-7B's 2916 visual tokens and LLaVA-1.5-13B; eager attention
+#   benchmarks/run_gpu.sh 3 OUTDIR   # vLLM serving with the st3 plugin (docs/vllm.md): req/s and TTFT at
+#                                    # concurrency 1, 8, 32; needs `pip install "st3[vllm]"` and the scenes package,
+#                                    # and llava-hf/llava-1.5-7b-hf in the local Hugging Face cache
 # Each run writes NAME.json, NAME.png and NAME.txt (the terminal tables) under OUTDIR.
 set -u
-PART=${1:?part 1 or 2}
+PART=${1:?part 1, 2 or 3}
 R=${2:-benchmarks/results}
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
@@ -21,6 +24,24 @@ PEERS=(-m st3 -m fastv:match -m pyramiddrop:match -m visionzip:match)
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 ${PYTHON:-python3} -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+if [ "$PART" = 3 ]; then
+    # Five engines side by side (unpruned and four settings), 15 % of the GPU's memory each; 128 scenes questions
+    # per measurement (the images upscaled to 336 px by the processor), 64 new tokens at most.
+    stamp "vLLM serving: LLaVA-1.5-7B, unpruned vs spread and stratified at 50 % and 22 %"
+    ${PYTHON:-python3} benchmarks/vllm_serving.py --model llava-hf/llava-1.5-7b-hf --dtype bfloat16 --memory 0.15 \
+        --no-enforce-eager --max-model-len 2048 --requests 128 --max-tokens 64 --repeats 3 \
+        --prompt "USER: <image>\nDescribe the image in detail. ASSISTANT:" \
+        --json "$R/gpu-vllm-llava-1.5-7b.json" 2>&1 | grep -v -E "INFO|WARNING" | tail -n 30
+    stamp "vLLM serving: Qwen2.5-VL-7B, unpruned vs stratified and lattice at 50 % and 22 % (grid-only rules)"
+    ${PYTHON:-python3} benchmarks/vllm_serving.py --model Qwen/Qwen2.5-VL-7B-Instruct \
+        --architecture St3Qwen2_5_VLForConditionalGeneration --dtype bfloat16 --memory 0.15 --no-enforce-eager \
+        --max-model-len 4096 --requests 128 --max-tokens 64 --repeats 3 \
+        --settings none stratified:0.5 stratified:0.22 lattice:0.5 lattice:0.22 \
+        --prompt $'<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image in detail.<|im_end|>\n<|im_start|>assistant\n' \
+        --json "$R/gpu-vllm-qwen2.5-vl-7b.json" 2>&1 | grep -v -E "INFO|WARNING" | tail -n 30
+    stamp done
+    exit 0
+fi
 if [ "$PART" = 1 ]; then
     stamp "CUDA test: sdpa (and FlashAttention-2 if installed) vs eager under pruning"
     ${PYTHON:-python3} -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py 2>&1 | tail -n 5

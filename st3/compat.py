@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 
 import transformers
+from packaging.version import Version
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -19,8 +20,10 @@ __all__ = [
     "LOAD_KWARGS",
     "DynamicCache",
     "DynamicLayer",
+    "ENGINE_TRANSFORMERS",
     "TRANSFORMERS_VERSION",
     "cache_in",
+    "check_engine_version",
     "cache_kwargs",
     "cache_of",
     "causal_mask",
@@ -35,6 +38,22 @@ TRANSFORMERS_VERSION: str = transformers.__version__
 # forwards, and without the `kernels` package loading fails). st3's own loaders ask for transformers' own layers,
 # as 5.23 and 5.24 load them by default: the layers the exactness proofs run on. (The keyword exists in both.)
 LOAD_KWARGS: dict = {"use_kernels": False}
+
+# The oldest transformers the engine is tested on (CI's "oldest" stage installs exactly this). pyproject.toml
+# declares a lower floor so that st3[vllm] resolves beside vLLM, which caps transformers below it; the vLLM
+# plugin runs only the selectors, which import no transformers. Below this floor the engine refuses to apply.
+ENGINE_TRANSFORMERS: str = "5.23"
+
+
+def check_engine_version() -> None:
+    """Refuse to apply a method on a transformers older than the engine is tested on, saying what to do."""
+    if Version(Version(TRANSFORMERS_VERSION).base_version) < Version(ENGINE_TRANSFORMERS):
+        raise RuntimeError(
+            f"st3's engine needs transformers >= {ENGINE_TRANSFORMERS} (the oldest CI tests it on); "
+            f"{TRANSFORMERS_VERSION} is installed (vLLM's releases cap it lower: the vLLM plugin does not use the "
+            f"engine). Install 'transformers>={ENGINE_TRANSFORMERS}' in an environment without vLLM."
+        )
+
 
 # 5.24 renamed the cache keyword of every model, decoder layer, attention module and `create_causal_mask`
 # from `past_key_values` to `cache` (the old name is deprecated until 5.40). Read it off the mask function,

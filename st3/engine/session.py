@@ -13,6 +13,7 @@ from weakref import WeakKeyDictionary
 
 from torch import nn
 
+from st3 import compat
 from st3.adapters import adapter_for
 from st3.engine.forward import Engine
 
@@ -27,6 +28,7 @@ class Session:
     """Context manager returned by `method(model)`."""
 
     def __init__(self, method: Method, model: nn.Module):
+        compat.check_engine_version()
         self.method = method
         self.model = model
         self.adapter = adapter_for(model)

@@ -14,7 +14,7 @@ import pytest
 import st3
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "scenes" / "README.md"]
+DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "scenes/README.md"]
 
 #: A path into the repository: a top-level folder (or the scenes package's) followed by a name.
 PATH = re.compile(r"(?<![\w./~-])((?:\.ci|st3|tests|scenes|docs|benchmarks|requirements|st3_scenes|scripts)/[\w./+-]*)")
