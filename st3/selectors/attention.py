@@ -62,9 +62,7 @@ class Protected(Selector):
         check(0.0 <= self.share <= 1.0, "share", f"must be in [0, 1], got {self.share}")
 
     def select(self, view: View) -> torch.Tensor:
-        first = top_k_mask(view.received, view.candidates, torch.floor(view.keep * self.share).long())
-        rest = top_k_mask(view.attention(None), view.candidates & ~first, view.keep - first.sum(-1))
-        return first | rest
+        return two_part(view, view.received, view.attention(None), self.share)
 
 
 @register("coverage")
@@ -82,6 +80,11 @@ class Coverage(Selector):
         check(0.0 <= self.share <= 1.0, "share", f"must be in [0, 1], got {self.share}")
 
     def select(self, view: View) -> torch.Tensor:
-        first = top_k_mask(view.attention(None), view.candidates, torch.floor(view.keep * self.share).long())
-        unread = top_k_mask(-view.received, view.candidates & ~first, view.keep - first.sum(-1))
-        return first | unread
+        return two_part(view, view.attention(None), -view.received, self.share)
+
+
+def two_part(view: View, first: torch.Tensor, rest: torch.Tensor, share: float) -> torch.Tensor:
+    """The top floor(keep * share) candidates by `first`, then the rest of the budget by `rest` among the others
+    (two top-k masks with complementary counts: exactly `keep`)."""
+    chosen = top_k_mask(first, view.candidates, torch.floor(view.keep * share).long())
+    return chosen | top_k_mask(rest, view.candidates & ~chosen, view.keep - chosen.sum(-1))
