@@ -219,6 +219,11 @@ class Adapter:
         """Pop per-row decoder inputs from `kwargs` as [B, S, ...] tensors (gathered with the rows)."""
         return {}
 
+    def stock_inputs(self, visual: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict:
+        """The decoder stack's keyword arguments that `row_inputs` took, rebuilt for the surviving rows (the
+        stock decoder runs them: docs/fast-paths.md); `visual` [B, K] marks the surviving visual rows."""
+        return {}
+
     def after_layer(self, index: int, hidden: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """What the decoder stack does to the hidden states after layer `index` (default: nothing)."""
         return hidden
