@@ -17,14 +17,20 @@ from st3.compat import cache_of
 
 #: The cases whose declared schedule chooses only before the decoder (read off the schedule, not a name list).
 STOCK = sorted(name for name, make in CASES.items() if make().chooses_before_decoder(6))
-#: One pre-decoder selector per family in `make test`; the rest of the family x case product is `slow`.
+#: In `make test`: spread on every family, VisionZip's compression (or its refusal); the rest is `slow`.
 FAST = ("spread", "visionzip")
+#: Families of the default-path test in `make test` (1-D and M-RoPE with deepstack); the others are `slow`.
+FAST_FAMILIES = ("llava", "qwen3-vl")
 
 
 def stock_matrix() -> list:
-    slow = pytest.mark.slow
-    return [pytest.param(f, m, marks=() if f == "llava" or m in FAST else slow, id=f"{f}-{m}")
-            for f in FAMILIES for m in STOCK]  # fmt: skip
+    """(family, case, cache); fast: the FAST cases with a static cache everywhere, and LLaVA's with a dynamic one."""
+
+    def fast(f: str, m: str, c: str) -> bool:
+        return m in FAST and (c == "static" or f == "llava")
+
+    return [pytest.param(f, m, c, marks=() if fast(f, m, c) else pytest.mark.slow, id=f"{f}-{m}-{c}")
+            for f in FAMILIES for m in STOCK for c in ("dynamic", "static")]  # fmt: skip
 
 
 def test_the_schedule_decides_which_methods_take_the_stock_decoder():
@@ -42,8 +48,7 @@ def run(model, inputs: dict, method, decoder: str = "auto", **extra):
         return model.generate(**inputs, **kwargs)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize("family,name", stock_matrix())
+@pytest.mark.parametrize("family,name,cache", stock_matrix())
 def test_stock_decoder_equals_masked_reference_and_the_engine(family, name, cache):
     if not applicable(family, name):
         return
@@ -75,7 +80,9 @@ def test_stock_decoder_equals_masked_reference_and_the_engine(family, name, cach
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=() if f in FAST_FAMILIES else pytest.mark.slow) for f in sorted(FAMILIES)]
+)
 def test_a_static_cache_takes_the_stock_decoder_by_default(family):
     model, _, inputs = models(family)
     dynamic = generate(model, inputs, CASES["spread"]())
