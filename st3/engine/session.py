@@ -62,6 +62,12 @@ class Session:
                 "before applying another method"
             )
         lm = self.adapter.language_model
+        if self.stock is None and _compiled(self.model, lm):
+            raise ValueError(
+                f"{type(self.method).__name__} prunes inside the decoder or while decoding: st3's loop does not run "
+                "under torch.compile (shapes change at every pruning layer and eviction). Apply it to the model "
+                "uncompiled, or use a method that chooses only before the decoder (docs/fast-paths.md)"
+            )
         self._saved_forward = lm.__dict__.get("forward", _ABSENT)
         if self.stock is not None:
             self.stock.stock = lm.forward  # the stack's own forward (or what the user set), called as is
@@ -103,3 +109,8 @@ class Session:
             else:
                 self.model.prepare_inputs_for_generation = self._saved_prepare
             self._saved_prepare = _ABSENT
+
+
+def _compiled(*modules: nn.Module) -> bool:
+    """Whether a module's `forward` was replaced by `torch.compile(module.forward)` on the instance."""
+    return any(hasattr(m.__dict__.get("forward"), "_torchdynamo_orig_callable") for m in modules)

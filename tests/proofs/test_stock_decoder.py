@@ -100,6 +100,12 @@ def test_in_decoder_methods_refuse_the_stock_decoder_and_a_static_cache():
         run(model, inputs, CASES["fastv"](), cache_implementation="static")
     with pytest.raises(ValueError, match="decoder: must be one of"):
         CASES["spread"]()(model, decoder="fast")
+    model.forward = torch.compile(model.forward)
+    try:
+        with pytest.raises(ValueError, match="does not run under torch.compile"), CASES["st3"]()(model):
+            pass
+    finally:
+        del model.forward
 
 
 def test_the_stock_path_restores_the_model_exactly():
