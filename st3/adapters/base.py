@@ -48,6 +48,15 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+def _row_coupled(layer: nn.Module) -> str | None:
+    """The first submodule of `layer` whose output for one row depends on the other rows: torch's dynamic
+    quantization computes one activation scale per call (by class module, without importing torch.ao)."""
+    for name, module in layer.named_modules():
+        if type(module).__module__.startswith("torch.ao.nn.quantized.dynamic"):
+            return f"{name} ({type(module).__name__})"
+    return None
+
+
 class Adapter:
     """Model-family specifics for one loaded model; the defaults describe a Llama-style decoder.
 
@@ -103,6 +112,13 @@ class Adapter:
                 problems.append(f"layer {index}'s attention is a {type(attn).__name__}, not {expected}")
             elif hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
                 problems.append(f"layer {index} normalises only one of queries and keys")
+            coupled = _row_coupled(layer)
+            if coupled:
+                problems.append(
+                    f"layer {index}'s {coupled} is dynamically quantized with one activation scale for all rows (a "
+                    "row's output then depends on which other rows are present, so no pruned run equals the model; "
+                    "weight-only or per-token activation quantization, e.g. torchao's, is supported)"
+                )
             window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
             if window is not None:
                 problems.append(f"layer {index} uses sliding-window attention (window {window})")
@@ -217,6 +233,11 @@ class Adapter:
     # ----------------------------------------------------------- what travels with each row of a prefill
     def row_inputs(self, kwargs: dict, visual: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pop per-row decoder inputs from `kwargs` as [B, S, ...] tensors (gathered with the rows)."""
+        return {}
+
+    def stock_inputs(self, visual: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict:
+        """The decoder stack's keyword arguments that `row_inputs` took, rebuilt for the surviving rows (the
+        stock decoder runs them: docs/fast-paths.md); `visual` [B, K] marks the surviving visual rows."""
         return {}
 
     def after_layer(self, index: int, hidden: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:

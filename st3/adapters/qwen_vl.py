@@ -113,6 +113,14 @@ class Qwen3VLAdapter(QwenVLAdapter):
             dense[:, :, depth][where.to(dense.device)] = rows
         return {"deepstack": dense}
 
+    def stock_inputs(self, visual: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict:
+        """Deepstack back in the decoder's own form: the surviving visual rows' mask and features, per depth."""
+        deepstack = rows.get("deepstack")
+        if deepstack is None:
+            return {}
+        return {"visual_pos_masks": visual,
+                "deepstack_visual_embeds": [deepstack[:, :, d][visual] for d in range(deepstack.shape[2])]}  # fmt: skip
+
     def after_layer(self, index: int, hidden: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         deepstack = rows.get("deepstack")
         if deepstack is None or index >= deepstack.shape[2]:

@@ -68,6 +68,13 @@ class Engine:
         """
         adapter = self.adapter
         cache = compat.take_cache(kwargs)
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise TypeError(
+                f"{type(self.method).__name__} prunes inside the decoder or while decoding, which needs st3's own "
+                f"loop and a DynamicCache (the default of generate), got a {type(cache).__name__}; methods that "
+                "choose only before the decoder (spread, stratified, divprune, ...) run on any cache "
+                "(docs/fast-paths.md)"
+            )
         for name in _UNSUPPORTED_OUTPUTS:
             if kwargs.pop(name, None):
                 raise ValueError(f"{name}=True is not supported while a token-trimming method is applied")
@@ -76,8 +83,6 @@ class Engine:
             raise ValueError(f"st3 needs a 2-D padding mask [batch, tokens]; got a {attention_mask.dim()}-D one")
         embeds = adapter.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cache = DynamicCache(config=adapter.text_config) if cache is None else cache
-        if not isinstance(cache, DynamicCache):
-            raise TypeError(f"st3 needs a DynamicCache (the default of generate), got {type(cache).__name__}")
         pruned = isinstance(cache.layers[0], PrunableLayer)
         if not pruned and cache.get_seq_length() > 0:
             raise ValueError("this KV cache was filled without st3; run the prompt inside `with method(model):`")

@@ -36,6 +36,9 @@ class Policy(Protocol):
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
         """Visual tokens [B] to keep entering `layer`, given `visual` [B] held; None: keep all."""
 
+    def chooses_before_decoder(self, num_layers: int) -> bool:
+        """Whether the method only chooses visual tokens before the decoder (then the stock decoder may run)."""
+
     def choose(self, view: View) -> torch.Tensor:
         """Prefill: BoolTensor [B, S], the candidates of `view` to keep."""
 

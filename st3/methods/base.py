@@ -166,6 +166,20 @@ class Method:
         never_evicts = self.annealing is None and type(self).decode_budget is Method.decode_budget
         return never_evicts or self.eviction_rule.exact
 
+    def chooses_before_decoder(self, num_layers: int) -> bool:
+        """Whether the schedule only chooses visual tokens before the decoder: no layer after the first prunes
+        and nothing is evicted while decoding. Then the model's own decoder can run the shortened prompt (any
+        cache, attention backend or `torch.compile`); read off the declared schedule, not the method's name."""
+        vta = self.annealing
+        if (vta is not None and vta.final < 1.0) or type(self).decode_budget is not Method.decode_budget:
+            return False
+        held = torch.tensor([1 << 20])
+        for layer in range(1, num_layers):
+            keep = self.prefill_keep(layer, num_layers, held)
+            if keep is not None and bool((keep < held).any()):
+                return False
+        return True
+
     def check_counts(self, evictions: list[tuple[torch.Tensor, View]]) -> None:
         """Check the (kept, view) pairs of one decode step keep exactly their budgets (one device sync)."""
         _check_counts(evictions, self.eviction_rule)
@@ -211,11 +225,17 @@ class Method:
             parts.append("vta")
         return "+".join(parts)
 
-    def __call__(self, model: nn.Module) -> Session:
-        """A context manager that applies this method to `model` and restores it on exit."""
+    def __call__(self, model: nn.Module, decoder: str = "auto") -> Session:
+        """A context manager that applies this method to `model` and restores it on exit.
+
+        decoder: for a method that chooses only before the decoder, "stock" runs the model's own decoder on
+        the shortened prompt (static caches, `torch.compile`, any attention backend: docs/fast-paths.md),
+        "engine" st3's loop; "auto" (default) takes the stock decoder where st3's loop cannot run (a cache
+        other than a DynamicCache, or while `torch.compile` traces the model).
+        """
         from st3.engine.session import Session
 
-        return Session(self, model)
+        return Session(self, model, decoder)
 
     def begin(self, trace: Trace) -> None:
         """Called by the engine at each prefill with the record of the new run (its image grids included)."""
