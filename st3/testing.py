@@ -172,3 +172,58 @@ def tiny_qwen_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
         out["pixel_values_videos"] = torch.cat(pixels["video"])
         out["video_grid_thw"] = torch.stack(grids["video"])
     return out
+
+
+# ------------------------------------------------------------------------------------------ LLaVA-NeXT
+def tiny_llava_next(*, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0):
+    """A LLaVA-NeXT model (CLIP tower 12 px / patch 4, anyres tiles up to 2 x 2, Llama decoder with GQA), fp32."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.LlavaNextConfig(
+        vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, image_size=12, patch_size=4),
+        text_config=tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=1024, pad_token_id=PAD_TOKEN),
+        image_grid_pinpoints=[[12, 24], [24, 12], [24, 24]], image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=PAD_TOKEN,
+    )  # fmt: skip
+    model = tf.LlavaNextForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model
+
+
+def tiny_next_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch built without a processor: per sample (text before, text after, (height, width)).
+
+    Each sample has one image of that size in pixels; its crops (base image + anyres tiles) are random pixels
+    padded to the batch's most crops, as the processor pads them, and its number of image tokens is the
+    model's own feature count for that size.
+    """
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    side = config.vision_config.image_size
+    sizes = torch.tensor([size for _, _, size in samples])
+    crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, side) for size in sizes.tolist()]
+    pixel_values = torch.zeros(len(samples), max(crops), 3, side, side)
+    for i, n in enumerate(crops):
+        pixel_values[i, :n] = torch.randn(n, 3, side, side, generator=generator)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values, sizes).pooler_output
+    rows = []
+    for (before, after, _), image in zip(samples, features):
+        text = torch.randint(IMAGE_TOKEN + 1, config.text_config.vocab_size, (before + after,), generator=generator)
+        rows.append(torch.cat([text[:before], torch.full((len(image),), IMAGE_TOKEN), text[before:]]))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = row
+        attention_mask[i, width - len(row) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "image_sizes": sizes}  # fmt: skip

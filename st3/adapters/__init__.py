@@ -6,9 +6,12 @@ from torch import nn
 
 from st3.adapters.base import Adapter, Grid, UnsupportedModel
 from st3.adapters.llava import LlavaAdapter
+from st3.adapters.llava_next import LlavaNextAdapter
 from st3.adapters.qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, LlavaNextAdapter,
+)  # fmt: skip
 
 
 def supported_models() -> list[str]:
@@ -28,6 +31,6 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 __all__ = [
-    "Adapter", "Grid", "LlavaAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
+    "Adapter", "Grid", "LlavaAdapter", "LlavaNextAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
     "adapter_for", "supported_models",
 ]  # fmt: skip

@@ -20,11 +20,13 @@ import st3
 from st3.adapters import UnsupportedModel, adapter_for
 from st3.compat import cache_kwargs as compat_cache
 from st3.compat import cache_of
-from st3.testing import tiny_inputs, tiny_llava, tiny_qwen_inputs, tiny_qwen_vl
+from st3.testing import tiny_inputs, tiny_llava, tiny_llava_next, tiny_next_inputs, tiny_qwen_inputs, tiny_qwen_vl
 
 LLAVA_BATCH = ((4, 6), (2, 9), (5, 3))
 #: (text before, text after, kind, (t, h, w) patch grid): 16, 24 and 32 visual tokens after the 2x2 merge.
 QWEN_BATCH = ((3, 5, "image", (1, 8, 8)), (2, 7, "image", (1, 8, 12)), (4, 2, "video", (2, 8, 8)))
+#: (text before, text after, image (height, width)): 30, 37 and 51 visual tokens (base 3 x 3 + tiles + newlines).
+NEXT_BATCH = ((4, 6, (12, 24)), (2, 9, (16, 24)), (5, 3, (24, 24)))
 
 
 def llava_single(inputs: dict, b: int) -> dict:
@@ -34,6 +36,13 @@ def llava_single(inputs: dict, b: int) -> dict:
         "attention_mask": inputs["attention_mask"][b : b + 1, keep],
         "pixel_values": inputs["pixel_values"][b : b + 1],
     }
+
+
+def per_image_single(inputs: dict, b: int) -> dict:
+    """Sample b without padding, with its own image (one per sample, every image tensor indexed by sample)."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
+    return out | {k: v[b : b + 1] for k, v in inputs.items() if k not in out}
 
 
 def qwen_single(inputs: dict, b: int) -> dict:
@@ -78,6 +87,12 @@ FAMILIES = {
         )  # fmt: skip
         for name in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
     },
+    "llava-next": Family(
+        lambda attn: tiny_llava_next(attn=attn),
+        lambda m: tiny_next_inputs(m, NEXT_BATCH),
+        per_image_single,
+        (("visionzip", "LLaVA-NeXT"),),
+    ),
 }
 
 _MODELS: dict = {}
