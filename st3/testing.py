@@ -227,3 +227,76 @@ def tiny_next_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
         attention_mask[i, width - len(row) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
             "image_sizes": sizes}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- LLaVA-OneVision
+OV_IMAGE, OV_VIDEO = 3, 4
+
+
+def tiny_llava_onevision(*, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0):
+    """A LLaVA-OneVision model (SigLIP tower 12 px / patch 4, anyres_max_2 so large tile grids shrink, Qwen2
+    decoder with GQA), fp32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.LlavaOnevisionConfig(
+        vision_config=tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=12, patch_size=4),
+        text_config=tf.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=1024, pad_token_id=PAD_TOKEN),
+        image_grid_pinpoints=[[12, 24], [24, 12], [24, 24]], image_token_index=OV_IMAGE, video_token_index=OV_VIDEO,
+        vision_aspect_ratio="anyres_max_2", vision_feature_layer=-1, vision_feature_select_strategy="full",
+        pad_token_id=PAD_TOKEN,
+    )  # fmt: skip
+    model = tf.LlavaOnevisionForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model
+
+
+def tiny_onevision_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch built without a processor: per sample (text before, text after, kind, what).
+
+    kind "image": what is its (height, width) in pixels (one image per sample, anyres crops padded to the
+    batch's most); kind "video": what is its number of frames. Token counts are the model's own feature counts.
+    """
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    side = config.vision_config.image_size
+    images = [what for _, _, kind, what in samples if kind == "image"]
+    videos = [what for _, _, kind, what in samples if kind == "video"]
+    out: dict[str, torch.Tensor] = {}
+    counts: dict[str, list[int]] = {"image": [], "video": []}
+    with torch.no_grad():
+        if images:
+            sizes = torch.tensor(images)
+            crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, side) for size in images]
+            pixels = torch.zeros(len(images), max(crops), 3, side, side)
+            for i, n in enumerate(crops):
+                pixels[i, :n] = torch.randn(n, 3, side, side, generator=generator)
+            per_sample = torch.tensor([int(kind == "image") for _, _, kind, _ in samples])
+            out |= {"pixel_values": pixels, "image_sizes": sizes, "batch_num_images": per_sample}
+            features = model.model.get_image_features(pixels, sizes, batch_num_images=per_sample).pooler_output
+            counts["image"] = [len(f) for f in features]
+        if videos:
+            if len(set(videos)) > 1:
+                raise ValueError("the videos of one batch share their number of frames (one tensor)")
+            clips = torch.randn(len(videos), videos[0], 3, side, side, generator=generator)
+            out["pixel_values_videos"] = clips
+            counts["video"] = [f.shape[0] for f in model.model.get_video_features(clips).pooler_output]
+    rows = []
+    for before, after, kind, _ in samples:
+        token = OV_IMAGE if kind == "image" else OV_VIDEO
+        text = torch.randint(OV_VIDEO + 1, config.text_config.vocab_size, (before + after,), generator=generator)
+        rows.append(torch.cat([text[:before], torch.full((counts[kind].pop(0),), token), text[before:]]))
+    width = max(len(r) for r in rows)
+    out["input_ids"] = torch.full((len(rows), width), PAD_TOKEN)
+    out["attention_mask"] = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out["input_ids"][i, width - len(row) :] = row
+        out["attention_mask"][i, width - len(row) :] = 1
+    return out

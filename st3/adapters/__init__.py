@@ -7,10 +7,11 @@ from torch import nn
 from st3.adapters.base import Adapter, Grid, UnsupportedModel
 from st3.adapters.llava import LlavaAdapter
 from st3.adapters.llava_next import LlavaNextAdapter
+from st3.adapters.llava_onevision import LlavaOnevisionAdapter
 from st3.adapters.qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
-    LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, LlavaNextAdapter,
+    LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, LlavaNextAdapter, LlavaOnevisionAdapter,
 )  # fmt: skip
 
 
@@ -31,6 +32,6 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 __all__ = [
-    "Adapter", "Grid", "LlavaAdapter", "LlavaNextAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
+    "Adapter", "Grid", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
     "adapter_for", "supported_models",
 ]  # fmt: skip

@@ -20,13 +20,19 @@ import st3
 from st3.adapters import UnsupportedModel, adapter_for
 from st3.compat import cache_kwargs as compat_cache
 from st3.compat import cache_of
-from st3.testing import tiny_inputs, tiny_llava, tiny_llava_next, tiny_next_inputs, tiny_qwen_inputs, tiny_qwen_vl
+from st3.testing import (
+    tiny_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision, tiny_next_inputs, tiny_onevision_inputs,
+    tiny_qwen_inputs, tiny_qwen_vl,
+)  # fmt: skip
 
 LLAVA_BATCH = ((4, 6), (2, 9), (5, 3))
 #: (text before, text after, kind, (t, h, w) patch grid): 16, 24 and 32 visual tokens after the 2x2 merge.
 QWEN_BATCH = ((3, 5, "image", (1, 8, 8)), (2, 7, "image", (1, 8, 12)), (4, 2, "video", (2, 8, 8)))
 #: (text before, text after, image (height, width)): 30, 37 and 51 visual tokens (base 3 x 3 + tiles + newlines).
 NEXT_BATCH = ((4, 6, (12, 24)), (2, 9, (16, 24)), (5, 3, (24, 24)))
+#: (text before, text after, kind, (height, width) or frames): 30 and 29 image tokens (the second's 6 x 6 tiles
+#: shrunk to 4 x 4 by anyres_max_2), a video of 4 frames of 2 x 2 pooled patches plus a newline (17).
+ONEVISION_BATCH = ((4, 6, "image", (12, 24)), (2, 9, "image", (24, 24)), (5, 3, "video", 4))
 
 
 def llava_single(inputs: dict, b: int) -> dict:
@@ -43,6 +49,20 @@ def per_image_single(inputs: dict, b: int) -> dict:
     keep = inputs["attention_mask"][b].bool()
     out = {k: inputs[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
     return out | {k: v[b : b + 1] for k, v in inputs.items() if k not in out}
+
+
+def onevision_single(inputs: dict, b: int) -> dict:
+    """Sample b without padding, with its own image (and `batch_num_images`) or video."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
+    kind = ONEVISION_BATCH[b][2]
+    j = [sample[2] for sample in ONEVISION_BATCH[:b]].count(kind)
+    if kind == "image":
+        out |= {k: inputs[k][j : j + 1] for k in ("pixel_values", "image_sizes")}
+        out["batch_num_images"] = torch.tensor([1])
+    else:
+        out["pixel_values_videos"] = inputs["pixel_values_videos"][j : j + 1]
+    return out
 
 
 def qwen_single(inputs: dict, b: int) -> dict:
@@ -92,6 +112,12 @@ FAMILIES = {
         lambda m: tiny_next_inputs(m, NEXT_BATCH),
         per_image_single,
         (("visionzip", "LLaVA-NeXT"),),
+    ),
+    "llava-onevision": Family(
+        lambda attn: tiny_llava_onevision(attn=attn),
+        lambda m: tiny_onevision_inputs(m, ONEVISION_BATCH),
+        onevision_single,
+        QWEN_REFUSED,
     ),
 }
 
