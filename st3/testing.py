@@ -300,3 +300,59 @@ def tiny_onevision_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tens
         out["input_ids"][i, width - len(row) :] = row
         out["attention_mask"][i, width - len(row) :] = 1
     return out
+
+
+# ------------------------------------------------------------------------------------------------ InternVL
+INTERNVL_START, INTERNVL_END = 4, 5
+
+
+def tiny_internvl(*, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0):
+    """An InternVL model (InternViT 32 px / patch 4, pixel shuffle 0.5: 16 tokens per tile, Qwen2 decoder), fp32."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.InternVLConfig(
+        vision_config=tf.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, image_size=32, patch_size=4),
+        text_config=tf.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=1024, pad_token_id=PAD_TOKEN),
+        image_token_id=IMAGE_TOKEN, image_seq_length=16, downsample_ratio=0.5, pad_token_id=PAD_TOKEN,
+    )  # fmt: skip
+    model = tf.InternVLForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model
+
+
+def tiny_internvl_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch built without a processor: per sample (text before, text after, tiles per image).
+
+    Each image is `<img>` + tiles x `image_seq_length` image tokens + `</img>`, images separated by a text token
+    (as the processor writes "Frame2:" between a video's frames); pixel values are random, one per tile.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    size = config.vision_config.image_size[0]
+
+    def text(n: int) -> torch.Tensor:
+        return torch.randint(INTERNVL_END + 1, config.text_config.vocab_size, (n,), generator=generator)
+
+    rows, tiles = [], 0
+    for before, after, images in samples:
+        pieces = [text(before)]
+        for i, n in enumerate(images):
+            pieces += [text(1)] if i else []
+            pieces += [torch.tensor([INTERNVL_START]), torch.full((n * config.image_seq_length,), IMAGE_TOKEN),
+                       torch.tensor([INTERNVL_END])]  # fmt: skip
+            tiles += n
+        rows.append(torch.cat(pieces + [text(after)]))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = row
+        attention_mask[i, width - len(row) :] = 1
+    pixel_values = torch.randn(tiles, 3, size, size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}

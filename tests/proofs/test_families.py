@@ -21,8 +21,8 @@ from st3.adapters import UnsupportedModel, adapter_for
 from st3.compat import cache_kwargs as compat_cache
 from st3.compat import cache_of
 from st3.testing import (
-    tiny_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision, tiny_next_inputs, tiny_onevision_inputs,
-    tiny_qwen_inputs, tiny_qwen_vl,
+    tiny_inputs, tiny_internvl, tiny_internvl_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision,
+    tiny_next_inputs, tiny_onevision_inputs, tiny_qwen_inputs, tiny_qwen_vl,
 )  # fmt: skip
 
 LLAVA_BATCH = ((4, 6), (2, 9), (5, 3))
@@ -33,6 +33,8 @@ NEXT_BATCH = ((4, 6, (12, 24)), (2, 9, (16, 24)), (5, 3, (24, 24)))
 #: (text before, text after, kind, (height, width) or frames): 30 and 29 image tokens (the second's 6 x 6 tiles
 #: shrunk to 4 x 4 by anyres_max_2), a video of 4 frames of 2 x 2 pooled patches plus a newline (17).
 ONEVISION_BATCH = ((4, 6, "image", (12, 24)), (2, 9, "image", (24, 24)), (5, 3, "video", 4))
+#: (text before, text after, tiles per image): 16, 48 (three tiles) and 32 (two images of one tile) image tokens.
+INTERNVL_BATCH = ((4, 6, [1]), (2, 9, [3]), (5, 3, [1, 1]))
 
 
 def llava_single(inputs: dict, b: int) -> dict:
@@ -63,6 +65,14 @@ def onevision_single(inputs: dict, b: int) -> dict:
     else:
         out["pixel_values_videos"] = inputs["pixel_values_videos"][j : j + 1]
     return out
+
+
+def internvl_single(inputs: dict, b: int) -> dict:
+    """Sample b without padding, with its own tiles (pixel values hold one tile per row, samples in order)."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
+    start = sum(sum(sample[2]) for sample in INTERNVL_BATCH[:b])
+    return out | {"pixel_values": inputs["pixel_values"][start : start + sum(INTERNVL_BATCH[b][2])]}
 
 
 def qwen_single(inputs: dict, b: int) -> dict:
@@ -118,6 +128,12 @@ FAMILIES = {
         lambda m: tiny_onevision_inputs(m, ONEVISION_BATCH),
         onevision_single,
         QWEN_REFUSED,
+    ),
+    "internvl": Family(
+        lambda attn: tiny_internvl(attn=attn),
+        lambda m: tiny_internvl_inputs(m, INTERNVL_BATCH),
+        internvl_single,
+        (("visionzip", "pixel shuffle"),),
     ),
 }
 
