@@ -356,3 +356,65 @@ def tiny_internvl_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tenso
         attention_mask[i, width - len(row) :] = 1
     pixel_values = torch.randn(tiles, 3, size, size, generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+# ------------------------------------------------------------------------------------- Idefics3 / SmolVLM
+def tiny_idefics3(*, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0, smolvlm: bool = False):
+    """An Idefics3 (or SmolVLM) model (SigLIP 32 px / patch 4, pixel shuffle 2: 16 tokens per crop, Llama
+    decoder with GQA), fp32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config_class, model_class, vision_class = (
+        (tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration, tf.SmolVLMVisionConfig) if smolvlm
+        else (tf.Idefics3Config, tf.Idefics3ForConditionalGeneration, tf.Idefics3VisionConfig)
+    )  # fmt: skip
+    config = config_class(
+        vision_config=vision_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=32, patch_size=4),
+        text_config=tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=1024, pad_token_id=PAD_TOKEN),
+        image_token_id=IMAGE_TOKEN, scale_factor=2, pad_token_id=PAD_TOKEN,
+    )  # fmt: skip
+    model = model_class(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model
+
+
+def tiny_idefics3_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch built without a processor: per sample (text before, text after, crops).
+
+    Each crop is `image_seq_len` image tokens after two text tokens (as `<fake_token_around_image><row_i_col_j>`
+    precede it); pixel values are random crops padded with all-zero crops to the batch's most, with an
+    all-ones `pixel_attention_mask`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    size = config.vision_config.image_size
+    per_crop = model.model.image_seq_len
+
+    def text(n: int) -> torch.Tensor:
+        return torch.randint(IMAGE_TOKEN + 1, config.text_config.vocab_size, (n,), generator=generator)
+
+    rows = []
+    for before, after, crops in samples:
+        pieces = [text(before)]
+        for _ in range(crops):
+            pieces += [text(2), torch.full((per_crop,), IMAGE_TOKEN)]
+        rows.append(torch.cat(pieces + [text(1 + after)]))
+    width = max(len(r) for r in rows)
+    most = max(crops for _, _, crops in samples)
+    out = {
+        "input_ids": torch.full((len(rows), width), PAD_TOKEN),
+        "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+        "pixel_values": torch.zeros(len(rows), most, 3, size, size),
+        "pixel_attention_mask": torch.ones(len(rows), most, size, size, dtype=torch.bool),
+    }
+    for i, (row, (_, _, crops)) in enumerate(zip(rows, samples)):
+        out["input_ids"][i, width - len(row) :] = row
+        out["attention_mask"][i, width - len(row) :] = 1
+        out["pixel_values"][i, :crops] = torch.randn(crops, 3, size, size, generator=generator)
+    return out

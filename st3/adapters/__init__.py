@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from st3.adapters.base import Adapter, Grid, UnsupportedModel
+from st3.adapters.idefics3 import Idefics3Adapter
 from st3.adapters.internvl import InternVLAdapter
 from st3.adapters.llava import LlavaAdapter
 from st3.adapters.llava_next import LlavaNextAdapter
@@ -13,7 +14,7 @@ from st3.adapters.qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, LlavaNextAdapter, LlavaOnevisionAdapter,
-    InternVLAdapter,
+    InternVLAdapter, Idefics3Adapter,
 )  # fmt: skip
 
 
@@ -34,6 +35,6 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 __all__ = [
-    "Adapter", "Grid", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
+    "Adapter", "Grid", "Idefics3Adapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
     "adapter_for", "supported_models",
 ]  # fmt: skip

@@ -51,21 +51,25 @@ class InternVLAdapter(Adapter):
 
     def image_layout(self, inputs: dict, visual: torch.Tensor, position_ids: torch.Tensor) -> list[list[Grid]]:
         """Per sample, one grid per run of image tokens: its tiles as frames of a square grid."""
-        per_tile = self.model.config.image_seq_length
-        side = math.isqrt(per_tile)
-        if side * side != per_tile:
-            raise ValueError(f"{per_tile} tokens per tile are no square grid")
-        layout = []
-        for row in visual.tolist():
-            grids, run = [], 0
-            for flag in row + [False]:
-                if flag:
-                    run += 1
-                    continue
-                if run:
-                    if run % per_tile:
-                        raise ValueError(f"a run of {run} image tokens is no whole number of {per_tile}-token tiles")
-                    grids.append(Grid(run // per_tile, side, side))
-                run = 0
-            layout.append(grids)
-        return layout
+        return tile_runs(visual, self.model.config.image_seq_length)
+
+
+def tile_runs(visual: torch.Tensor, per_tile: int) -> list[list[Grid]]:
+    """Per sample of `visual` [B, S], a `Grid(tiles, side, side)` per run of visual tokens (side^2 = per_tile)."""
+    side = math.isqrt(per_tile)
+    if side * side != per_tile:
+        raise ValueError(f"{per_tile} tokens per tile are no square grid")
+    layout = []
+    for row in visual.tolist():
+        grids, run = [], 0
+        for flag in row + [False]:
+            if flag:
+                run += 1
+                continue
+            if run:
+                if run % per_tile:
+                    raise ValueError(f"a run of {run} image tokens is no whole number of {per_tile}-token tiles")
+                grids.append(Grid(run // per_tile, side, side))
+            run = 0
+        layout.append(grids)
+    return layout

@@ -21,7 +21,7 @@ from st3.adapters import UnsupportedModel, adapter_for
 from st3.compat import cache_kwargs as compat_cache
 from st3.compat import cache_of
 from st3.testing import (
-    tiny_inputs, tiny_internvl, tiny_internvl_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision,
+    tiny_idefics3, tiny_idefics3_inputs, tiny_inputs, tiny_internvl, tiny_internvl_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision,
     tiny_next_inputs, tiny_onevision_inputs, tiny_qwen_inputs, tiny_qwen_vl,
 )  # fmt: skip
 
@@ -35,6 +35,8 @@ NEXT_BATCH = ((4, 6, (12, 24)), (2, 9, (16, 24)), (5, 3, (24, 24)))
 ONEVISION_BATCH = ((4, 6, "image", (12, 24)), (2, 9, "image", (24, 24)), (5, 3, "video", 4))
 #: (text before, text after, tiles per image): 16, 48 (three tiles) and 32 (two images of one tile) image tokens.
 INTERNVL_BATCH = ((4, 6, [1]), (2, 9, [3]), (5, 3, [1, 1]))
+#: (text before, text after, crops): 16, 48 and 32 image tokens; the batch pads to 3 crops with all-zero ones.
+IDEFICS3_BATCH = ((4, 6, 1), (2, 9, 3), (5, 3, 2))
 
 
 def llava_single(inputs: dict, b: int) -> dict:
@@ -134,6 +136,12 @@ FAMILIES = {
         lambda m: tiny_internvl_inputs(m, INTERNVL_BATCH),
         internvl_single,
         (("visionzip", "pixel shuffle"),),
+    ),
+    "idefics3": Family(
+        lambda attn: tiny_idefics3(attn=attn),
+        lambda m: tiny_idefics3_inputs(m, IDEFICS3_BATCH),
+        per_image_single,
+        QWEN_REFUSED,
     ),
 }
 
