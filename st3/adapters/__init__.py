@@ -35,6 +35,8 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 __all__ = [
-    "Adapter", "Grid", "Idefics3Adapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
+    "Adapter", "Grid", "Idefics3Adapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
+    "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
     "adapter_for", "supported_models",
 ]  # fmt: skip

@@ -47,7 +47,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return [Grid(1, side, side), NEWLINE]
         base, tiles = super().image_grids(image_size)
         rows, cols = tiles.rows, tiles.cols
-        most = int((aspect or self.model.config.vision_aspect_ratio).strip("anyres_max_"))
+        most = int((aspect or self.model.config.vision_aspect_ratio).removeprefix("anyres_max_"))
         ratio = math.sqrt(rows * cols / (most * side**2))
         if ratio > 1.1:
             rows, cols = int(rows // ratio), int(cols // ratio)

@@ -1,9 +1,10 @@
 """Layout arithmetic over a sample's image and frame grids (plain Python, no tensors).
 
 A sample's visual tokens tile its images and video frames in prompt order (`st3.adapters.Grid`: frames x
-rows x cols, raster order, optionally one newline token ending each row). The spatial selectors share a budget among those grids by token counts
-(`frame_budgets`) and then spread each grid's share over it: a lattice of points (`lattice`), a tiling into
-blocks (`lattice_blocks`, `strata`) or coordinates for distances (`grid_layout`).
+rows x cols, raster order, optionally one newline token ending each row). The spatial selectors share a
+budget among those grids by token counts (`frame_budgets`) and then spread each grid's share over it: a
+lattice of points (`lattice`), a tiling into blocks (`lattice_blocks`, `strata`) or coordinates for distances
+(`grid_layout`).
 """
 
 from __future__ import annotations

@@ -21,8 +21,18 @@ from st3.adapters import UnsupportedModel, adapter_for
 from st3.compat import cache_kwargs as compat_cache
 from st3.compat import cache_of
 from st3.testing import (
-    tiny_idefics3, tiny_idefics3_inputs, tiny_inputs, tiny_internvl, tiny_internvl_inputs, tiny_llava, tiny_llava_next, tiny_llava_onevision,
-    tiny_next_inputs, tiny_onevision_inputs, tiny_qwen_inputs, tiny_qwen_vl,
+    tiny_idefics3,
+    tiny_idefics3_inputs,
+    tiny_inputs,
+    tiny_internvl,
+    tiny_internvl_inputs,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_llava_onevision,
+    tiny_next_inputs,
+    tiny_onevision_inputs,
+    tiny_qwen_inputs,
+    tiny_qwen_vl,
 )  # fmt: skip
 
 LLAVA_BATCH = ((4, 6), (2, 9), (5, 3))
