@@ -418,3 +418,57 @@ def tiny_idefics3_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tenso
         out["attention_mask"][i, width - len(row) :] = 1
         out["pixel_values"][i, :crops] = torch.randn(crops, 3, size, size, generator=generator)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ Mistral3
+MISTRAL_BREAK, MISTRAL_END = 4, 5
+
+
+def tiny_mistral3(*, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0, **text_overrides):
+    """A Mistral3 model (Pixtral tower up to 64 px / patch 4, merge 2, Mistral decoder with GQA and, unless
+    `text_overrides` set one, no sliding window: st3 refuses it), fp32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024, pad_token_id=PAD_TOKEN,
+                sliding_window=None)  # fmt: skip
+    config = tf.Mistral3Config(
+        vision_config=tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=64, patch_size=4),
+        text_config=tf.MistralConfig(**(text | text_overrides)),
+        image_token_index=IMAGE_TOKEN, spatial_merge_size=2, pad_token_id=PAD_TOKEN,
+    )  # fmt: skip
+    model = tf.Mistral3ForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model
+
+
+def tiny_mistral3_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch built without a processor (Pixtral's needs torchvision): per sample (text before, text
+    after, (height, width) in pixels). Each row of merged patches is followed by `[IMG_BREAK]`, the last by
+    `[IMG_END]`; pixel values are random images zero-padded to the batch's largest, with `image_sizes`."""
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    merged = config.vision_config.patch_size * config.spatial_merge_size
+    sizes = torch.tensor([size for _, _, size in samples])
+    height, width = (int(v) for v in sizes.max(0).values)
+    pixel_values = torch.zeros(len(samples), 3, height, width)
+    rows = []
+    for i, (before, after, (h, w)) in enumerate(samples):
+        pixel_values[i, :, :h, :w] = torch.randn(3, h, w, generator=generator)
+        text = torch.randint(MISTRAL_END + 1, config.text_config.vocab_size, (before + after,), generator=generator)
+        image = []
+        for r in range(h // merged):
+            image += [IMAGE_TOKEN] * (w // merged) + [MISTRAL_END if r == h // merged - 1 else MISTRAL_BREAK]
+        rows.append(torch.cat([text[:before], torch.tensor(image), text[before:]]))
+    width_ = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width_), PAD_TOKEN)
+    attention_mask = torch.zeros(len(rows), width_, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width_ - len(row) :] = row
+        attention_mask[i, width_ - len(row) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "image_sizes": sizes}  # fmt: skip

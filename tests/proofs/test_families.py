@@ -29,6 +29,8 @@ from st3.testing import (
     tiny_llava,
     tiny_llava_next,
     tiny_llava_onevision,
+    tiny_mistral3,
+    tiny_mistral3_inputs,
     tiny_next_inputs,
     tiny_onevision_inputs,
     tiny_qwen_inputs,
@@ -47,6 +49,8 @@ ONEVISION_BATCH = ((4, 6, "image", (12, 24)), (2, 9, "image", (24, 24)), (5, 3, 
 INTERNVL_BATCH = ((4, 6, [1]), (2, 9, [3]), (5, 3, [1, 1]))
 #: (text before, text after, crops): 16, 48 and 32 image tokens; the batch pads to 3 crops with all-zero ones.
 IDEFICS3_BATCH = ((4, 6, 1), (2, 9, 3), (5, 3, 2))
+#: (text before, text after, image (height, width)): 4 x 6, 6 x 6 and 8 x 5 merged patches (24, 36, 40 tokens).
+MISTRAL3_BATCH = ((4, 6, (32, 48)), (2, 9, (48, 48)), (5, 3, (64, 40)))
 
 
 def llava_single(inputs: dict, b: int) -> dict:
@@ -150,6 +154,12 @@ FAMILIES = {
     "idefics3": Family(
         lambda attn: tiny_idefics3(attn=attn),
         lambda m: tiny_idefics3_inputs(m, IDEFICS3_BATCH),
+        per_image_single,
+        QWEN_REFUSED,
+    ),
+    "mistral3": Family(
+        lambda attn: tiny_mistral3(attn=attn),
+        lambda m: tiny_mistral3_inputs(m, MISTRAL3_BATCH),
         per_image_single,
         QWEN_REFUSED,
     ),
