@@ -40,11 +40,15 @@ def width(grid) -> int:
 
 
 def frame_budgets(grids: list, keep: int) -> list[int]:
-    """`keep` shared among a sample's images by token counts, then each image's share among its frames."""
+    """`keep` shared among a sample's images by patch counts, then each image's share among its frames; newline
+    tokens (`Grid.newline`) get only what exceeds every patch."""
+    patches = [g.frames * g.rows * g.cols for g in grids]
+    on_patches = apportion(min(keep, sum(patches)), patches)
+    on_newlines = apportion(keep - sum(on_patches), [g.tokens - p for g, p in zip(grids, patches)])
     return [
         frame_part
-        for grid, part in zip(grids, apportion(keep, [g.tokens for g in grids]))
-        for frame_part in apportion(part, [grid.rows * width(grid)] * grid.frames)
+        for grid, a, b in zip(grids, on_patches, on_newlines)
+        for frame_part in apportion(a + b, [grid.rows * width(grid)] * grid.frames)
     ]
 
 
