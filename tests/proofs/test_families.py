@@ -114,6 +114,13 @@ class Family:
     single: Callable[[dict, int], dict]
     #: methods refused on this family, with a phrase of the error
     refused: tuple[tuple[str, str], ...] = ()
+    #: the cases of this row in `make test` (None: EVERY_FAMILY); the rest of the row is `slow`
+    fast: tuple[str, ...] | None = None
+
+
+#: The fast cases of the families added with issue 29 (keeping `make test` short): progressive pruning with
+#: annealing, a layout-reading selector (tiles, newlines, frames) and the refusal of compression.
+NEW_FAMILY_FAST = ("st3", "spread", "visionzip")
 
 
 QWEN_REFUSED = (("visionzip", "no \\[CLS\\] token"),)
@@ -138,30 +145,35 @@ FAMILIES = {
         lambda m: tiny_next_inputs(m, NEXT_BATCH),
         per_image_single,
         (("visionzip", "LLaVA-NeXT"),),
+        NEW_FAMILY_FAST,
     ),
     "llava-onevision": Family(
         lambda attn: tiny_llava_onevision(attn=attn),
         lambda m: tiny_onevision_inputs(m, ONEVISION_BATCH),
         onevision_single,
         QWEN_REFUSED,
+        NEW_FAMILY_FAST,
     ),
     "internvl": Family(
         lambda attn: tiny_internvl(attn=attn),
         lambda m: tiny_internvl_inputs(m, INTERNVL_BATCH),
         internvl_single,
         (("visionzip", "pixel shuffle"),),
+        NEW_FAMILY_FAST,
     ),
     "idefics3": Family(
         lambda attn: tiny_idefics3(attn=attn),
         lambda m: tiny_idefics3_inputs(m, IDEFICS3_BATCH),
         per_image_single,
         QWEN_REFUSED,
+        NEW_FAMILY_FAST,
     ),
     "mistral3": Family(
         lambda attn: tiny_mistral3(attn=attn),
         lambda m: tiny_mistral3_inputs(m, MISTRAL3_BATCH),
         per_image_single,
         QWEN_REFUSED,
+        NEW_FAMILY_FAST,
     ),
 }
 
@@ -194,10 +206,15 @@ def applicable(family: str, name: str) -> None:
 EVERY_FAMILY = ("st3", "st3-text-query", "fastv-all-rows", "spread", "dart", "st3+dart-accumulated", "visionzip")
 
 
+def fast(family: str, name: str) -> bool:
+    """Whether (family, case) runs in `make test`: LLaVA's whole row, and each row's fast cases."""
+    return family == "llava" or name in (FAMILIES[family].fast or EVERY_FAMILY)
+
+
 def matrix() -> list:
-    """(family, case) for every family and case; slow beyond LLaVA's row and EVERY_FAMILY."""
+    """(family, case) for every family and case; slow beyond LLaVA's row and each row's fast cases."""
     slow = pytest.mark.slow
-    return [pytest.param(f, m, marks=() if f == "llava" or m in EVERY_FAMILY else slow, id=f"{f}-{m}")
+    return [pytest.param(f, m, marks=() if fast(f, m) else slow, id=f"{f}-{m}")
             for f in FAMILIES for m in sorted(METHODS)]  # fmt: skip
 
 
@@ -241,8 +258,11 @@ def test_pruned_run_equals_masked_reference(family, name, attn):
         assert torch.equal(reference[:, start + step].argmax(-1), new_tokens(out, inputs)[:, step])
 
 
-@pytest.mark.parametrize("name", ["st3", "st3-text-query", "fastv", "fastv-all-rows", "pyramiddrop"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(
+    "family,name",
+    [pytest.param(f, m, marks=() if fast(f, m) or FAMILIES[f].fast is None else pytest.mark.slow, id=f"{f}-{m}")
+     for f in sorted(FAMILIES) for m in ("st3", "st3-text-query", "fastv", "fastv-all-rows", "pyramiddrop")],
+)  # fmt: skip
 def test_prefill_keeps_the_top_k_of_previous_layer_attention(family, name):
     model, _, inputs = models(family)
     method = METHODS[name]()
