@@ -162,3 +162,17 @@ def test_compression_before_the_decoder_is_refused_naming_the_model_and_alternat
     with pytest.raises(ValueError, match=phrase) as error:
         st3.VisionZip(dominant=4, contextual=2)(model)
     assert type(model).__name__ in str(error.value) and "st3 methods" in str(error.value)
+
+
+def test_kept_patches_of_a_grid_with_newlines_leave_the_newlines_out():
+    from st3.trace import Trace
+    from st3.viz import kept_grid
+
+    trace = Trace(method="m", shape=None, batch_size=1, prompt_columns=20, prompt_tokens=[20], visual_tokens=[15],
+                  dtype_bytes=4)  # fmt: skip
+    columns = torch.arange(5, 20)  # 3 rows of 4 patches + a newline each
+    trace.log_prefill_layer(columns[None], torch.ones(1, 15, dtype=torch.bool), torch.ones(1, 15, dtype=torch.bool))
+    three = torch.ones(1, 3, dtype=torch.bool)
+    trace.log_prefill_layer(torch.tensor([[5, 9, 15]]), three, three)
+    kept = kept_grid(trace, columns, 1, grid=Grid(1, 3, 4, newline=True))
+    assert kept.tolist() == [[True] + [False] * 3, [False] * 4, [True] + [False] * 3]  # 9 is row 0's newline
