@@ -172,3 +172,303 @@ def tiny_qwen_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
         out["pixel_values_videos"] = torch.cat(pixels["video"])
         out["video_grid_thw"] = torch.stack(grids["video"])
     return out
+
+
+# ------------------------------------------------------------------------------------------ LLaVA-NeXT
+def tiny_llava_next(*, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0):
+    """A LLaVA-NeXT model (CLIP tower 12 px / patch 4, anyres tiles up to 2 x 2, Llama decoder with GQA), fp32."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.LlavaNextConfig(
+        vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, image_size=12, patch_size=4),
+        text_config=tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=1024, pad_token_id=PAD_TOKEN),
+        image_grid_pinpoints=[[12, 24], [24, 12], [24, 24]], image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=PAD_TOKEN,
+    )  # fmt: skip
+    model = tf.LlavaNextForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model
+
+
+def tiny_next_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch built without a processor: per sample (text before, text after, (height, width)).
+
+    Each sample has one image of that size in pixels; its crops (base image + anyres tiles) are random pixels
+    padded to the batch's most crops, as the processor pads them, and its number of image tokens is the
+    model's own feature count for that size.
+    """
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    side = config.vision_config.image_size
+    sizes = torch.tensor([size for _, _, size in samples])
+    crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, side) for size in sizes.tolist()]
+    pixel_values = torch.zeros(len(samples), max(crops), 3, side, side)
+    for i, n in enumerate(crops):
+        pixel_values[i, :n] = torch.randn(n, 3, side, side, generator=generator)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values, sizes).pooler_output
+    rows = []
+    for (before, after, _), image in zip(samples, features):
+        text = torch.randint(IMAGE_TOKEN + 1, config.text_config.vocab_size, (before + after,), generator=generator)
+        rows.append(torch.cat([text[:before], torch.full((len(image),), IMAGE_TOKEN), text[before:]]))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = row
+        attention_mask[i, width - len(row) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "image_sizes": sizes}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- LLaVA-OneVision
+OV_IMAGE, OV_VIDEO = 3, 4
+
+
+def tiny_llava_onevision(*, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0):
+    """A LLaVA-OneVision model (SigLIP tower 12 px / patch 4, anyres_max_2 so large tile grids shrink, Qwen2
+    decoder with GQA), fp32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.LlavaOnevisionConfig(
+        vision_config=tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=12, patch_size=4),
+        text_config=tf.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=1024, pad_token_id=PAD_TOKEN),
+        image_grid_pinpoints=[[12, 24], [24, 12], [24, 24]], image_token_index=OV_IMAGE, video_token_index=OV_VIDEO,
+        vision_aspect_ratio="anyres_max_2", vision_feature_layer=-1, vision_feature_select_strategy="full",
+        pad_token_id=PAD_TOKEN,
+    )  # fmt: skip
+    model = tf.LlavaOnevisionForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model
+
+
+def tiny_onevision_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch built without a processor: per sample (text before, text after, kind, what).
+
+    kind "image": what is its (height, width) in pixels (one image per sample, anyres crops padded to the
+    batch's most); kind "video": what is its number of frames. Token counts are the model's own feature counts.
+    """
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    side = config.vision_config.image_size
+    images = [what for _, _, kind, what in samples if kind == "image"]
+    videos = [what for _, _, kind, what in samples if kind == "video"]
+    out: dict[str, torch.Tensor] = {}
+    counts: dict[str, list[int]] = {"image": [], "video": []}
+    with torch.no_grad():
+        if images:
+            sizes = torch.tensor(images)
+            crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, side) for size in images]
+            pixels = torch.zeros(len(images), max(crops), 3, side, side)
+            for i, n in enumerate(crops):
+                pixels[i, :n] = torch.randn(n, 3, side, side, generator=generator)
+            per_sample = torch.tensor([int(kind == "image") for _, _, kind, _ in samples])
+            out |= {"pixel_values": pixels, "image_sizes": sizes, "batch_num_images": per_sample}
+            features = model.model.get_image_features(pixels, sizes, batch_num_images=per_sample).pooler_output
+            counts["image"] = [len(f) for f in features]
+        if videos:
+            if len(set(videos)) > 1:
+                raise ValueError("the videos of one batch share their number of frames (one tensor)")
+            clips = torch.randn(len(videos), videos[0], 3, side, side, generator=generator)
+            out["pixel_values_videos"] = clips
+            counts["video"] = [f.shape[0] for f in model.model.get_video_features(clips).pooler_output]
+    rows = []
+    for before, after, kind, _ in samples:
+        token = OV_IMAGE if kind == "image" else OV_VIDEO
+        text = torch.randint(OV_VIDEO + 1, config.text_config.vocab_size, (before + after,), generator=generator)
+        rows.append(torch.cat([text[:before], torch.full((counts[kind].pop(0),), token), text[before:]]))
+    width = max(len(r) for r in rows)
+    out["input_ids"] = torch.full((len(rows), width), PAD_TOKEN)
+    out["attention_mask"] = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out["input_ids"][i, width - len(row) :] = row
+        out["attention_mask"][i, width - len(row) :] = 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ InternVL
+INTERNVL_START, INTERNVL_END = 4, 5
+
+
+def tiny_internvl(*, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0):
+    """An InternVL model (InternViT 32 px / patch 4, pixel shuffle 0.5: 16 tokens per tile, Qwen2 decoder), fp32."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.InternVLConfig(
+        vision_config=tf.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, image_size=32, patch_size=4),
+        text_config=tf.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=1024, pad_token_id=PAD_TOKEN),
+        image_token_id=IMAGE_TOKEN, image_seq_length=16, downsample_ratio=0.5, pad_token_id=PAD_TOKEN,
+    )  # fmt: skip
+    model = tf.InternVLForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model
+
+
+def tiny_internvl_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch built without a processor: per sample (text before, text after, tiles per image).
+
+    Each image is `<img>` + tiles x `image_seq_length` image tokens + `</img>`, images separated by a text token
+    (as the processor writes "Frame2:" between a video's frames); pixel values are random, one per tile.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    size = config.vision_config.image_size[0]
+
+    def text(n: int) -> torch.Tensor:
+        return torch.randint(INTERNVL_END + 1, config.text_config.vocab_size, (n,), generator=generator)
+
+    rows, tiles = [], 0
+    for before, after, images in samples:
+        pieces = [text(before)]
+        for i, n in enumerate(images):
+            pieces += [text(1)] if i else []
+            pieces += [torch.tensor([INTERNVL_START]), torch.full((n * config.image_seq_length,), IMAGE_TOKEN),
+                       torch.tensor([INTERNVL_END])]  # fmt: skip
+            tiles += n
+        rows.append(torch.cat(pieces + [text(after)]))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = row
+        attention_mask[i, width - len(row) :] = 1
+    pixel_values = torch.randn(tiles, 3, size, size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+# ------------------------------------------------------------------------------------- Idefics3 / SmolVLM
+def tiny_idefics3(*, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0, smolvlm: bool = False):
+    """An Idefics3 (or SmolVLM) model (SigLIP 32 px / patch 4, pixel shuffle 2: 16 tokens per crop, Llama
+    decoder with GQA), fp32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config_class, model_class, vision_class = (
+        (tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration, tf.SmolVLMVisionConfig) if smolvlm
+        else (tf.Idefics3Config, tf.Idefics3ForConditionalGeneration, tf.Idefics3VisionConfig)
+    )  # fmt: skip
+    config = config_class(
+        vision_config=vision_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=32, patch_size=4),
+        text_config=tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=1024, pad_token_id=PAD_TOKEN),
+        image_token_id=IMAGE_TOKEN, scale_factor=2, pad_token_id=PAD_TOKEN,
+    )  # fmt: skip
+    model = model_class(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model
+
+
+def tiny_idefics3_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch built without a processor: per sample (text before, text after, crops).
+
+    Each crop is `image_seq_len` image tokens after two text tokens (as `<fake_token_around_image><row_i_col_j>`
+    precede it); pixel values are random crops padded with all-zero crops to the batch's most, with an
+    all-ones `pixel_attention_mask`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    size = config.vision_config.image_size
+    per_crop = model.model.image_seq_len
+
+    def text(n: int) -> torch.Tensor:
+        return torch.randint(IMAGE_TOKEN + 1, config.text_config.vocab_size, (n,), generator=generator)
+
+    rows = []
+    for before, after, crops in samples:
+        pieces = [text(before)]
+        for _ in range(crops):
+            pieces += [text(2), torch.full((per_crop,), IMAGE_TOKEN)]
+        rows.append(torch.cat(pieces + [text(1 + after)]))
+    width = max(len(r) for r in rows)
+    most = max(crops for _, _, crops in samples)
+    out = {
+        "input_ids": torch.full((len(rows), width), PAD_TOKEN),
+        "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+        "pixel_values": torch.zeros(len(rows), most, 3, size, size),
+        "pixel_attention_mask": torch.ones(len(rows), most, size, size, dtype=torch.bool),
+    }
+    for i, (row, (_, _, crops)) in enumerate(zip(rows, samples)):
+        out["input_ids"][i, width - len(row) :] = row
+        out["attention_mask"][i, width - len(row) :] = 1
+        out["pixel_values"][i, :crops] = torch.randn(crops, 3, size, size, generator=generator)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ Mistral3
+MISTRAL_BREAK, MISTRAL_END = 4, 5
+
+
+def tiny_mistral3(*, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0, **text_overrides):
+    """A Mistral3 model (Pixtral tower up to 64 px / patch 4, merge 2, Mistral decoder with GQA and, unless
+    `text_overrides` set one, no sliding window: st3 refuses it), fp32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024, pad_token_id=PAD_TOKEN,
+                sliding_window=None)  # fmt: skip
+    config = tf.Mistral3Config(
+        vision_config=tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=64, patch_size=4),
+        text_config=tf.MistralConfig(**(text | text_overrides)),
+        image_token_index=IMAGE_TOKEN, spatial_merge_size=2, pad_token_id=PAD_TOKEN,
+    )  # fmt: skip
+    model = tf.Mistral3ForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model
+
+
+def tiny_mistral3_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch built without a processor (Pixtral's needs torchvision): per sample (text before, text
+    after, (height, width) in pixels). Each row of merged patches is followed by `[IMG_BREAK]`, the last by
+    `[IMG_END]`; pixel values are random images zero-padded to the batch's largest, with `image_sizes`."""
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    merged = config.vision_config.patch_size * config.spatial_merge_size
+    sizes = torch.tensor([size for _, _, size in samples])
+    height, width = (int(v) for v in sizes.max(0).values)
+    pixel_values = torch.zeros(len(samples), 3, height, width)
+    rows = []
+    for i, (before, after, (h, w)) in enumerate(samples):
+        pixel_values[i, :, :h, :w] = torch.randn(3, h, w, generator=generator)
+        text = torch.randint(MISTRAL_END + 1, config.text_config.vocab_size, (before + after,), generator=generator)
+        image = []
+        for r in range(h // merged):
+            image += [IMAGE_TOKEN] * (w // merged) + [MISTRAL_END if r == h // merged - 1 else MISTRAL_BREAK]
+        rows.append(torch.cat([text[:before], torch.tensor(image), text[before:]]))
+    width_ = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width_), PAD_TOKEN)
+    attention_mask = torch.zeros(len(rows), width_, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width_ - len(row) :] = row
+        attention_mask[i, width_ - len(row) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "image_sizes": sizes}  # fmt: skip

@@ -41,8 +41,10 @@ def _on_grid(positions: torch.Tensor, image_columns: torch.Tensor, grid) -> torc
         rows, cols = side, side
     else:
         rows, cols = grid.rows, grid.cols
-        if rows * cols != len(image_columns):
-            raise ValueError(f"{len(image_columns)} image tokens are not one {rows} x {cols} grid")
+        width = cols + int(getattr(grid, "newline", False))  # a row's newline token is drawn nowhere
+        if rows * width != len(image_columns):
+            raise ValueError(f"{len(image_columns)} image tokens are not one {rows} x {width} grid")
+        return torch.isin(image_columns, positions.to(image_columns.device)).view(rows, width)[:, :cols]
     return torch.isin(image_columns, positions.to(image_columns.device)).view(rows, cols)
 
 

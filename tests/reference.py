@@ -83,10 +83,16 @@ def attention_weights(model, inputs: dict, trace, fed: torch.Tensor | None = Non
     """Per layer, the masked reference's attention probabilities [B, heads, L + T, L + T]."""
     model = eager_copy(model)
     captured: list[torch.Tensor] = []
-    for layer in model.model.language_model.layers:
+    for layer in decoder(model).layers:
         layer.self_attn.register_forward_hook(lambda module, args, output: captured.append(output[1]))
     masked_forward(model, inputs, trace, fed)
     return captured
+
+
+def decoder(model):
+    """The model's decoder stack: `language_model`, or Idefics3's / SmolVLM's `text_model`."""
+    inner = model.model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model
 
 
 def visual_token_ids(config) -> list[int]:
@@ -129,7 +135,7 @@ def masked_forward(model, inputs: dict, trace, fed: torch.Tensor | None, rewrite
 
     causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
     masks = []
-    for index in range(len(model.model.language_model.layers)):
+    for index in range(len(decoder(model).layers)):
         allowed = causal[None].repeat(batch, 1, 1) & attention.bool()[:, None, :]
         for b in range(batch):
             for row, keys in enumerate(visible_visual_keys(trace, index, b, prompt_len, steps)):
@@ -145,7 +151,7 @@ def masked_forward(model, inputs: dict, trace, fed: torch.Tensor | None, rewrite
 
         return hook
 
-    lm = model.model.language_model
+    lm = decoder(model)
     hooks = [layer.register_forward_pre_hook(set_mask(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
     if steps and fed_visual.any():
         where = torch.cat([torch.zeros(batch, prompt_len, dtype=torch.bool), fed_visual], dim=1)

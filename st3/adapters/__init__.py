@@ -5,10 +5,18 @@ from __future__ import annotations
 from torch import nn
 
 from st3.adapters.base import Adapter, Grid, UnsupportedModel
+from st3.adapters.idefics3 import Idefics3Adapter
+from st3.adapters.internvl import InternVLAdapter
 from st3.adapters.llava import LlavaAdapter
+from st3.adapters.llava_next import LlavaNextAdapter
+from st3.adapters.llava_onevision import LlavaOnevisionAdapter
+from st3.adapters.mistral3 import Mistral3Adapter
 from st3.adapters.qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, LlavaNextAdapter, LlavaOnevisionAdapter,
+    InternVLAdapter, Idefics3Adapter, Mistral3Adapter,
+)  # fmt: skip
 
 
 def supported_models() -> list[str]:
@@ -28,6 +36,8 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 __all__ = [
-    "Adapter", "Grid", "LlavaAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
+    "Adapter", "Grid", "Idefics3Adapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter",
+    "LlavaOnevisionAdapter", "Mistral3Adapter",
+    "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
     "adapter_for", "supported_models",
 ]  # fmt: skip

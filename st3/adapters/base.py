@@ -29,15 +29,26 @@ class UnsupportedModel(TypeError):
 
 @dataclass(frozen=True)
 class Grid:
-    """How one image or video of a sample lays out its visual tokens: `frames` x `rows` x `cols`, raster order."""
+    """How one image or video of a sample lays out its visual tokens: `frames` x `rows` x `cols`, raster order.
+
+    newline: each row ends with one extra token that is no patch (LLaVA-NeXT's `image_newline`), so a frame
+    holds rows x (cols + 1) tokens; spatial selectors spread their budget over the patches first. An image of
+    several parts (a base image and its tiles) is several grids, in prompt order.
+    """
 
     frames: int
     rows: int
     cols: int
+    newline: bool = False
+
+    @property
+    def width(self) -> int:
+        """Tokens per row, the newline included."""
+        return self.cols + int(self.newline)
 
     @property
     def tokens(self) -> int:
-        return self.frames * self.rows * self.cols
+        return self.frames * self.rows * self.width
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,13 @@ class Rows:
     visual: torch.Tensor
     carried: dict[str, torch.Tensor]
     """Per-row decoder inputs the adapter names (e.g. Qwen3-VL's deepstack features)."""
+    image_end: torch.Tensor | None = None
+    """[B, 1]: the prompt's last visual column, fixed when the prefill starts (text tokens between images, e.g.
+    Mistral3's [IMG_BREAK], never become the instruction when the visual rows after them leave)."""
+
+    def __post_init__(self) -> None:
+        if self.image_end is None:
+            self.image_end = torch.where(self.visual, self.columns, -1).amax(-1, keepdim=True)
 
     def keep(self, keep: torch.Tensor) -> Rows:
         """The rows where `keep` [B, S] holds, per sample in order, left-padded with invalid filler."""
@@ -46,6 +53,7 @@ class Rows:
             valid=gather(self.valid, index, 1) & filled,
             visual=gather(self.visual, index, 1) & filled,
             carried={name: gather(value, index, 1) for name, value in self.carried.items()},
+            image_end=self.image_end,
         )
 
     def without_visual(self, kept: torch.Tensor) -> Rows:
@@ -64,6 +72,5 @@ class Rows:
         return last
 
     def text(self) -> torch.Tensor:
-        """BoolTensor [B, S]: the real rows after the last visual row (the instruction)."""
-        image_end = torch.where(self.visual, self.columns, -1).amax(-1, keepdim=True)
-        return self.valid & ~self.visual & (self.columns > image_end)
+        """BoolTensor [B, S]: the real rows after the prompt's last visual row (the instruction)."""
+        return self.valid & ~self.visual & (self.columns > self.image_end)

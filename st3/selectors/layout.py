@@ -1,9 +1,10 @@
 """Layout arithmetic over a sample's image and frame grids (plain Python, no tensors).
 
 A sample's visual tokens tile its images and video frames in prompt order (`st3.adapters.Grid`: frames x
-rows x cols, raster order). The spatial selectors share a budget among those grids by token counts
-(`frame_budgets`) and then spread each grid's share over it: a lattice of points (`lattice`), a tiling into
-blocks (`lattice_blocks`, `strata`) or coordinates for distances (`grid_layout`).
+rows x cols, raster order, optionally one newline token ending each row). The spatial selectors share a
+budget among those grids by token counts (`frame_budgets`) and then spread each grid's share over it: a
+lattice of points (`lattice`), a tiling into blocks (`lattice_blocks`, `strata`) or coordinates for distances
+(`grid_layout`).
 """
 
 from __future__ import annotations
@@ -33,13 +34,33 @@ def frames(grids: list) -> list:
     return [grid for grid in grids for _ in range(grid.frames)]
 
 
+def width(grid) -> int:
+    """Tokens per row of `grid`: its columns, plus one where each row ends with a newline token."""
+    return grid.cols + int(getattr(grid, "newline", False))
+
+
 def frame_budgets(grids: list, keep: int) -> list[int]:
-    """`keep` shared among a sample's images by token counts, then each image's share among its frames."""
+    """`keep` shared among a sample's images by patch counts, then each image's share among its frames; newline
+    tokens (`Grid.newline`) get only what exceeds every patch."""
+    patches = [g.frames * g.rows * g.cols for g in grids]
+    on_patches = apportion(min(keep, sum(patches)), patches)
+    on_newlines = apportion(keep - sum(on_patches), [g.tokens - p for g, p in zip(grids, patches)])
     return [
         frame_part
-        for grid, part in zip(grids, apportion(keep, [g.tokens for g in grids]))
-        for frame_part in apportion(part, [grid.rows * grid.cols] * grid.frames)
+        for grid, a, b in zip(grids, on_patches, on_newlines)
+        for frame_part in apportion(a + b, [grid.rows * width(grid)] * grid.frames)
     ]
+
+
+def _split(grid, keep: int) -> tuple[int, int]:
+    """A frame's `keep` as (on patches, on newline tokens): patches first, newlines only beyond them."""
+    patches = grid.rows * grid.cols
+    return min(keep, patches), max(0, keep - patches)
+
+
+def _raster(grid, y: int, x: int) -> int:
+    """Index within a frame of row y, column x (x == cols: that row's newline token)."""
+    return y * width(grid) + x
 
 
 def _lattice_shape(rows: int, cols: int, keep: int) -> tuple[int, int]:
@@ -77,11 +98,18 @@ def lattice_blocks(rows: int, cols: int, keep: int) -> list[int]:
 
 
 def lattice_cells(grids: list, keep: int) -> list[int]:
-    """Indices (over a sample's visual tokens, in prompt order) of `keep` lattice points spread over its grids."""
+    """Indices (over a sample's visual tokens, in prompt order) of `keep` lattice points spread over its grids.
+
+    On a grid with newline tokens the lattice covers the patches; newline tokens are kept (evenly over the
+    rows) only once every patch is.
+    """
     cells, offset = [], 0
     for grid, part in zip(frames(grids), frame_budgets(grids, keep)):
-        cells += [offset + i for i in lattice(grid.rows, grid.cols, part)]
-        offset += grid.rows * grid.cols
+        on_patches, on_newlines = _split(grid, part)
+        picked = [_raster(grid, i // grid.cols, i % grid.cols) for i in lattice(grid.rows, grid.cols, on_patches)]
+        picked += [_raster(grid, y, grid.cols) for y in lattice(grid.rows, 1, on_newlines)]
+        cells += sorted(offset + i for i in picked)
+        offset += grid.rows * width(grid)
     return cells
 
 
@@ -95,7 +123,13 @@ def strata(grids: list | None, count: int, keep: int) -> list[int]:
         return [min(i * keep // max(count, 1), keep - 1) for i in range(count)] if keep > 0 else [-1] * count
     labels, offset = [], 0
     for grid, frame_part in zip(frames(grids), frame_budgets(grids, keep)):
-        blocks = lattice_blocks(grid.rows, grid.cols, frame_part)
+        on_patches, on_newlines = _split(grid, frame_part)
+        blocks = lattice_blocks(grid.rows, grid.cols, on_patches)
+        if width(grid) > grid.cols:  # each row's newline: a stratum of its own only beyond the patches
+            newline = lattice_blocks(grid.rows, 1, on_newlines)
+            blocks = [b if x < grid.cols else (newline[y] + on_patches if newline[y] >= 0 else -1)
+                      for y in range(grid.rows) for x, b in enumerate(blocks[y * grid.cols : (y + 1) * grid.cols]
+                                                                      + [0])]  # fmt: skip
         labels += [b + offset if b >= 0 else -1 for b in blocks]
         offset += frame_part
     return labels
@@ -113,8 +147,8 @@ def grid_layout(grids: list | None, count: int, keep: int) -> tuple[list[int], l
         return [0] * count, [(0.0, i / max(count, 1)) for i in range(count)], [keep]
     groups: list[int] = []
     coords: list[tuple[float, float]] = []
-    for index, grid in enumerate(frames(grids)):
+    for index, grid in enumerate(frames(grids)):  # a newline token sits just after its row's last patch
         diagonal = math.hypot(grid.rows, grid.cols)
-        groups += [index] * (grid.rows * grid.cols)
-        coords += [(y / diagonal, x / diagonal) for y in range(grid.rows) for x in range(grid.cols)]
+        groups += [index] * (grid.rows * width(grid))
+        coords += [(y / diagonal, x / diagonal) for y in range(grid.rows) for x in range(width(grid))]
     return groups, coords, frame_budgets(grids, keep)

@@ -20,11 +20,37 @@ import st3
 from st3.adapters import UnsupportedModel, adapter_for
 from st3.compat import cache_kwargs as compat_cache
 from st3.compat import cache_of
-from st3.testing import tiny_inputs, tiny_llava, tiny_qwen_inputs, tiny_qwen_vl
+from st3.testing import (
+    tiny_idefics3,
+    tiny_idefics3_inputs,
+    tiny_inputs,
+    tiny_internvl,
+    tiny_internvl_inputs,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_llava_onevision,
+    tiny_mistral3,
+    tiny_mistral3_inputs,
+    tiny_next_inputs,
+    tiny_onevision_inputs,
+    tiny_qwen_inputs,
+    tiny_qwen_vl,
+)  # fmt: skip
 
 LLAVA_BATCH = ((4, 6), (2, 9), (5, 3))
 #: (text before, text after, kind, (t, h, w) patch grid): 16, 24 and 32 visual tokens after the 2x2 merge.
 QWEN_BATCH = ((3, 5, "image", (1, 8, 8)), (2, 7, "image", (1, 8, 12)), (4, 2, "video", (2, 8, 8)))
+#: (text before, text after, image (height, width)): 30, 37 and 51 visual tokens (base 3 x 3 + tiles + newlines).
+NEXT_BATCH = ((4, 6, (12, 24)), (2, 9, (16, 24)), (5, 3, (24, 24)))
+#: (text before, text after, kind, (height, width) or frames): 30 and 29 image tokens (the second's 6 x 6 tiles
+#: shrunk to 4 x 4 by anyres_max_2), a video of 4 frames of 2 x 2 pooled patches plus a newline (17).
+ONEVISION_BATCH = ((4, 6, "image", (12, 24)), (2, 9, "image", (24, 24)), (5, 3, "video", 4))
+#: (text before, text after, tiles per image): 16, 48 (three tiles) and 32 (two images of one tile) image tokens.
+INTERNVL_BATCH = ((4, 6, [1]), (2, 9, [3]), (5, 3, [1, 1]))
+#: (text before, text after, crops): 16, 48 and 32 image tokens; the batch pads to 3 crops with all-zero ones.
+IDEFICS3_BATCH = ((4, 6, 1), (2, 9, 3), (5, 3, 2))
+#: (text before, text after, image (height, width)): 4 x 6, 6 x 6 and 8 x 5 merged patches (24, 36, 40 tokens).
+MISTRAL3_BATCH = ((4, 6, (32, 48)), (2, 9, (48, 48)), (5, 3, (64, 40)))
 
 
 def llava_single(inputs: dict, b: int) -> dict:
@@ -34,6 +60,35 @@ def llava_single(inputs: dict, b: int) -> dict:
         "attention_mask": inputs["attention_mask"][b : b + 1, keep],
         "pixel_values": inputs["pixel_values"][b : b + 1],
     }
+
+
+def per_image_single(inputs: dict, b: int) -> dict:
+    """Sample b without padding, with its own image (one per sample, every image tensor indexed by sample)."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
+    return out | {k: v[b : b + 1] for k, v in inputs.items() if k not in out}
+
+
+def onevision_single(inputs: dict, b: int) -> dict:
+    """Sample b without padding, with its own image (and `batch_num_images`) or video."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
+    kind = ONEVISION_BATCH[b][2]
+    j = [sample[2] for sample in ONEVISION_BATCH[:b]].count(kind)
+    if kind == "image":
+        out |= {k: inputs[k][j : j + 1] for k in ("pixel_values", "image_sizes")}
+        out["batch_num_images"] = torch.tensor([1])
+    else:
+        out["pixel_values_videos"] = inputs["pixel_values_videos"][j : j + 1]
+    return out
+
+
+def internvl_single(inputs: dict, b: int) -> dict:
+    """Sample b without padding, with its own tiles (pixel values hold one tile per row, samples in order)."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
+    start = sum(sum(sample[2]) for sample in INTERNVL_BATCH[:b])
+    return out | {"pixel_values": inputs["pixel_values"][start : start + sum(INTERNVL_BATCH[b][2])]}
 
 
 def qwen_single(inputs: dict, b: int) -> dict:
@@ -59,6 +114,13 @@ class Family:
     single: Callable[[dict, int], dict]
     #: methods refused on this family, with a phrase of the error
     refused: tuple[tuple[str, str], ...] = ()
+    #: the cases of this row in `make test` (None: EVERY_FAMILY); the rest of the row is `slow`
+    fast: tuple[str, ...] | None = None
+
+
+#: The fast cases of the families added with issue 29 (keeping `make test` short): progressive pruning with
+#: annealing, a layout-reading selector (tiles, newlines, frames) and the refusal of compression.
+NEW_FAMILY_FAST = ("st3", "spread", "visionzip")
 
 
 QWEN_REFUSED = (("visionzip", "no \\[CLS\\] token"),)
@@ -78,6 +140,41 @@ FAMILIES = {
         )  # fmt: skip
         for name in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
     },
+    "llava-next": Family(
+        lambda attn: tiny_llava_next(attn=attn),
+        lambda m: tiny_next_inputs(m, NEXT_BATCH),
+        per_image_single,
+        (("visionzip", "LLaVA-NeXT"),),
+        NEW_FAMILY_FAST,
+    ),
+    "llava-onevision": Family(
+        lambda attn: tiny_llava_onevision(attn=attn),
+        lambda m: tiny_onevision_inputs(m, ONEVISION_BATCH),
+        onevision_single,
+        QWEN_REFUSED,
+        NEW_FAMILY_FAST,
+    ),
+    "internvl": Family(
+        lambda attn: tiny_internvl(attn=attn),
+        lambda m: tiny_internvl_inputs(m, INTERNVL_BATCH),
+        internvl_single,
+        (("visionzip", "pixel shuffle"),),
+        NEW_FAMILY_FAST,
+    ),
+    "idefics3": Family(
+        lambda attn: tiny_idefics3(attn=attn),
+        lambda m: tiny_idefics3_inputs(m, IDEFICS3_BATCH),
+        per_image_single,
+        QWEN_REFUSED,
+        NEW_FAMILY_FAST,
+    ),
+    "mistral3": Family(
+        lambda attn: tiny_mistral3(attn=attn),
+        lambda m: tiny_mistral3_inputs(m, MISTRAL3_BATCH),
+        per_image_single,
+        QWEN_REFUSED,
+        NEW_FAMILY_FAST,
+    ),
 }
 
 _MODELS: dict = {}
@@ -109,10 +206,15 @@ def applicable(family: str, name: str) -> None:
 EVERY_FAMILY = ("st3", "st3-text-query", "fastv-all-rows", "spread", "dart", "st3+dart-accumulated", "visionzip")
 
 
+def fast(family: str, name: str) -> bool:
+    """Whether (family, case) runs in `make test`: LLaVA's whole row, and each row's fast cases."""
+    return family == "llava" or name in (FAMILIES[family].fast or EVERY_FAMILY)
+
+
 def matrix() -> list:
-    """(family, case) for every family and case; slow beyond LLaVA's row and EVERY_FAMILY."""
+    """(family, case) for every family and case; slow beyond LLaVA's row and each row's fast cases."""
     slow = pytest.mark.slow
-    return [pytest.param(f, m, marks=() if f == "llava" or m in EVERY_FAMILY else slow, id=f"{f}-{m}")
+    return [pytest.param(f, m, marks=() if fast(f, m) else slow, id=f"{f}-{m}")
             for f in FAMILIES for m in sorted(METHODS)]  # fmt: skip
 
 
@@ -156,8 +258,11 @@ def test_pruned_run_equals_masked_reference(family, name, attn):
         assert torch.equal(reference[:, start + step].argmax(-1), new_tokens(out, inputs)[:, step])
 
 
-@pytest.mark.parametrize("name", ["st3", "st3-text-query", "fastv", "fastv-all-rows", "pyramiddrop"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(
+    "family,name",
+    [pytest.param(f, m, marks=() if fast(f, m) or FAMILIES[f].fast is None else pytest.mark.slow, id=f"{f}-{m}")
+     for f in sorted(FAMILIES) for m in ("st3", "st3-text-query", "fastv", "fastv-all-rows", "pyramiddrop")],
+)  # fmt: skip
 def test_prefill_keeps_the_top_k_of_previous_layer_attention(family, name):
     model, _, inputs = models(family)
     method = METHODS[name]()
