@@ -169,7 +169,7 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     ),
     'visionzip': (
         'Dominant patches by [CLS] attention + a few contextual tokens merged by key similarity.',
-        'dominant=54, contextual=10',
+        "dominant=54, contextual=10, variant='official'",
     ),
     'vtw': (
         'Withdraw all visual tokens from layer K on.',

@@ -45,6 +45,7 @@ SETTINGS: dict[str, Callable[[], Method]] = {
     "random": lambda: st3.Random(keep=12, layer=1, seed=3),
     "lattice": lambda: st3.Lattice(keep=10, layer=0),
     "visionzip": lambda: st3.VisionZip(dominant=7, contextual=4),
+    "visionzip-paper": lambda: st3.VisionZip(dominant=7, contextual=4, variant="paper"),
     "st3-text-query": lambda: st3.ST3(start_layer=2, stride=1, ratio=0.3, min_keep=2, query="text", anneal_every=1),
     "st3-layer0": lambda: st3.ST3(start_layer=0, stride=3, ratio=0.6, min_keep=2, anneal_curve="linear"),
     "st3-exponential": lambda: st3.ST3(start_layer=1, stride=1, ratio=0.2, anneal_curve="exponential", anneal_every=1),

@@ -278,3 +278,53 @@ def test_dart_budget_other_than_the_official_form_is_met_exactly():
     assert st3.selectors.DART(variant="union").kept_for(128) == 128
     with pytest.raises(ValueError, match="^variant: must be one of"):
         st3.DART(variant="paper")
+
+
+# ------------------------------------------------------------------------------------------------ VisionZip
+def visionzip_compress(case: dict, variant: str = "official"):
+    """st3's VisionZip on the fixture's tower reads: saliency = the [CLS] row's attention to the patches, heads
+    averaged (as the adapter gives it), keys averaged over heads, the patches' features."""
+    recipe = recipe_of(case)
+    query, keys, hidden = inputs.vision(recipe)
+    probs = torch.softmax((query @ keys.transpose(-1, -2)).float() * recipe.head_dim**-0.5, dim=-1)
+    saliency = probs.mean(1)[:, 0, 1:]
+    method = st3.VisionZip(dominant=case["knobs"]["dominant"], contextual=case["knobs"]["contextual"], variant=variant)
+    return method, method.compress(saliency, keys[:, :, 1:].mean(1), hidden[:, 1:])
+
+
+@pytest.mark.parametrize("case", list(cases("visionzip", dtype="float32")))
+def test_visionzip_keeps_and_merges_as_the_official_code(case):
+    """`dominant` counts [CLS]: dominant - 1 patches by attention + the contextual targets are the official
+    code's patches; each contextual token is its target plus the mean of its group (the fixture's groups)."""
+    method, (keep, replaced, merged) = visionzip_compress(case)
+    assert keep[0].nonzero().squeeze(-1).tolist() == case["kept"]
+    assert replaced[0].nonzero().squeeze(-1).tolist() == case["contextual"]
+    features = inputs.vision(recipe_of(case))[2][0, 1:]
+    for target, group in zip(case["contextual"], case["groups"], strict=True):
+        expected = features[target] + features[group].mean(0) if group else features[target]
+        torch.testing.assert_close(merged[0, target], expected)
+    assert method.tokens_before_decoder(576) == case["tokens_to_decoder"] - 1  # [CLS] does not reach the decoder
+
+
+#: VisionZip in bfloat16: the adapter's saliency is a float32 softmax of the tower's logits (the official code's
+#: is in the tower's dtype, summed over heads). Measured: 11 of 12 cases keep the official patches; the other has
+#: a tie at the dominant cut that torch.topk broke otherwise, so its targets move too (overlap 0.900).
+VISIONZIP_BF16 = (11, 0.9)
+
+
+def test_visionzip_bfloat16_overlap_is_as_measured():
+    results = []
+    for param in cases("visionzip", dtype="bfloat16"):
+        case = param.values[0]
+        _, (keep, _, _) = visionzip_compress(case)
+        results.append((keep[0].nonzero().squeeze(-1).tolist(), case["kept"]))
+    exact = sum(ours == theirs for ours, theirs in results)
+    assert (exact, math.floor(min(overlap(o, t) for o, t in results) * 1000) / 1000) == VISIONZIP_BF16
+
+
+def test_visionzip_paper_variant_keeps_dominant_patches_and_averages_groups():
+    case = next(iter(cases("visionzip", dtype="float32"))).values[0]
+    method, (keep, replaced, merged) = visionzip_compress(case, "paper")
+    assert int(keep[0].sum()) == case["count"] + 1 == method.tokens_before_decoder(576)
+    with pytest.raises(ValueError, match="^dominant: must be >= 1"):
+        st3.VisionZip(dominant=0)
