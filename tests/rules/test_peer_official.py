@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import single
 
 import st3
 from st3.engine.scoring import attention_received
@@ -328,3 +329,27 @@ def test_visionzip_paper_variant_keeps_dominant_patches_and_averages_groups():
     assert int(keep[0].sum()) == case["count"] + 1 == method.tokens_before_decoder(576)
     with pytest.raises(ValueError, match="^dominant: must be >= 1"):
         st3.VisionZip(dominant=0)
+
+
+def test_dart_reads_layer_k_minus_1_keys_and_final_normed_states_of_the_model(model, inputs, monkeypatch):
+    """End to end on the tiny LLaVA: what the engine shows DART entering layer K is what the model itself computes
+    at layer K-1 (its cached keys, rotary applied, and its output through the final norm), captured here from an
+    unpruned forward."""
+    sample = single(inputs, 0)
+    with torch.no_grad():
+        out = model(**sample, use_cache=True, output_hidden_states=True)
+    language = model.model.language_model
+    keys_k1 = out.past_key_values.layers[1].keys  # layer K-1 = 1
+    normed_k1 = language.norm(out.hidden_states[2])  # hidden_states[0] is the embeddings: [2] leaves layer 1
+    seen = {}
+    official = st3.selectors.DART._official
+
+    def recording(self, view):
+        seen["keys"], seen["normed"] = view.previous_keys(), view.normed()
+        return official(self, view)
+
+    monkeypatch.setattr(st3.selectors.DART, "_official", recording)
+    with torch.no_grad(), st3.DART(keep=12, layer=2)(model):
+        model(**sample)
+    torch.testing.assert_close(seen["keys"], keys_k1)
+    torch.testing.assert_close(seen["normed"], normed_k1)
