@@ -94,6 +94,8 @@ def match(
     low, high = (0, max(max(counts), shape.num_layers)) if integer else (0.0, 1.0)
     while cost(high) is None:  # e.g. ST3's ratio must stay below 1
         high = high - 1 if integer else high - 1e-6
+    while cost(low) is None and low < high:  # e.g. VisionZip's dominant counts [CLS]: at least 1
+        low = low + 1 if integer else low + 1e-6
     best = _bisect(cost, low, high, value, integer)
     achieved = cost(best)
     tolerance = tolerance if tolerance is not None else (1.0 if metric == "visual_per_layer" else 0.01)

@@ -59,11 +59,15 @@ if __name__ == "__main__":
 CATALOGUE: dict[str, tuple[str, str]] = {
     'cdpruner': (
         'CDPruner (arXiv 2506.10967): before the decoder, a conditional DPP with instruction relevance.',
-        'keep=192, layer=0, selector=cdpruner(theta=0.5)',
+        "keep=192, layer=0, selector=cdpruner(theta=0.5, variant='official')",
     ),
     'dart': (
-        'DART (arXiv 2502.11494): at layer 2, pivots by key norm and the tokens least duplicated by them.',
-        'keep=192, layer=2, selector=dart(pivots=8)',
+        'DART (arXiv 2502.11494): at layer 2, pivots by key norm and the tokens least duplicated by them.'
+        ' As the released code, `keep` is its `max_num_trunction` k: 4 image pivots + 8 pivots x k // 8 '
+        'picks stay (132 for 128); `variant="union"` keeps exactly k by st3\'s former rule '
+        '(`st3.selectors.DART`).',
+        "variant='official', keep=192, layer=2, selector=dart(pivots=4, text_pivots=4, "
+        "variant='official')",
     ),
     'divprune': (
         'DivPrune (arXiv 2503.02175): before the decoder, the max-min diverse `keep` visual tokens.',
@@ -71,12 +75,13 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     ),
     'fastv': (
         'Prune once, at layer K, by the attention the visual tokens received at layer K - 1.',
-        "layer=2, ratio=0.5, query='last', selector=attention(query='last')",
+        "layer=2, ratio=0.5, query='last', variant='official', selector=attention(query='last')",
     ),
     'fastv+vta': (
         "FastV's prune at layer K, then visual token annealing while decoding.",
-        "layer=2, ratio=0.5, query='last', selector=attention(query='last'), decode=vta(curve='cosine', "
-        "final=0.3, steps=32, every=4, min_keep=4, evict='current', protect=0.5, delay=0)",
+        "layer=2, ratio=0.5, query='last', variant='official', selector=attention(query='last'), "
+        "decode=vta(curve='cosine', final=0.3, steps=32, every=4, min_keep=4, evict='current', "
+        'protect=0.5, delay=0)',
     ),
     'keep': (
         '`keep` visual tokens from `layer` on (0: before the decoder), chosen by `selector` (default: '
@@ -90,12 +95,13 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     ),
     'pyramiddrop': (
         'Keep a fixed share of the remaining visual tokens at each stage boundary.',
-        "keep=0.5, stages=None, selector=attention(query='last')",
+        "keep=0.5, stages=None, variant='official', selector=attention(query='last')",
     ),
     'pyramiddrop+vta': (
         "PyramidDrop's stages, then visual token annealing while decoding.",
-        "keep=0.5, stages=None, selector=attention(query='last'), decode=vta(curve='cosine', final=0.3, "
-        "steps=32, every=4, min_keep=4, evict='current', protect=0.5, delay=0)",
+        "keep=0.5, stages=None, variant='official', selector=attention(query='last'), "
+        "decode=vta(curve='cosine', final=0.3, steps=32, every=4, min_keep=4, evict='current', "
+        'protect=0.5, delay=0)',
     ),
     'random': (
         'Control: `keep` visual tokens drawn at random (seeded: the same patches for every sample).',
@@ -117,13 +123,13 @@ CATALOGUE: dict[str, tuple[str, str]] = {
         "ST3's schedule and annealing; the cdpruner selector chooses at each pruning layer.",
         "start_layer=2, stride=3, ratio=0.2, min_keep=4, query='last', anneal_curve='cosine', "
         "anneal_final=0.3, anneal_steps=32, anneal_every=4, anneal_evict='current', anneal_protect=0.5, "
-        'anneal_delay=0, selector=cdpruner(theta=0.5)',
+        "anneal_delay=0, selector=cdpruner(theta=0.5, variant='official')",
     ),
     'st3+dart': (
         "ST3's schedule and annealing; the dart selector chooses at each pruning layer.",
         "start_layer=2, stride=3, ratio=0.2, min_keep=4, query='last', anneal_curve='cosine', "
         "anneal_final=0.3, anneal_steps=32, anneal_every=4, anneal_evict='current', anneal_protect=0.5, "
-        'anneal_delay=0, selector=dart(pivots=8)',
+        "anneal_delay=0, selector=dart(pivots=4, text_pivots=4, variant='official')",
     ),
     'st3+divprune': (
         "ST3's schedule and annealing; the divprune selector chooses at each pruning layer.",
@@ -163,7 +169,7 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     ),
     'visionzip': (
         'Dominant patches by [CLS] attention + a few contextual tokens merged by key similarity.',
-        'dominant=54, contextual=10',
+        "dominant=54, contextual=10, variant='official'",
     ),
     'vtw': (
         'Withdraw all visual tokens from layer K on.',

@@ -38,11 +38,14 @@ SETTINGS: dict[str, Callable[[], Method]] = {
     "st3": lambda: st3.ST3(start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=6, anneal_every=2),
     "fastv": lambda: st3.FastV(layer=2, ratio=0.5),
     "fastv-all-rows": lambda: st3.FastV(layer=1, ratio=0.7, query="all"),
+    "fastv-paper": lambda: st3.FastV(layer=2, ratio=0.3, variant="paper"),  # ceil: 26 of 36, round: 25
     "pyramiddrop": lambda: st3.PyramidDrop(keep=0.5),
+    "pyramiddrop-paper": lambda: st3.PyramidDrop(keep=0.5, variant="paper"),
     "vtw": lambda: st3.VTW(layer=3),
     "random": lambda: st3.Random(keep=12, layer=1, seed=3),
     "lattice": lambda: st3.Lattice(keep=10, layer=0),
     "visionzip": lambda: st3.VisionZip(dominant=7, contextual=4),
+    "visionzip-paper": lambda: st3.VisionZip(dominant=7, contextual=4, variant="paper"),
     "st3-text-query": lambda: st3.ST3(start_layer=2, stride=1, ratio=0.3, min_keep=2, query="text", anneal_every=1),
     "st3-layer0": lambda: st3.ST3(start_layer=0, stride=3, ratio=0.6, min_keep=2, anneal_curve="linear"),
     "st3-exponential": lambda: st3.ST3(start_layer=1, stride=1, ratio=0.2, anneal_curve="exponential", anneal_every=1),
@@ -52,7 +55,9 @@ SETTINGS: dict[str, Callable[[], Method]] = {
         "divprune", keep=12, layer=2, selector=st3.selectors.DivPrune(features="keys")
     ),
     "dart": lambda: st3.get("dart", keep=12, layer=2, selector=st3.selectors.DART(pivots=3)),
+    "dart-union": lambda: st3.get("dart", keep=12, layer=2, variant="union"),
     "cdpruner": lambda: st3.get("cdpruner", keep=9),
+    "cdpruner-paper": lambda: st3.get("cdpruner", keep=9, selector=st3.selectors.CDPruner(variant="paper")),
     "stratified": lambda: st3.get("stratified", keep=10),
     "st3+stratified-diverse": lambda: st3.get(
         "st3+stratified", start_layer=0, stride=2, ratio=0.5, min_keep=2, anneal_final=1.0,

@@ -40,14 +40,18 @@ def reference_logits(model, inputs: dict, trace, fed: torch.Tensor | None = None
     model = eager_copy(model)
     rewrite = None
     if method is not None and method.compresses_vision:
-        kept, rewrite = visionzip_embeddings(model, inputs, method.dominant, method.contextual)
+        kept, rewrite = visionzip_embeddings(
+            model, inputs, method.patches(), method.contextual, plus_target=method.variant == "official"
+        )
         assert [k.tolist() for k in kept] == [p.tolist() for p in trace.prefill_visual_positions[0]]
     return masked_forward(model, inputs, trace, fed, rewrite)
 
 
 @torch.no_grad()
-def visionzip_embeddings(model, inputs: dict, dominant: int, contextual: int):
-    """VisionZip done by hand: (kept columns per sample, a function that writes the merged rows)."""
+def visionzip_embeddings(model, inputs: dict, dominant: int, contextual: int, plus_target: bool = False):
+    """VisionZip done by hand: (kept columns per sample, a function that writes the merged rows). `dominant`
+    patches by [CLS] attention; a contextual token is its group's mean, or with `plus_target` (the released
+    code) its target plus the mean of the others."""
     layer = model.config.vision_feature_layer
     tower = model.model.vision_tower
     out = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
@@ -68,7 +72,11 @@ def visionzip_embeddings(model, inputs: dict, dominant: int, contextual: int):
                 sims = [torch.cosine_similarity(keys[image, p], keys[image, t], dim=0) for t in targets]
                 groups[targets[int(torch.stack(sims).argmax())]].append(p)
         for t, members in groups.items():
-            row = model.model.multi_modal_projector(features[image, members].mean(0)[None, None])[0, 0]
+            merged = features[image, members].mean(0)
+            if plus_target:
+                others = members[1:]
+                merged = features[image, t] + (features[image, others].mean(0) if others else 0)
+            row = model.model.multi_modal_projector(merged[None, None])[0, 0]
             merged_rows.append((image, int(columns[image][t]), row))
         kept.append(columns[image][sorted(top | set(targets))])
 

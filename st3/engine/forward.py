@@ -195,7 +195,15 @@ class Engine:
             text=rows.text,
             valid=rows.valid,
             grids=self.trace.image_grids,
+            previous_keys=lambda: self._previous_keys(index, rows, cache),
+            normed=lambda: self.adapter.final_norm(rows.hidden),
         )
+
+    def _previous_keys(self, index: int, rows: Rows, cache) -> torch.Tensor:
+        """The rows' keys at layer index - 1 (cached: nothing was removed since it ran); at layer 0 its own."""
+        if index > 0:
+            return cache.layers[index - 1].keys
+        return self.adapter.project_keys(0, rows.hidden, rows.cos, rows.sin)
 
     def _prefill_scores(self, index: int, rows: Rows, previous, cache, query: torch.Tensor | None) -> torch.Tensor:
         """Attention each current row received at layer index - 1 (at layer 0: its own attention) from the

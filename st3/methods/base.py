@@ -19,6 +19,7 @@ from st3.knobs import check_types
 from st3.methods.annealing import VTA, anneal
 from st3.registry import Registry
 from st3.selectors import SELECTORS, Attention, Selector, View, check
+from st3.selectors.base import VARIANTS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from st3.engine.session import Session
     from st3.trace import Trace
 
-__all__ = ["METHODS", "Method", "check", "get", "methods", "register", "share"]
+__all__ = ["METHODS", "VARIANTS", "Method", "check", "get", "methods", "register", "share"]
 
 METHODS: Registry = Registry("method")
 register = METHODS.register

@@ -29,6 +29,7 @@ from st3.selectors import Lattice as LatticeRule
 from st3.selectors import Random as RandomRule
 from st3.selectors import Spread as SpreadRule
 from st3.selectors import Stratified as StratifiedRule
+from st3.selectors.dart import DART_VARIANTS
 
 
 @register("keep")
@@ -59,7 +60,14 @@ class Keep(Method):
         return {"layer": self.layer} if self.layer else {}
 
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
-        return visual.clamp(max=self.keep) if layer == self.layer else None
+        return visual.clamp(max=self.kept()) if layer == self.layer else None
+
+    def kept(self) -> int:
+        """Tokens kept for the `keep` knob: the knob itself, or what the rule keeps for it (`kept_for`: DART's
+        official rule keeps its image pivots plus an equal share per pivot, k + 4 for k = 128)."""
+        rule = self.selector if self.selector is not None else self.default_selector()
+        kept_for = getattr(rule, "kept_for", None)
+        return kept_for(self.keep) if kept_for is not None else self.keep
 
 
 @register("random")
@@ -95,9 +103,20 @@ class DivPrune(Keep):
 @register("dart")
 @dataclass(kw_only=True)
 class DART(Keep):
-    """DART (arXiv 2502.11494): at layer 2, pivots by key norm and the tokens least duplicated by them."""
+    """DART (arXiv 2502.11494): at layer 2, pivots by key norm and the tokens least duplicated by them. As the
+    released code, `keep` is its `max_num_trunction` k: 4 image pivots + 8 pivots x k // 8 picks stay (132 for
+    128); `variant="union"` keeps exactly k by st3's former rule (`st3.selectors.DART`)."""
 
     rule_type: ClassVar[type[Selector]] = DARTRule
+    variant: str = "official"
+    """'official' (the released rule and count) or 'union' (st3's former rule, exactly `keep`, 8 pivots)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.variant in DART_VARIANTS, "variant", f"must be one of {DART_VARIANTS}, got {self.variant!r}")
+
+    def default_selector(self) -> Selector:
+        return DARTRule(variant=self.variant, pivots=8 if self.variant == "union" else 4)
 
 
 @register("cdpruner")

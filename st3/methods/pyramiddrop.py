@@ -1,25 +1,29 @@
 """PyramidDrop (Xing et al., CVPR 2025, arXiv 2410.17247): visual redundancy reduction in stages.
 
 Rule: the decoder is split into stages that end at fixed layers (default 8, 16 and 24 of 32, scaled to
-the model's depth). Entering each stage boundary layer, a sample keeps ceil(lambda * n) of the n visual
-tokens it still holds, those that the last instruction token (the last prompt token) attended to most at
-the layer before, averaged over heads. The dropped tokens leave the hidden states and KV cache of that
-layer and all later ones; nothing changes during decoding.
+the model's depth). Entering the s-th stage boundary layer, a sample keeps int(lambda^s * n0) of its n0
+original visual tokens (the released code's count, Cooperx521/PyramidDrop @ 6444f30,
+`llava/model/modeling_llama_pdrop.py:1306-1307`, with the scripts' ratio list [lambda, lambda^2, lambda^3];
+`variant="paper"`: ceil(lambda * n) of the n tokens still held, st3's count before 0.2), those that the
+last instruction token (the last prompt token) attended to most at the layer before, averaged over heads.
+The dropped tokens leave the hidden states and KV cache of that layer and all later ones; nothing changes
+during decoding.
 
 Difference from the official code: the official implementation renumbers positions after each drop
 (survivors get consecutive positions, changing the rotary geometry the model was trained with); here,
 as for every method in this engine, survivors keep their original positions. Its scoring re-projects
-the last instruction token's query, as this engine does for all methods.
+the last instruction token's query, as this engine does for all methods, at the layer before the boundary
+(the official code applies the boundary layer's own norm and q/k projections to its input: 1321-1340).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from st3.methods.base import Method, check, register, share
+from st3.methods.base import VARIANTS, Method, check, register, share
 
 
 @register("pyramiddrop")
@@ -33,6 +37,10 @@ class PyramidDrop(Method):
     """lambda: share of the remaining visual tokens kept at each boundary (paper default 0.5)."""
     stages: tuple[int, ...] | None = None
     """Boundary layers; None: 8, 16 and 24 of 32 scaled to the model's depth (paper default)."""
+    variant: str = "official"
+    """Counts: 'official' int(lambda^s n0) of the original n0 (released code); 'paper' ceil(lambda n) of those held."""
+
+    _original: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def validate(self) -> None:
         check(0.0 <= self.keep <= 1.0, "keep", f"must be in [0, 1], got {self.keep}")
@@ -40,6 +48,7 @@ class PyramidDrop(Method):
             self.stages = tuple(self.stages)
             check(len(self.stages) > 0, "stages", "must name at least one layer")
             check(all(s >= 1 for s in self.stages), "stages", f"layers must be >= 1, got {self.stages}")
+        check(self.variant in VARIANTS, "variant", f"must be one of {VARIANTS}, got {self.variant!r}")
 
     def validate_for(self, num_layers: int) -> None:
         bad = [s for s in self.boundaries(num_layers) if s >= num_layers]
@@ -51,6 +60,15 @@ class PyramidDrop(Method):
         return tuple(sorted({max(1, round(num_layers * s / 32)) for s in (8, 16, 24)}))
 
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
-        if layer not in self.boundaries(num_layers):
+        boundaries = sorted(self.boundaries(num_layers))
+        if layer not in boundaries:
             return None
-        return share(visual, self.keep, 0)
+        if self.variant == "paper":
+            return share(visual, self.keep, 0)
+        stage = boundaries.index(layer) + 1
+        if stage == 1:
+            self._original = visual.clone()  # the first boundary sees every visual token: the counts' base
+        elif self._original is None or self._original.shape != visual.shape:
+            raise RuntimeError("PyramidDrop: a later stage was asked its count before the first boundary's")
+        count = torch.floor(self._original.double() * self.keep**stage).long()
+        return torch.minimum(count.to(visual.device), visual)

@@ -28,6 +28,11 @@ SELECTORS: Registry = Registry("selector")
 register = SELECTORS.register
 
 
+#: A peer rule's `variant` knob: 'official' chooses what its authors' released code chooses (the default),
+#: 'paper' follows the paper's text where the two differ (docs/methods.md says how, per peer).
+VARIANTS = ("official", "paper")
+
+
 def check(condition: bool, knob: str, message: str) -> None:
     """Raise a ValueError naming `knob` unless `condition` holds."""
     if not condition:

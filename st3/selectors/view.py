@@ -44,6 +44,12 @@ class View:
     patches: torch.Tensor | None = None
     """LongTensor [B, S]: each candidate's index among its sample's candidates (-1 elsewhere); computed from
     `candidates` on first read when not given (most eviction rules never read it: four operations saved)."""
+    previous_keys: Callable[[], torch.Tensor] | None = None
+    """The slots' keys at the layer before [B, kv_heads, S, D] (rotated; in prefill, where that layer ran on
+    the same rows: DART's official rule reads layer K-1's), or None where the engine has none."""
+    normed: Callable[[], torch.Tensor] | None = None
+    """The hidden states entering the layer through the model's final norm [B, S, H] (prefill; DART's official
+    features), or None."""
 
 
 def _patches(view: View) -> torch.Tensor:

@@ -46,7 +46,7 @@ def test_matching_without_a_model_says_what_it_assumed(model, inputs):
     with pytest.warns(AssumedShape, match="LLaVA-1.5-7B's decoder \\(32 layers\\), 576 visual tokens per sample: pass "
                                           "model= and inputs="):  # fmt: skip
         fastv = st3.match("fastv", 192)
-    assert fastv.ratio == pytest.approx(0.712, abs=1e-3)  # the README's figure, at LLaVA-1.5-7B's shape
+    assert fastv.ratio == pytest.approx(0.711, abs=1e-3)  # the README's figure, at LLaVA-1.5-7B's shape
     assert kept_per_layer(model, inputs, fastv) != pytest.approx(kept_per_layer(
         model, inputs, st3.match("fastv", tokens=192 * 36 / 576, model=model, inputs=inputs)), abs=1.0)  # fmt: skip
 

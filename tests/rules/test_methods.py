@@ -38,7 +38,9 @@ def test_pyramiddrop_halves_at_each_stage_boundary(model, inputs):
     assert method.boundaries(6) == (2, 3, 4)  # 8/16/24 of 32 scaled to 6 layers
     assert method.boundaries(32) == (8, 16, 24)
     trace = prefill(method, model, inputs)
-    assert trace.visual_per_layer == [36, 36, 18, 9, 5, 5]
+    assert trace.visual_per_layer == [36, 36, 18, 9, 4, 4]  # int(36 * 0.5^s) of the original 36 (official)
+    paper = prefill(st3.PyramidDrop(keep=0.5, variant="paper"), model, inputs)
+    assert paper.visual_per_layer == [36, 36, 18, 9, 5, 5]  # ceil(0.5 * n) of the n still held
 
 
 def test_vtw_holds_no_visual_key_from_layer_k_on(model, inputs):

@@ -56,7 +56,7 @@ def test_dart_keeps_key_norm_pivots_and_the_least_duplicated():
     torch.manual_seed(1)
     hidden = torch.randn(1, 10, 6)
     keys = torch.randn(1, 2, 10, 3)
-    kept = S.DART(pivots=2).select(view(hidden, [5], keys))
+    kept = S.DART(pivots=2, variant="union").select(view(hidden, [5], keys))
     norms = keys[0].pow(2).sum(-1).sum(0)
     pivots = norms.topk(2).indices.tolist()
     unit = torch.nn.functional.normalize(hidden[0], dim=-1)
@@ -95,9 +95,10 @@ def test_cdpruner_relevance_moves_the_choice():
     text = torch.zeros(1, 14, dtype=torch.bool)
     text[:, 10:] = True
     hidden = torch.randn(1, 14, 8)
-    diverse = S.CDPruner(theta=0.0).select(view(hidden, [3], text=text))
-    relevant = S.CDPruner(theta=0.95).select(view(hidden, [3], text=text))
-    assert not torch.equal(diverse, relevant)
+    diverse = S.CDPruner(variant="paper", theta=0.0).select(view(hidden, [3], text=text))
+    relevant = S.CDPruner(variant="paper", theta=0.95).select(view(hidden, [3], text=text))
+    official = S.CDPruner().select(view(hidden, [3], text=text))  # kernel r S r of the negated relevance
+    assert not torch.equal(diverse, relevant) and not torch.equal(diverse, official)
 
 
 def test_cdpruner_in_the_model_is_batch_independent(model, inputs):
@@ -150,15 +151,16 @@ def test_dart_choice_does_not_flip_under_tiny_noise():
     torch.manual_seed(3)
     hidden = torch.randn(1, 24, 8)
     keys = torch.nn.functional.normalize(torch.randn(1, 2, 24, 4), dim=-1)
-    chosen = set()
-    for seed in range(6):
-        noise = torch.Generator().manual_seed(seed)
-        jitter = 1e-7 * torch.randn(keys.shape, generator=noise)
-        kept = S.DART(pivots=3).select(view(hidden + 1e-7 * torch.randn(hidden.shape, generator=noise), [8],
-                                              keys + jitter))  # fmt: skip
-        chosen.add(tuple(kept[0].nonzero().squeeze(-1).tolist()))
-    assert len(chosen) == 1
-    assert {0, 1, 2} <= set(next(iter(chosen)))  # equal norms: the pivots are the first positions
+    for variant in ("official", "union"):
+        chosen = set()
+        for seed in range(6):
+            noise = torch.Generator().manual_seed(seed)
+            jitter = 1e-7 * torch.randn(keys.shape, generator=noise)
+            kept = S.DART(pivots=3, variant=variant).select(
+                view(hidden + 1e-7 * torch.randn(hidden.shape, generator=noise), [8], keys + jitter))  # fmt: skip
+            chosen.add(tuple(kept[0].nonzero().squeeze(-1).tolist()))
+        assert len(chosen) == 1, variant
+    assert {0, 1, 2} <= set(next(iter(chosen)))  # equal L2 norms (union): the pivots are the first positions
 
 
 def grid_view(features: torch.Tensor, keep: int, side: int) -> View:

@@ -104,7 +104,8 @@ def test_budgets():
     assert Pruning.parse({"method": "raster", "keep": 1.0}).tokens(576) == 576  # the unpruned baseline
     with pytest.raises(ValueError, match=r"^st3.keep: 325 is more than an image's 324 visual tokens"):
         Pruning.parse({"method": "spread", "keep": 325}).tokens(324)
-    assert Pruning.parse({"method": "visionzip", "keep": 64}).selector(64).dominant == 54  # the paper's 54 + 10
+    zipped = Pruning.parse({"method": "visionzip", "keep": 64}).selector(64)
+    assert (zipped.dominant, zipped.patches()) == (55, 54)  # the paper's 54 patches + 10 ([CLS] counted, dropped)
 
 
 def test_the_door_to_the_selectors_imports_neither_transformers_nor_vllm():

@@ -77,14 +77,15 @@ def knob_names(name: str) -> list[str]:
     """The knobs a user may set for a method (its selector's fields, less what the plugin sets itself)."""
     build = RULES[name].build
     if build is VisionZip:
-        return ["contextual"]  # dominant = keep - contextual
+        return ["contextual"]  # dominant = keep - contextual + 1 (it counts [CLS], which LLaVA drops)
     return [f.name for f in fields(build) if f.name not in FIXED_KNOBS]
 
 
 def build(name: str, knobs: dict, keep: int) -> object:
     """The selector (or VisionZip) with `knobs`, validated by st3 itself: errors name the knob as `st3.<knob>`.
 
-    VisionZip's budget is `keep` = dominant + contextual tokens per image (its paper's 64 = 54 + 10)."""
+    VisionZip's budget is `keep` = patches + contextual tokens per image (its paper's 64 = 54 + 10): its
+    `dominant` counts [CLS] as the released code does, which LLaVA's tower output does not carry."""
     allowed = knob_names(name)
     for knob in knobs:
         if knob not in allowed:
@@ -95,7 +96,7 @@ def build(name: str, knobs: dict, keep: int) -> object:
         contextual = knobs.get("contextual", VisionZip.contextual)
         if not isinstance(contextual, int) or not 0 <= contextual < keep:
             raise ValueError(f"st3.contextual: must be an integer in [0, keep) = [0, {keep}), got {contextual!r}")
-        fixed["dominant"] = keep - contextual
+        fixed["dominant"] = keep - contextual + 1
     try:
         return RULES[name].build(**knobs, **fixed)
     except ValueError as error:
