@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from st3.adapters.base import Adapter, Grid, UnsupportedModel
+from st3.adapters.base import Adapter, Grid, MaskRule, UnsupportedModel
+from st3.adapters.gemma3 import Gemma3Adapter
 from st3.adapters.llava import LlavaAdapter
 from st3.adapters.qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, Gemma3Adapter)
 
 
 def supported_models() -> list[str]:
@@ -28,6 +29,7 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 __all__ = [
-    "Adapter", "Grid", "LlavaAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
+    "Adapter", "Gemma3Adapter", "Grid", "LlavaAdapter", "MaskRule",
+    "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
     "adapter_for", "supported_models",
 ]  # fmt: skip

@@ -33,6 +33,8 @@ class Rows:
     visual: torch.Tensor
     carried: dict[str, torch.Tensor]
     """Per-row decoder inputs the adapter names (e.g. Qwen3-VL's deepstack features)."""
+    blocks: torch.Tensor | None = None
+    """Per row, its image block (-1: none) for masks with bidirectional image blocks; None where none."""
 
     def keep(self, keep: torch.Tensor) -> Rows:
         """The rows where `keep` [B, S] holds, per sample in order, left-padded with invalid filler."""
@@ -46,6 +48,7 @@ class Rows:
             valid=gather(self.valid, index, 1) & filled,
             visual=gather(self.visual, index, 1) & filled,
             carried={name: gather(value, index, 1) for name, value in self.carried.items()},
+            blocks=None if self.blocks is None else gather(self.blocks, index, 1),
         )
 
     def without_visual(self, kept: torch.Tensor) -> Rows:
