@@ -140,9 +140,8 @@ class Adapter:
         if problems:
             raise UnsupportedModel(
                 f"st3 cannot run {self.model_name} with this decoder exactly: {'; '.join(problems)}. "
-                f"Supported decoder layers: {supported}, full causal attention without sliding window or "
-                "soft-capping. (For Mistral, set text_config.sliding_window=None if the prompts are shorter "
-                "than the window.)"
+                f"Supported decoder layers: {supported}; layer types {', '.join(self.layer_kinds)} (sliding "
+                "windows as the config declares them); no soft-capping."
             )
 
     def check_method(self, method) -> None:

@@ -70,14 +70,16 @@ def _equals_masked_reference(model, inputs, method) -> None:
         torch.testing.assert_close(logits, reference[:, start + step], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "build",
     [
         lambda: st3.get("spread", keep=10),  # no attention read
+        lambda: st3.FastV(layer=3, ratio=0.5),  # ranks by layer 2's attention: a full layer
         # scores at full layers 2 and 5; anneals on every layer, the sliding ones dropping what left their window
         lambda: st3.ST3(start_layer=3, stride=3, ratio=0.5, min_keep=2, anneal_steps=6, anneal_every=1),
     ],
-    ids=["spread", "st3-at-full-layers"],
+    ids=["spread", "fastv-after-a-full-layer", "st3-at-full-layers"],
 )
 def test_a_window_far_smaller_than_the_prompt_is_exact(narrow, build):
     model, inputs = narrow
@@ -95,7 +97,7 @@ def test_attention_a_sliding_layer_never_computed_is_refused(narrow):
     model, inputs = narrow
     with pytest.raises(ValueError, match="sliding-window layer .* never computed"):
         generate(model, inputs, st3.FastV(layer=2, ratio=0.5))  # would rank by layer 1's: a 16-column window
-    _equals_masked_reference(model, inputs, st3.FastV(layer=3, ratio=0.5))  # ranks by layer 2's: full attention
+    # FastV(layer=3) ranks by layer 2's attention, a full layer: exact (test_a_window_far_smaller_than_the_prompt...)
 
 
 def test_gemma3_refuses_attention_it_cannot_mask():
@@ -106,6 +108,7 @@ def test_gemma3_refuses_attention_it_cannot_mask():
 
 
 # ------------------------------------------------------------------------ Mistral and Qwen2 inside LLaVA
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides,refused",
     [
