@@ -45,6 +45,7 @@ class Engine:
         # What the adapter's vision hooks captured. generate() encodes images before its first forward, so
         # this is filled before the prefill that consumes (and clears) it.
         self.vision: dict = {}
+        self.rules: list = []  # each decoder layer's MaskRule, read once per prefill
 
     def capture_inputs(self, module, args, kwargs) -> None:
         """Forward pre-hook on the top-level model: remember `input_ids` to locate visual tokens."""
@@ -93,7 +94,7 @@ class Engine:
         width = embeds.shape[1]
         trace = self._new_trace(rows, embeds.dtype, note)
         layers = self.adapter.layers
-        rules = [self.adapter.mask_rule(index) for index in range(len(layers))]
+        rules = self.rules = [self.adapter.mask_rule(index) for index in range(len(layers))]
         make_prunable(cache, [rule.window for rule in rules])
         if self.method.compresses_vision and bool(rows.visual.any()):
             rows = self._compress_before_decoder(rows)
@@ -262,7 +263,7 @@ class Engine:
         call = adapter.layer_call_kwargs(cache, adapter.layer_kwargs(kwargs))
         # Nothing below waits for the device unless a layer evicts: masks are shared by the layers that hold
         # the same slots, the new slot is counted rather than recorded, counts and budgets live on the host.
-        masks, evictions, budgets, attended = DecodeMasks(adapter, cache), [], {}, []
+        masks, evictions, budgets, attended = DecodeMasks(adapter, cache, self.rules), [], {}, []
         hidden = embeds
         for index, decoder_layer in enumerate(adapter.layers):
             layer, layer_input = cache.layers[index], hidden

@@ -46,14 +46,14 @@ class DecodeMasks:
     A layer whose rule is not plain causal (a window) gets its mask evaluated from its slots' columns; the new row
     is text (st3 decodes one token per forward), so image blocks play no part at decode."""
 
-    def __init__(self, adapter, cache) -> None:
-        self.adapter, self.cache = adapter, cache
+    def __init__(self, adapter, cache, rules: list) -> None:
+        self.adapter, self.cache, self.rules = adapter, cache, rules  # rules: each layer's MaskRule
         self._masks: dict = {}
         self._skipped = False
 
     def __call__(self, index: int, hidden, layer: PrunableLayer):
         """Layer `index`'s mask for the one new row `hidden`."""
-        rule = self.adapter.mask_rule(index)
+        rule = self.rules[index]
         if not rule.causal:
             return self._ruled(rule, hidden, layer)
         if not layer.padded and self._skipped:
