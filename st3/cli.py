@@ -50,7 +50,8 @@ def demo(
 @app.command()
 def bench(
     model: str = typer.Option(
-        "llava-1.5-7b", help="Shape: llava-1.5-7b, llava-1.5-13b, llava-next-7b, qwen2.5-vl-7b, qwen3-vl-8b or tiny."
+        "llava-1.5-7b",
+        help="Shape: llava-1.5-7b, llava-1.5-13b, llava-next-7b, qwen2.5-vl-7b, qwen3-vl-8b, gemma3-4b or tiny.",
     ),
     model_dir: str = typer.Option("", help="A local LLaVA checkpoint to load instead of a random shape."),
     layers: int = typer.Option(0, help="Keep only the first N decoder layers (quick runs; reported)."),

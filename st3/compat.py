@@ -11,8 +11,8 @@ import inspect
 
 import transformers
 from packaging.version import Version
-from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.masking_utils import create_causal_mask
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "LOAD_KWARGS",
     "DynamicCache",
     "DynamicLayer",
+    "DynamicSlidingWindowLayer",
     "ENGINE_TRANSFORMERS",
     "TRANSFORMERS_VERSION",
     "cache_in",
@@ -27,6 +28,7 @@ __all__ = [
     "cache_kwargs",
     "cache_of",
     "causal_mask",
+    "mask_from_allowed",
     "decoder_output",
     "rotary",
     "take_cache",
@@ -102,6 +104,31 @@ def causal_mask(config, inputs_embeds, attention_mask, cache, layer_idx: int, pa
     return create_causal_mask(config, inputs_embeds, attention_mask, cache, layer_idx=layer_idx, **extra)
 
 
+#: Attention implementations whose mask st3 builds from an evaluated [B, Q, K] boolean (`mask_from_allowed`).
+ALLOWED_MASK_BACKENDS = ("eager", "sdpa")
+
+
+def mask_from_allowed(config, inputs_embeds, allowed):
+    """The attention mask, in the installed backend's format, that lets query row q see key k iff `allowed[b, q, k]`.
+
+    Built by transformers' own mask interface (bool for sdpa, additive float for eager) from an index-based mask
+    function that reads the evaluated tensor, so the format is whatever that release uses.
+    """
+    backend = config._attn_implementation
+    if backend not in ALLOWED_MASK_BACKENDS:
+        raise ValueError(
+            f"st3 builds this decoder's masks (sliding windows, bidirectional image blocks) for "
+            f"{' and '.join(ALLOWED_MASK_BACKENDS)} attention only, not {backend!r}: "
+            "call model.set_attn_implementation('sdpa')"
+        )
+    batch, queries, keys = allowed.shape
+    return ALL_MASK_ATTENTION_FUNCTIONS[backend](
+        batch_size=batch, q_length=queries, kv_length=keys, mask_function=lambda b, h, q, k: allowed[b, q, k],
+        attention_mask=None, allow_is_causal_skip=False, dtype=inputs_embeds.dtype, config=config, use_vmap=False,
+        device=allowed.device,
+    )  # fmt: skip
+
+
 def decoder_output(last_hidden_state, cache) -> BaseModelOutputWithPast:
     """The decoder stack's output object; its cache field is `cache` from 5.24, `past_key_values` before."""
     return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, **{CACHE_KWARG: cache})
@@ -112,6 +139,9 @@ def cache_of(output):
     return output.get(CACHE_KWARG)
 
 
-def rotary(rotary_emb, hidden, position_ids):
-    """(cos, sin) from a model's rotary module: `rotary_emb(x, position_ids)` throughout 5.x."""
-    return rotary_emb(hidden, position_ids)
+def rotary(rotary_emb, hidden, position_ids, layer_type: str | None = None):
+    """(cos, sin) from a model's rotary module: `rotary_emb(x, position_ids)` throughout 5.x; a module with
+    frequencies per layer type (Gemma 3) takes the type as a third argument."""
+    if layer_type is None:
+        return rotary_emb(hidden, position_ids)
+    return rotary_emb(hidden, position_ids, layer_type)

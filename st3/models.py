@@ -41,7 +41,7 @@ class ModelSpec:
     vision_layers: int = 1
     note: str = ""
     family: str = "llava"
-    """"llava", or a Qwen-VL family ("qwen2.5-vl", "qwen3-vl") built with its own classes."""
+    """"llava", or a Qwen-VL family ("qwen2.5-vl", "qwen3-vl") or "gemma3", built with its own classes."""
     grid: tuple[int, int] = (0, 0)
     """Qwen-VL: the image's patch grid (rows, cols) before the 2 x 2 merge."""
     head_dim: int | None = None
@@ -58,6 +58,8 @@ class ModelSpec:
 
     @property
     def visual_tokens(self) -> int:
+        if self.family == "gemma3":
+            return GEMMA3_TOKENS_PER_IMAGE
         if self.family != "llava":
             return self.grid[0] * self.grid[1] // 4
         return (self.image_size // self.patch_size) ** 2
@@ -91,6 +93,12 @@ SPECS: dict[str, ModelSpec] = {
             "qwen3-vl-8b", 4096, 36, 32, 8, 12288, 151936, image_size=0, patch_size=16, vision_hidden=1152,
             family="qwen3-vl", grid=(48, 88), head_dim=128, rope_theta=5e6,
             note="Qwen3-VL-8B-Instruct's decoder; a 768x1408 image: 48x88 patches of 16, merged 2x2 to 1056 tokens",
+        ),
+        ModelSpec(
+            "gemma3-4b", 2560, 34, 8, 4, 10240, 262208, image_size=896, vision_hidden=1152, family="gemma3",
+            head_dim=256, rope_theta=1e6, vision_heads=16, vision_intermediate=4304,
+            note="Gemma 3 4B's decoder (5 sliding-window layers of 1024 columns per full one); an 896x896 image "
+                 "pooled to 256 tokens; one SigLIP layer",
         ),
         ModelSpec("tiny", 64, 4, 4, 2, 128, 128, image_size=48, patch_size=8, vision_hidden=32,
                   note="for tests and smoke runs"),
@@ -192,14 +200,37 @@ def qwen_config(spec: ModelSpec):
                             **QWEN_IDS)  # fmt: skip
 
 
+#: Gemma 3's `mm_tokens_per_image`: every image is pooled to 16 x 16 tokens.
+GEMMA3_TOKENS_PER_IMAGE = 256
+
+
+def gemma3_config(spec: ModelSpec):
+    """A Gemma 3 config with the spec's decoder (Gemma 3's layer pattern, window and rotary) and a SigLIP tower."""
+    import transformers as tf
+
+    head_dim = spec.head_dim or spec.hidden // spec.heads
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": spec.rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}  # fmt: skip
+    text = decoder_dims(spec) | dict(head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=1024,
+                                     max_position_embeddings=131072, pad_token_id=PAD_TOKEN)  # fmt: skip
+    text["rope_parameters"] = rope
+    vision = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate or 4 * spec.vision_hidden,
+                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads or 1,
+                  image_size=spec.image_size, patch_size=spec.patch_size)  # fmt: skip
+    return tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA3_TOKENS_PER_IMAGE)
+
+
 def model_class(spec: ModelSpec):
     """The transformers class a spec's model is built with."""
     import transformers as tf
 
     return {"llava": tf.LlavaForConditionalGeneration, "qwen2.5-vl": tf.Qwen2_5_VLForConditionalGeneration,
-            "qwen3-vl": tf.Qwen3VLForConditionalGeneration}[spec.family]  # fmt: skip
+            "qwen3-vl": tf.Qwen3VLForConditionalGeneration,
+            "gemma3": tf.Gemma3ForConditionalGeneration}[spec.family]  # fmt: skip
 
 
 def config_for(spec: ModelSpec):
     """The spec's config, by family."""
+    if spec.family == "gemma3":
+        return gemma3_config(spec)
     return llava_config(spec) if spec.family == "llava" else qwen_config(spec)

@@ -472,3 +472,68 @@ def tiny_mistral3_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tenso
         attention_mask[i, width_ - len(row) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
             "image_sizes": sizes}  # fmt: skip
+
+# ------------------------------------------------------------------------------------------- Gemma 3
+GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI = 3, 4, 5
+
+
+def tiny_gemma3(*, layers: int = 6, hidden: int = 64, window: int = 56, attn: str = "sdpa", seed: int = 0):
+    """A Gemma 3 model (SigLIP tower of 2 layers, 16 tokens per image) whose decoder alternates two sliding-window
+    layers (`window` columns) and one full-attention layer, with different rotary bases per type; fp32, eval.
+
+    Its RMSNorm weights (zero at init, i.e. identity) are drawn at random so that the re-projection's norms matter,
+    and so is the projector's weight (zero at init: every image token would be the same vector, scores all tied).
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    text = dict(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=1024, sliding_window=window,
+        query_pre_attn_scalar=24, pad_token_id=PAD_TOKEN, bos_token_id=None, eos_token_id=None,
+        layer_types=["full_attention" if i % 3 == 2 else "sliding_attention" for i in range(layers)],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+    )  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4)  # fmt: skip
+    ids = dict(image_token_index=GEMMA_IMAGE, boi_token_index=GEMMA_BOI, eoi_token_index=GEMMA_EOI)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, **ids)
+    model = tf.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for module in model.model.language_model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.normal_(0.0, 0.3)
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model
+
+
+def tiny_gemma3_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch as Gemma3Processor lays it out: per sample (text before, images, text after), each image
+    its `mm_tokens_per_image` tokens between begin/end-of-image tokens; `token_type_ids` 1 on image tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    per_image = config.mm_tokens_per_image
+    vocab = config.text_config.vocab_size
+    rows, images = [], 0
+    for before, count, after in samples:
+        text = torch.randint(GEMMA_EOI + 1, vocab, (before + after,), generator=generator)
+        image = torch.tensor([GEMMA_BOI] + [GEMMA_IMAGE] * per_image + [GEMMA_EOI])
+        rows.append(torch.cat([text[:before], *[image] * count, text[before:]]))
+        images += count
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = row
+        attention_mask[i, width - len(row) :] = 1
+    size = config.vision_config.image_size
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": (input_ids == GEMMA_IMAGE).long(),
+        "pixel_values": torch.randn(images, 3, size, size, generator=generator),
+    }

@@ -2,10 +2,11 @@
 
 The unpatched model, eager attention, the full sequence (prompt + fed tokens) in one pass, every row
 computed at every layer, through the model's own forward (its embedding, image scatter, M-RoPE positions
-from its own `get_rope_index`, deepstack). Pruning is expressed only as per-layer attention masks: a query row may see a
-visual key iff the pruned run's trace says that layer held it when that row was processed (the prefill
-kept set for prompt rows, the decode forward's attended set for fed tokens). Nothing of st3's engine is
-used here.
+from its own `get_rope_index`, deepstack, Gemma 3's bidirectional image blocks and sliding windows). Pruning
+is expressed only as per-layer attention masks, intersected with each layer's OWN mask (causal, padding,
+windows, image blocks: whatever the model built): a query row may see a visual key iff the model lets it and
+the pruned run's trace says that layer held it when that row was processed (the prefill kept set for prompt
+rows, the decode forward's attended set for fed tokens). Nothing of st3's engine is used here.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def masked_forward(model, inputs: dict, trace, fed: torch.Tensor | None, rewrite
     """
     ids, attention = inputs["input_ids"], inputs["attention_mask"]
     types = inputs.get("mm_token_type_ids")
+    token_types = inputs.get("token_type_ids")  # Gemma 3: image tokens attend to their image both ways
     batch, prompt_len = ids.shape
     steps = 0 if fed is None else fed.shape[1]
     visual = torch.isin(ids, torch.tensor(visual_token_ids(model.config)))
@@ -139,23 +141,25 @@ def masked_forward(model, inputs: dict, trace, fed: torch.Tensor | None, rewrite
         attention = torch.cat([attention, torch.ones_like(fed)], dim=1)
         visual = torch.cat([visual, torch.zeros_like(fed, dtype=torch.bool)], dim=1)
         types = None if types is None else torch.cat([types, torch.zeros_like(fed)], dim=1)
+        token_types = None if token_types is None else torch.cat([token_types, torch.zeros_like(fed)], dim=1)
     length = ids.shape[1]
 
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    masks = []
+    pruned = []  # per layer [B, L, L]: False where the trace says a row could not see a visual key
     for index in range(len(decoder(model).layers)):
-        allowed = causal[None].repeat(batch, 1, 1) & attention.bool()[:, None, :]
+        allowed = torch.ones(batch, length, length, dtype=torch.bool)
         for b in range(batch):
             for row, keys in enumerate(visible_visual_keys(trace, index, b, prompt_len, steps)):
                 hidden_visual = visual[b].clone()
                 hidden_visual[list(keys)] = False
                 allowed[b, row] &= ~hidden_visual
-        lowest = torch.finfo(torch.float32).min
-        masks.append(torch.zeros(batch, 1, length, length).masked_fill(~allowed[:, None], lowest))
+        pruned.append(allowed)
 
     def set_mask(index):
         def hook(module, args, kwargs):
-            return args, {**kwargs, "attention_mask": masks[index]}
+            own = kwargs["attention_mask"]  # the eager model's additive mask for this layer, [B, 1, L, L]
+            assert own is not None and own.shape == (batch, 1, length, length), "expected the model's eager mask"
+            lowest = torch.finfo(own.dtype).min
+            return args, {**kwargs, "attention_mask": own.masked_fill(~pruned[index][:, None], lowest)}
 
         return hook
 
@@ -166,7 +170,7 @@ def masked_forward(model, inputs: dict, trace, fed: torch.Tensor | None, rewrite
 
         def embed_fed(module, args, output):
             output = output.clone()
-            output[where] = module.weight[fed[fed_visual]].to(output.dtype)
+            output[where] = type(module).forward(module, fed[fed_visual]).to(output.dtype)  # bypasses this hook
             return output
 
         hooks.append(model.get_input_embeddings().register_forward_hook(embed_fed))
@@ -178,8 +182,10 @@ def masked_forward(model, inputs: dict, trace, fed: torch.Tensor | None, rewrite
             return args, {**kwargs, "inputs_embeds": embeds}
 
         hooks.append(lm.register_forward_pre_hook(rewrite_embeds, with_kwargs=True))
-    vision = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    vision = {k: v for k, v in inputs.items()
+              if k not in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")}  # fmt: skip
     extra = {} if types is None else {"mm_token_type_ids": types}
+    extra.update({} if token_types is None else {"token_type_ids": token_types})
     try:
         return model(input_ids=ids, attention_mask=attention, position_ids=full_positions(model, inputs, ids, attention,
                      types), use_cache=False, **vision, **extra).logits  # fmt: skip

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from st3.adapters.base import Adapter, Grid, UnsupportedModel
+from st3.adapters.base import Adapter, Grid, MaskRule, UnsupportedModel
+from st3.adapters.gemma3 import Gemma3Adapter
 from st3.adapters.idefics3 import Idefics3Adapter
 from st3.adapters.internvl import InternVLAdapter
 from st3.adapters.llava import LlavaAdapter
@@ -15,7 +16,7 @@ from st3.adapters.qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter, Qwen25VLAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, LlavaNextAdapter, LlavaOnevisionAdapter,
-    InternVLAdapter, Idefics3Adapter, Mistral3Adapter,
+    InternVLAdapter, Idefics3Adapter, Mistral3Adapter, Gemma3Adapter,
 )  # fmt: skip
 
 
@@ -36,8 +37,8 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 __all__ = [
-    "Adapter", "Grid", "Idefics3Adapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter",
-    "LlavaOnevisionAdapter", "Mistral3Adapter",
+    "Adapter", "Gemma3Adapter", "Grid", "Idefics3Adapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter",
+    "LlavaOnevisionAdapter", "MaskRule", "Mistral3Adapter",
     "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
     "adapter_for", "supported_models",
 ]  # fmt: skip

@@ -28,6 +28,26 @@ class UnsupportedModel(TypeError):
 
 
 @dataclass(frozen=True)
+class MaskRule:
+    """Which keys a query row may see in one kind of layer, composed as transformers' `masking_utils` composes it:
+    (causal OR same image block) AND inside the window AND not padding.
+
+    The engine evaluates it on ORIGINAL prompt columns (every row and cache slot keeps its column), never on slot
+    indices: after pruning a layer holds fewer slots than columns, and a window counts columns, as the model does.
+    """
+
+    window: int | None = None
+    """Sliding window: a key at column k is visible from column q only if k > q - window (`sliding_window_overlay`)."""
+    blocks: bool = False
+    """Rows of one image block see each other both ways (`blockwise_overlay`), where the prompt has blocks."""
+
+    @property
+    def causal(self) -> bool:
+        """Plain causal attention: the mask transformers builds from slot order (equal: slots keep column order)."""
+        return self.window is None and not self.blocks
+
+
+@dataclass(frozen=True)
 class Grid:
     """How one image or video of a sample lays out its visual tokens: `frames` x `rows` x `cols`, raster order.
 
@@ -82,6 +102,8 @@ class Adapter:
     decoder_layers: dict[str, str] = {}
     #: Keyword arguments that reach the decoder stack from the top-level model but that no layer takes.
     ignored_kwargs: tuple[str, ...] = ()
+    #: Layer types (`config.layer_types`) this adapter declares a `mask_rule` for.
+    layer_kinds: tuple[str, ...] = ("full_attention",)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -114,6 +136,9 @@ class Adapter:
         supported = ", ".join(f"{layer} ({attn})" for layer, attn in self.decoder_layers.items())
         config = self.text_config
         problems = []
+        kinds = set(self.layer_types)
+        if not kinds <= set(self.layer_kinds):
+            problems.append(f"layer types {sorted(kinds)} (supported: {', '.join(self.layer_kinds)})")
         for index, layer in enumerate(self.layers):
             layer_name, attn = type(layer).__name__, getattr(layer, "self_attn", None)
             expected = self.decoder_layers.get(layer_name)
@@ -131,22 +156,19 @@ class Adapter:
                     "weight-only or per-token activation quantization, e.g. torchao's, is supported)"
                 )
             window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
-            if window is not None:
+            declared = self.mask_rule(index).window if not problems else None
+            if window != declared:
                 problems.append(f"layer {index} uses sliding-window attention (window {window})")
             if problems:
                 break
-        kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-        if kinds != {"full_attention"}:
-            problems.append(f"layer types {sorted(kinds)} (only full attention is supported)")
         for knob in ("attn_logit_softcapping", "attention_logit_softcapping"):
             if getattr(config, knob, None) is not None:
                 problems.append(f"attention soft-capping ({knob}={getattr(config, knob)})")
         if problems:
             raise UnsupportedModel(
                 f"st3 cannot run {self.model_name} with this decoder exactly: {'; '.join(problems)}. "
-                f"Supported decoder layers: {supported}, full causal attention without sliding window or "
-                "soft-capping. (For Mistral, set text_config.sliding_window=None if the prompts are shorter "
-                "than the window.)"
+                f"Supported decoder layers: {supported}; layer types {', '.join(self.layer_kinds)} (sliding "
+                "windows as the config declares them); no soft-capping."
             )
 
     def check_method(self, method) -> None:
@@ -184,6 +206,29 @@ class Adapter:
         when no key is padding (known on the host, so transformers' own padding check need not sync)."""
         return compat.causal_mask(self.text_config, hidden, valid, cache, index, padded=valid is not None)
 
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        """Each decoder layer's type (`config.layer_types`; a model without them is all full attention)."""
+        return tuple(getattr(self.text_config, "layer_types", None) or ("full_attention",) * len(self.layers))
+
+    def mask_rule(self, index: int) -> MaskRule:
+        """Which keys layer `index`'s rows may see (see `MaskRule`); default: plain causal."""
+        return MaskRule()
+
+    def padding_mask(self, attention_mask, inputs: dict) -> torch.Tensor | None:
+        """The 2-D padding mask [B, columns] of a decoder call. A model that prepares its decoder's masks itself
+        (a dict of 4-D masks, one per layer type) hands the decoder no 2-D mask: read the top-level call's."""
+        return inputs.get("attention_mask") if isinstance(attention_mask, dict) else attention_mask
+
+    def row_blocks(self, inputs: dict, visual: torch.Tensor) -> torch.Tensor | None:
+        """LongTensor [B, S]: each prompt column's image block (-1: none) for `MaskRule.blocks`; None: no blocks."""
+        return None
+
+    def layer_rotary(self, index: int, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s (cos, sin) [B, R, head_dim] out of what `rotary` returned for the same rows (a family
+        with rotary per layer type returns every type's at once, [B, R, types, head_dim], and picks here)."""
+        return cos, sin
+
     def layer_call_kwargs(self, cache, kwargs: dict) -> dict:
         """Keyword arguments of every decoder layer call in one forward (besides mask and rotary); built once."""
         return {"use_cache": True, **compat.cache_kwargs(cache), **kwargs}
@@ -210,11 +255,11 @@ class Adapter:
 
     def project_queries(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotated query rows [B, heads, R, head_dim] of layer `layer` for its input rows `hidden` [B, R, H]."""
-        return rotate(self._project(layer, "q_proj", "q_norm", hidden), cos, sin)
+        return rotate(self._project(layer, "q_proj", "q_norm", hidden), *self.layer_rotary(layer, cos, sin))
 
     def project_keys(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotated key rows [B, kv_heads, R, head_dim] of layer `layer` (as the layer would cache them)."""
-        return rotate(self._project(layer, "k_proj", "k_norm", hidden), cos, sin)
+        return rotate(self._project(layer, "k_proj", "k_norm", hidden), *self.layer_rotary(layer, cos, sin))
 
     def attention_scaling(self, layer: int) -> float:
         """The factor applied to q.k in layer `layer`."""

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from st3.adapters.base import Adapter, Grid
+from st3.adapters.base import Adapter, Grid, MaskRule
 
 
 class LlavaAdapter(Adapter):
@@ -21,6 +21,19 @@ class LlavaAdapter(Adapter):
         "Qwen3DecoderLayer": "Qwen3Attention",  # q_norm / k_norm, applied by the re-projection
     }
     compresses_vision = True
+    layer_kinds = ("full_attention", "sliding_attention")  # Mistral's and Qwen2's windows, counted in columns
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        """Mistral has no `layer_types`: with `sliding_window` set, every layer slides (its model's convention)."""
+        config = self.text_config
+        if getattr(config, "layer_types", None) is None and getattr(config, "sliding_window", None) is not None:
+            return ("sliding_attention",) * len(self.layers)
+        return super().layer_types
+
+    def mask_rule(self, index: int) -> MaskRule:
+        sliding = self.layer_types[index] == "sliding_attention"
+        return MaskRule(window=self.text_config.sliding_window if sliding else None)
 
     @property
     def language_model(self) -> nn.Module:

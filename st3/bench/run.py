@@ -218,6 +218,8 @@ def meta(config: BenchConfig, model, shape, source: dict, device: torch.device, 
         depth = getattr(vision, "num_hidden_layers", None) or vision.depth
         kind, real = ("CLIP", "LLaVA's: 24 of width 1024") if hasattr(vision, "num_hidden_layers") else (
             "ViT", "the real tower has 32 (Qwen2.5-VL) or 27 (Qwen3-VL)")  # fmt: skip
+        if getattr(vision, "model_type", "") == "siglip_vision_model":
+            kind, real = "SigLIP", "Gemma 3's: 27"
         notes.append(
             f"random weights; vision tower: {depth} {kind} layer(s) of width {vision.hidden_size} ({real}), "
             "projector at the model's shape; its cost is paid alike by every method, so measured speed-ups are "

@@ -166,11 +166,14 @@ def bench_inputs(
     size = config.vision_config.image_size
     device, dtype = model.device, model.dtype
     pixel_values = torch.randn(batch_size, 3, size, size, generator=generator).to(device, dtype)
-    return {
+    inputs = {
         "input_ids": input_ids.to(device),
         "attention_mask": torch.ones_like(input_ids, device=device),
         "pixel_values": pixel_values,
     }
+    if getattr(config, "mm_tokens_per_image", None) is not None:  # Gemma 3: each image attends to itself both ways
+        inputs["token_type_ids"] = (input_ids == image_token).long().to(device)
+    return inputs
 
 
 def qwen_bench_inputs(model, batch_size: int, text_before: int, text_after: int, generator) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from st3.compat import DynamicCache, DynamicLayer
+from st3.compat import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 
 def pack_index(
@@ -86,11 +86,12 @@ def _blocks(lead: torch.Size, device: torch.device) -> torch.Tensor:
     return blocks
 
 
-def make_prunable(cache: DynamicCache, num_layers: int) -> None:
-    """Give an empty cache one `PrunableLayer` per decoder layer; refuse layer kinds st3 cannot prune."""
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
-        raise TypeError("st3 supports full-attention DynamicCache layers only (no sliding window or offloading)")
-    cache.layers[:] = [PrunableLayer() for _ in range(num_layers)]
+def make_prunable(cache: DynamicCache, windows: list[int | None]) -> None:
+    """Give an empty cache one `PrunableLayer` per decoder layer, with that layer's sliding window (None: full
+    attention); refuse layer kinds st3 cannot prune (offloaded, quantized, static)."""
+    if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
+        raise TypeError("st3 supports DynamicCache layers only (full or sliding-window; no offloading or quantizing)")
+    cache.layers[:] = [PrunableLayer(window) for window in windows]
 
 
 class PrunableLayer(DynamicLayer):
@@ -105,8 +106,13 @@ class PrunableLayer(DynamicLayer):
 
     is_croppable = False  # generate() (5.24+) consults this before cropping; a pruned cache cannot be cropped
 
-    def __init__(self) -> None:
+    def __init__(self, window: int | None = None) -> None:
         super().__init__()
+        # A sliding-window layer counts its window in ORIGINAL columns (as the model's mask does), not in slots: a
+        # slot at column k is visible from column q iff k > q - window. It holds every slot it was given (the mask
+        # hides those beyond the window) until `drop_outside_window` removes the ones no later token can see.
+        self.window = window
+        self.is_sliding = window is not None
         # The recorded slots [B, S0]; the `appended` decode slots after them are implied (see the module doc).
         self._columns: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
@@ -133,14 +139,17 @@ class PrunableLayer(DynamicLayer):
         real: list[int],
         held: list[int],
         accumulate: bool,
+        width: int | None = None,
     ) -> None:
         """After this layer's prefill: describe the slots it holds (host counts `real`, `held`), and start decoding.
 
         accumulate: keep the attention each slot receives while decoding (`receive`), for rules that read it.
+        width: the prompt's columns (default: the slots'), so that decode slots get their true columns even in a
+        layer that holds fewer slots (windows and the next token's position count columns).
         """
         self.record(columns, valid, visual, real=real, held=held)
         self.held_after_prefill = held
-        self.next_column, self.steps = columns.shape[-1], 0
+        self.next_column, self.steps = columns.shape[-1] if width is None else width, 0
         self.received = torch.zeros(valid.shape, device=valid.device) if accumulate else None
 
     def step(self) -> None:
@@ -157,6 +166,16 @@ class PrunableLayer(DynamicLayer):
     def receive(self, attention: torch.Tensor) -> None:
         """Add one decode step's attention [B, S] to what each slot received."""
         self.received = self.received + attention
+
+    def drop_outside_window(self) -> None:
+        """Sliding window: remove the slots the next token (and so every later one) cannot see, columns <=
+        next_column - window. Exact: windows only move forward, so those slots are never attended again. Reads
+        the kept counts from the device (one sync), so the engine calls it only before an eviction."""
+        if self.window is None or self.next_column - self.window < 0:
+            return
+        inside = self.columns > self.next_column - self.window
+        if not bool(inside.all()):
+            self.keep(inside)
 
     def evict(self, selected: torch.Tensor, budget: list[int]) -> None:
         """Keep the visual slots where `selected` [B, S] holds (min(held, budget) per sample) and every other slot."""

@@ -1,9 +1,10 @@
 """The language-model loop that removes visual tokens for real.
 
 It replaces the decoder stack's `forward` while a method is applied. Compared with the stock loop it:
-- builds each layer's attention mask from that layer's own cache (layers hold different tokens);
-- computes rotary embeddings once from true positions and gathers them with the surviving rows, so every
-  survivor keeps its original position (cached keys carry their rotation already);
+- builds each layer's attention mask from that layer's own cache (layers hold different tokens), per the
+  adapter's `MaskRule` of that layer (causal, sliding window, bidirectional image blocks) over original columns;
+- computes rotary embeddings once from true positions (every layer type's) and gathers them with the surviving
+  rows, so every survivor keeps its original position (cached keys carry their rotation already);
 - at the layers the method names, ranks the visual tokens by re-projected attention and gathers the
   surviving rows of the hidden states (prefill), or drops entries from a layer's KV cache (decode).
 Everything model-specific is the adapter's; every decision (how many, which) is the method's (`Policy`).
@@ -20,7 +21,7 @@ from st3 import compat
 from st3.adapters.base import Adapter
 from st3.compat import DynamicCache
 from st3.engine.cache import PrunableLayer, gather, make_prunable, pack_index
-from st3.engine.masks import DecodeMasks
+from st3.engine.masks import DecodeMasks, allowed, rule_mask
 from st3.engine.rows import Rows
 from st3.engine.scoring import attention_of_one_row, attention_received
 from st3.selectors.view import View
@@ -44,6 +45,7 @@ class Engine:
         # What the adapter's vision hooks captured. generate() encodes images before its first forward, so
         # this is filled before the prefill that consumes (and clears) it.
         self.vision: dict = {}
+        self.rules: list = []  # each decoder layer's MaskRule, read once per prefill
 
     def capture_inputs(self, module, args, kwargs) -> None:
         """Forward pre-hook on the top-level model: remember `input_ids` to locate visual tokens."""
@@ -79,6 +81,7 @@ class Engine:
             if kwargs.pop(name, None):
                 raise ValueError(f"{name}=True is not supported while a token-trimming method is applied")
         kwargs.pop("return_dict", None)
+        attention_mask = adapter.padding_mask(attention_mask, self.inputs)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"st3 needs a 2-D padding mask [batch, tokens]; got a {attention_mask.dim()}-D one")
         embeds = adapter.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -93,31 +96,43 @@ class Engine:
     # ------------------------------------------------------------------------------------- prefill
     def _prefill(self, embeds, attention_mask, position_ids, cache: DynamicCache, kwargs) -> torch.Tensor:
         rows, note = self._prompt_rows(embeds, attention_mask, position_ids, kwargs)
+        width = embeds.shape[1]
         trace = self._new_trace(rows, embeds.dtype, note)
         layers = self.adapter.layers
-        make_prunable(cache, len(layers))
+        rules = self.rules = [self.adapter.mask_rule(index) for index in range(len(layers))]
+        make_prunable(cache, [rule.window for rule in rules])
         if self.method.compresses_vision and bool(rows.visual.any()):
             rows = self._compress_before_decoder(rows)
         call = self.adapter.layer_call_kwargs(cache, self.adapter.layer_kwargs(kwargs))
-        counts, mask, previous = rows.counts(), None, rows.hidden
+        counts, masks, previous = rows.counts(), {}, rows.hidden
         for index, decoder_layer in enumerate(layers):
             keep = self.method.prefill_keep(index, len(layers), counts.visual)
             if keep is not None and bool((keep < counts.visual).any()):
                 view = self._prefill_view(index, rows, previous, cache, keep)
                 rows = rows.without_visual(self.method.choose(view))
-                counts, mask = rows.counts(), None
-            if mask is None:  # every layer until the next removal holds the same rows: one mask for all
-                mask = self.adapter.layer_mask(index, rows.hidden, rows.valid if counts.padded else None, cache)
+                counts, masks = rows.counts(), {}
+            rule = rules[index]
+            if rule not in masks:  # the layers of one rule hold the same rows until the next removal: one mask
+                masks[rule] = self._prefill_mask(index, rule, rows, counts.padded, cache)
             previous = rows.hidden
-            hidden = decoder_layer(rows.hidden, attention_mask=mask, position_embeddings=(rows.cos, rows.sin), **call)
+            rotary = self.adapter.layer_rotary(index, rows.cos, rows.sin)
+            hidden = decoder_layer(rows.hidden, attention_mask=masks[rule], position_embeddings=rotary, **call)
             rows.hidden = self.adapter.after_layer(index, hidden, rows.carried)
             cache.layers[index].end_prefill(
-                rows.columns, rows.valid, rows.visual, counts.real, counts.held, self.method.accumulates
+                rows.columns, rows.valid, rows.visual, counts.real, counts.held, self.method.accumulates, width
             )
             trace.log_prefill_layer(rows.columns, rows.valid, rows.visual)
         trace.explain(self.method)  # why a sample kept every visual token, if one did
         self._measure_kv(cache)
         return rows.hidden
+
+    def _prefill_mask(self, index: int, rule, rows: Rows, padded: bool, cache):
+        """Layer `index`'s prefill mask: transformers' causal mask where the rule is plain causal (slots keep column
+        order, so slot order is column order), else the rule evaluated over the rows' columns and blocks."""
+        if rule.causal:
+            return self.adapter.layer_mask(index, rows.hidden, rows.valid if padded else None, cache)
+        valid = rows.valid if padded else None
+        return rule_mask(self.adapter, rule, rows.hidden, rows.columns, rows.columns, valid, rows.blocks, rows.blocks)
 
     def _prompt_rows(self, embeds, attention_mask, position_ids, kwargs) -> tuple[Rows, str]:
         """The prompt's rows (positions, rotary, visual flags, carried inputs), and why nothing can be pruned."""
@@ -131,10 +146,11 @@ class Engine:
         if position_ids is None:
             position_ids = self.adapter.default_positions(attention_mask, 0, batch, length, device)
         position_ids = position_ids.expand(*position_ids.shape[:-2], batch, length)
-        cos, sin = (t.expand(batch, -1, -1) for t in self.adapter.rotary(embeds, position_ids))
+        cos, sin = (t.expand(batch, *t.shape[1:]) for t in self.adapter.rotary(embeds, position_ids))
         columns = torch.arange(length, device=device).expand(batch, length)
         carried = self.adapter.row_inputs(kwargs, visual & valid)
-        return Rows(embeds, cos, sin, position_ids, columns, valid, visual & valid, carried), note
+        blocks = self.adapter.row_blocks(self.inputs, visual & valid)
+        return Rows(embeds, cos, sin, position_ids, columns, valid, visual & valid, carried, blocks), note
 
     def _visual_mask(self, batch: int, length: int, device) -> tuple[torch.Tensor, str]:
         ids = self.input_ids
@@ -220,9 +236,27 @@ class Engine:
         queries = adapter.project_queries(
             scored, gather(previous, picked, 1), gather(rows.cos, picked, 1), gather(rows.sin, picked, 1)
         )
-        query_columns = gather(rows.columns, picked, 1)
-        visible = rows.valid[:, None, :] & (rows.columns[:, None, :] <= query_columns[:, :, None])
+        rule = adapter.mask_rule(scored)
+        query_blocks = None if rows.blocks is None else gather(rows.blocks, picked, 1)
+        visible = allowed(rule, gather(rows.columns, picked, 1), rows.columns, rows.valid, query_blocks, rows.blocks)
+        if rule.window is not None and rows.columns.shape[-1] > rule.window:
+            self._check_window_covers(scored, rule.window, rows, visible, picked_valid)
         return attention_received(queries, keys, adapter.attention_scaling(scored), visible, picked_valid)
+
+    @staticmethod
+    def _check_window_covers(scored: int, window: int, rows: Rows, visible, picked_valid) -> None:
+        """Refuse to rank visual tokens by a sliding layer's attention when some lie outside the window of every
+        query row: that layer computed no attention for them (a score of 0 would drop them for being far, not
+        for being unimportant, and ties among them would be broken by position)."""
+        weighted = visible if picked_valid is None else visible & picked_valid[:, :, None].bool()
+        unseen = rows.visual & ~weighted.any(1)
+        if bool(unseen.any()):
+            raise ValueError(
+                f"the method ranks visual tokens by layer {scored}'s attention, a sliding-window layer (window "
+                f"{window} columns) whose query rows never attended to {int(unseen.sum())} of them: that attention "
+                "was never computed. Score at a full-attention layer (prune one layer after it), use query rows "
+                "inside the window, or a method that does not read attention (e.g. spread, divprune)"
+            )
 
     # -------------------------------------------------------------------------------------- decode
     def _decode(self, embeds, attention_mask, position_ids, cache: DynamicCache, kwargs) -> torch.Tensor:
@@ -238,22 +272,25 @@ class Engine:
         step = first.steps + 1  # this forward's number since prefill
         if position_ids is None:
             position_ids = adapter.default_positions(attention_mask, first.next_column, batch, 1, embeds.device)
-        cos, sin = adapter.rotary(embeds, position_ids)
+        cos, sin = adapter.rotary(embeds, position_ids)  # every layer type's; each layer takes its own below
         call = adapter.layer_call_kwargs(cache, adapter.layer_kwargs(kwargs))
         # Nothing below waits for the device unless a layer evicts: masks are shared by the layers that hold
         # the same slots, the new slot is counted rather than recorded, counts and budgets live on the host.
-        masks, evictions, budgets, attended = DecodeMasks(adapter, cache), [], {}, []
+        masks, evictions, budgets, attended = DecodeMasks(adapter, cache, self.rules), [], {}, []
         hidden = embeds
         for index, decoder_layer in enumerate(adapter.layers):
             layer, layer_input = cache.layers[index], hidden
-            hidden = decoder_layer(hidden, attention_mask=masks(index, hidden, layer), position_embeddings=(cos, sin),
-                                   **call)  # fmt: skip
+            hidden = decoder_layer(hidden, attention_mask=masks(index, hidden, layer),
+                                   position_embeddings=adapter.layer_rotary(index, cos, sin), **call)  # fmt: skip
             layer.step()
             attended.append(self._attended(layer))
             current = self._current_attention(index, layer, layer_input, cos, sin) if method.accumulates else None
             if current is not None:
                 layer.receive(current)
             budget = method.host_decode_budget(index, step, layer.held_after_prefill)
+            if budget is not None and any(h > b for h, b in zip(layer.held, budget)) and layer.window is not None:
+                layer.drop_outside_window()  # what no later token can see is gone first; eviction ranks the rest
+                current = None  # computed over the slots before the drop
             if budget is not None and any(h > b for h, b in zip(layer.held, budget)):
                 evictions.append(self._evict(index, layer, layer_input, cos, sin, budget, current, budgets))
         if evictions and not method.evicts_exactly:  # one sync for every evicting layer of the step
@@ -273,7 +310,11 @@ class Engine:
         """Attention [B, S] the token being written gives each slot of `layer` (its own included)."""
         queries = self.adapter.project_queries(index, layer_input, cos, sin)
         scaling = self.adapter.attention_scaling(index)
-        return attention_of_one_row(queries, layer.keys, scaling, layer.valid if layer.padded else None)
+        visible = layer.valid if layer.padded else None
+        if layer.window is not None:  # the new row's window over original columns (it is at next_column - 1 now)
+            inside = layer.columns > layer.next_column - 1 - layer.window
+            visible = inside if visible is None else visible & inside
+        return attention_of_one_row(queries, layer.keys, scaling, visible)
 
     def _evict(self, index: int, layer: PrunableLayer, layer_input, cos, sin, budget: list[int], current,
                budgets: dict) -> tuple[torch.Tensor, View]:  # fmt: skip

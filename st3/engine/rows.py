@@ -36,6 +36,8 @@ class Rows:
     image_end: torch.Tensor | None = None
     """[B, 1]: the prompt's last visual column, fixed when the prefill starts (text tokens between images, e.g.
     Mistral3's [IMG_BREAK], never become the instruction when the visual rows after them leave)."""
+    blocks: torch.Tensor | None = None
+    """Per row, its image block (-1: none) for masks with bidirectional image blocks; None where none."""
 
     def __post_init__(self) -> None:
         if self.image_end is None:
@@ -54,6 +56,7 @@ class Rows:
             visual=gather(self.visual, index, 1) & filled,
             carried={name: gather(value, index, 1) for name, value in self.carried.items()},
             image_end=self.image_end,
+            blocks=None if self.blocks is None else gather(self.blocks, index, 1),
         )
 
     def without_visual(self, kept: torch.Tensor) -> Rows:

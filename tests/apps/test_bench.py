@@ -24,7 +24,7 @@ from st3.bench.report import markdown, write_json, write_plot
 from st3.bench.shapes import bench_inputs, build_model
 from st3.cli import app
 from st3.compat import cache_of
-from st3.models import ModelSpec, llava_config, spec_for
+from st3.models import ModelSpec, config_for, llava_config, spec_for
 from st3.spec import Choice, parse
 
 
@@ -301,3 +301,25 @@ def test_bad_options_fail_before_building():
         BenchConfig(attn="flash")
     run = CliRunner().invoke(app, ["bench", "--model", "tiny", "--repeats", "0"])
     assert run.exit_code != 0 and "--repeats" in run.output
+
+
+def test_gemma3_shape():
+    from st3.adapters import adapter_for
+    from st3.models import model_class
+
+    spec = spec_for("gemma3-4b")
+    with init_empty_weights():
+        model = model_class(spec)(config_for(spec))
+    assert adapter_for(model).shape == Shape(34, 2560, 10240, 8, 4, 256) and spec.visual_tokens == 256
+    assert model.config.text_config.layer_types.count("full_attention") == 5  # one full layer in six
+    tiny = replace(spec, hidden=64, layers=3, heads=4, kv_heads=2, intermediate=128, vocab=262208, vision_hidden=32,
+                   vision_heads=2, vision_intermediate=64, head_dim=16, image_size=64, patch_size=4)  # fmt: skip
+    model = build_model(tiny, torch.float32)
+    inputs = bench_inputs(model, 2, 3, 4)
+    assert int(inputs["token_type_ids"].sum()) == 2 * 256
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        method = st3.FastV(layer=1, ratio=0.5)
+        with method(model):
+            pruned = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape == pruned.shape and method.trace.visual_tokens == [256, 256]

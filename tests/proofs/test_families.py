@@ -21,6 +21,8 @@ from st3.adapters import UnsupportedModel, adapter_for
 from st3.compat import cache_kwargs as compat_cache
 from st3.compat import cache_of
 from st3.testing import (
+    tiny_gemma3,
+    tiny_gemma3_inputs,
     tiny_idefics3,
     tiny_idefics3_inputs,
     tiny_inputs,
@@ -51,6 +53,10 @@ INTERNVL_BATCH = ((4, 6, [1]), (2, 9, [3]), (5, 3, [1, 1]))
 IDEFICS3_BATCH = ((4, 6, 1), (2, 9, 3), (5, 3, 2))
 #: (text before, text after, image (height, width)): 4 x 6, 6 x 6 and 8 x 5 merged patches (24, 36, 40 tokens).
 MISTRAL3_BATCH = ((4, 6, (32, 48)), (2, 9, (48, 48)), (5, 3, (64, 40)))
+#: (text before, images, text after): 16, 32 and 48 visual tokens; 31, 43 and 61 tokens. With tiny_gemma3's window
+#: of 56 columns the last prompt's early text leaves the sliding layers' window at prefill, and its first image
+#: leaves it while decoding; every prompt's last token still sees every image (attention scoring is defined).
+GEMMA_BATCH = ((8, 1, 5), (3, 2, 4), (5, 3, 2))
 
 
 def llava_single(inputs: dict, b: int) -> dict:
@@ -89,6 +95,15 @@ def internvl_single(inputs: dict, b: int) -> dict:
     out = {k: inputs[k][b : b + 1, keep] for k in ("input_ids", "attention_mask")}
     start = sum(sum(sample[2]) for sample in INTERNVL_BATCH[:b])
     return out | {"pixel_values": inputs["pixel_values"][start : start + sum(INTERNVL_BATCH[b][2])]}
+
+
+def gemma_single(inputs: dict, b: int) -> dict:
+    """Sample b without padding, with its own images (GEMMA_BATCH's counts, in order)."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b : b + 1, keep] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    start = sum(count for _, count, _ in GEMMA_BATCH[:b])
+    out["pixel_values"] = inputs["pixel_values"][start : start + GEMMA_BATCH[b][1]]
+    return out
 
 
 def qwen_single(inputs: dict, b: int) -> dict:
@@ -174,6 +189,9 @@ FAMILIES = {
         per_image_single,
         QWEN_REFUSED,
         NEW_FAMILY_FAST,
+    ),
+    "gemma3": Family(
+        lambda attn: tiny_gemma3(attn=attn), lambda m: tiny_gemma3_inputs(m, GEMMA_BATCH), gemma_single, QWEN_REFUSED,
     ),
 }
 
@@ -353,16 +371,11 @@ def test_qwen_vl_refuses_visual_tokens_without_mm_token_type_ids():
         model.generate(**bare, max_new_tokens=2)
 
 
-@pytest.mark.parametrize(
-    "overrides,phrase",
-    [
-        (dict(text_model="mistral", sliding_window=16), "sliding-window attention \\(window 16\\)"),
-        (dict(text_model="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2), "sliding"),
-    ],
-)
-def test_llava_refuses_decoders_it_cannot_reproject(overrides, phrase):
-    model = tiny_llava(layers=3, **overrides)
-    with pytest.raises(UnsupportedModel, match=phrase) as error:
+def test_llava_refuses_a_window_its_config_does_not_declare():
+    # Sliding windows that the config declares (Mistral, Qwen2) run exactly: tests/proofs/test_windows.py.
+    model = tiny_llava(layers=3, text_model="qwen2")
+    model.model.language_model.layers[1].self_attn.sliding_window = 8
+    with pytest.raises(UnsupportedModel, match="layer 1 uses sliding-window attention \\(window 8\\)") as error:
         st3.FastV(layer=1)(model)
     assert "Supported decoder layers: LlamaDecoderLayer" in str(error.value)
 
