@@ -29,7 +29,7 @@ class LlavaAdapter(Adapter):
         config = self.text_config
         if getattr(config, "layer_types", None) is None and getattr(config, "sliding_window", None) is not None:
             return ("sliding_attention",) * len(self.layers)
-        return super().layer_types
+        return Adapter.layer_types.fget(self)  # explicit: Mistral3's adapter borrows this property
 
     def mask_rule(self, index: int) -> MaskRule:
         sliding = self.layer_types[index] == "sliding_attention"

@@ -5,8 +5,8 @@ What differs from LLaVA, and where it is handled:
 - images keep their own size: an image is rows x cols merged patches (`image_sizes` // (patch x merge)), each
   row of image tokens followed by an `[IMG_BREAK]` text token, the last by `[IMG_END]`: an image is the next
   runs of image tokens that hold its count (`image_layout`), one `Grid(1, rows, cols)`.
-- Mistral's `sliding_window` (4096 in the stock config) is refused by the base decoder check until st3 supports
-  sliding-window attention: with it set, attention beyond the window differs from full attention.
+- Mistral's `sliding_window` (4096 in the stock config): every layer slides, declared as LLaVA declares it (a
+  window counts original columns; docs/families.md, Gemma 3 section).
 - compression before the decoder (VisionZip) is refused: Pixtral has no [CLS] token to rank patches by.
 """
 
@@ -20,10 +20,13 @@ from st3.adapters.llava import LlavaAdapter
 
 
 class Mistral3Adapter(Adapter):
-    """`Mistral3ForConditionalGeneration` with a Mistral or Llama decoder without sliding window."""
+    """`Mistral3ForConditionalGeneration` with a Mistral (sliding window or not) or Llama decoder."""
 
     model_classes = ("Mistral3ForConditionalGeneration",)
     decoder_layers = LlavaAdapter.decoder_layers
+    layer_kinds = LlavaAdapter.layer_kinds
+    layer_types = LlavaAdapter.layer_types  # the same decoders, so the same window convention
+    mask_rule = LlavaAdapter.mask_rule
 
     @property
     def language_model(self) -> nn.Module:

@@ -150,7 +150,7 @@ class Engine:
         columns = torch.arange(length, device=device).expand(batch, length)
         carried = self.adapter.row_inputs(kwargs, visual & valid)
         blocks = self.adapter.row_blocks(self.inputs, visual & valid)
-        return Rows(embeds, cos, sin, position_ids, columns, valid, visual & valid, carried, blocks), note
+        return Rows(embeds, cos, sin, position_ids, columns, valid, visual & valid, carried, blocks=blocks), note
 
     def _visual_mask(self, batch: int, length: int, device) -> tuple[torch.Tensor, str]:
         ids = self.input_ids

@@ -13,7 +13,7 @@ import torch
 from cases import generate
 
 import st3
-from st3.adapters import Grid, UnsupportedModel, adapter_for
+from st3.adapters import Grid, adapter_for
 from st3.selectors.layout import grid_layout, lattice_cells, strata
 from st3.testing import (
     tiny_idefics3,
@@ -139,11 +139,19 @@ def test_mistral3_layout_reads_rows_between_image_breaks():
     assert generate_layout(model, inputs) == expected
 
 
-def test_mistral3_sliding_window_is_refused_clearly():
-    model = tiny_mistral3(layers=2, sliding_window=4096)
-    with pytest.raises(UnsupportedModel, match="sliding-window attention \\(window 4096\\)") as error:
-        st3.FastV(layer=1)(model)
-    assert "Mistral3ForConditionalGeneration" in str(error.value) and "sliding_window=None" in str(error.value)
+@pytest.mark.slow
+def test_mistral3_with_a_sliding_window_shorter_than_its_prompts_is_exact():
+    """The stock config's window (4096) declared as LLaVA's Mistral declares it, here 16 columns: several windows."""
+    from test_families import MISTRAL3_BATCH
+    from test_windows import _equals_masked_reference
+
+    model = tiny_mistral3(sliding_window=16)
+    inputs = tiny_mistral3_inputs(model, MISTRAL3_BATCH)
+    assert all(adapter_for(model).mask_rule(i).window == 16 for i in range(6))
+    for method in (st3.get("spread", keep=10), st3.get("stratified", keep=10)):
+        _equals_masked_reference(model, inputs, method)
+    with pytest.raises(ValueError, match="never computed"):  # every layer slides: attention scoring is undefined
+        _equals_masked_reference(model, inputs, st3.ST3())
 
 
 @pytest.mark.parametrize(
