@@ -69,6 +69,11 @@ CATALOGUE: dict[str, tuple[str, str]] = {
         'DivPrune (arXiv 2503.02175): before the decoder, the max-min diverse `keep` visual tokens.',
         "keep=192, layer=0, selector=divprune(features='hidden')",
     ),
+    'fastervlm': (
+        'FasterVLM (arXiv 2412.01818): per image, the `keep` patches of highest [CLS] attention at the '
+        'feature layer.',
+        'keep=144',
+    ),
     'fastv': (
         'Prune once, at layer K, by the attention the visual tokens received at layer K - 1.',
         "layer=2, ratio=0.5, query='last', selector=attention(query='last')",
@@ -164,6 +169,11 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     'visionzip': (
         'Dominant patches by [CLS] attention + a few contextual tokens merged by key similarity.',
         'dominant=54, contextual=10',
+    ),
+    'vtccls': (
+        'VTC-CLS (arXiv 2412.05819): per image, the `keep` patches of highest [CLS] attention summed over'
+        ' the tower layers from `start` through the feature layer.',
+        'start=-8, keep=36',
     ),
     'vtw': (
         'Withdraw all visual tokens from layer K on.',

@@ -1,0 +1,121 @@
+"""st3's FasterVLM and VTC-CLS choose what the authors' released code chose (tests/fixtures/systems/, issue 34),
+and the LLaVA adapter's [CLS] saliency is the tower's own attention, at one layer or summed over several."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+import st3
+from st3.adapters import adapter_for
+from st3.adapters.llava import cls_saliency
+from st3.models import ModelSpec, llava_config
+from st3.testing import IMAGE_TOKEN, PAD_TOKEN, tiny_inputs, tiny_qwen_vl
+
+HERE = Path(__file__).parents[1] / "fixtures" / "systems"
+sys.path.insert(0, str(HERE))
+import inputs  # noqa: E402
+
+FEATURE_LAYER = 22  # LLaVA-1.5's hidden_states[-2]: the output of encoder layer 22 of CLIP-L's 24
+
+
+def _fixture(name: str) -> dict:
+    data = json.loads((HERE / f"{name}.json").read_text())
+    attention = inputs.cls_attention(data["inputs"]["seed"], images=data["inputs"]["images"])
+    assert inputs.checksum(attention) == data["inputs"]["checksum"], "inputs no longer rebuild as recorded"
+    return data | {"attention": attention}
+
+
+def _layer_rows(attention: torch.Tensor, layers) -> list[torch.Tensor]:
+    """Per layer, the [CLS] row over the patches with heads averaged: [images, P] each."""
+    return [attention[:, layer, :, 1:].mean(1) for layer in layers]
+
+
+def _kept(method: st3.Method, saliency: torch.Tensor) -> list[list[int]]:
+    features = torch.zeros(*saliency.shape, 3)
+    keep, rewritten, out = method.compress(saliency, features, features)
+    assert not rewritten.any() and out is features  # nothing merged: the kept patches go through as they are
+    return [row.nonzero().squeeze(-1).tolist() for row in keep]
+
+
+def test_fastervlm_keeps_the_official_patches():
+    data = _fixture("fastervlm")
+    (saliency,) = _layer_rows(data["attention"], [FEATURE_LAYER])
+    expected = torch.tensor(data["scores_head_mean"]["values"])
+    torch.testing.assert_close(saliency[data["scores_head_mean"]["image"]], expected, rtol=1e-5, atol=1e-9)
+    for case in data["cases"]:
+        kept = _kept(st3.FasterVLM(keep=case["visual_token_num"]), saliency)
+        assert kept[case["image"]] == case["kept"], case["visual_token_num"]
+
+
+def test_vtccls_keeps_the_official_patches():
+    data = _fixture("vtccls")
+    for case in data["cases"]:
+        saliency = cls_saliency(_layer_rows(data["attention"], range(case["layer"], FEATURE_LAYER + 1)))
+        method = st3.VTCCLS(keep=case["token_num"], start=case["layer"] - 24)  # the same layer, from the end
+        assert _kept(method, saliency)[case["image"]] == case["kept"], (case["layer"], case["token_num"])
+    for layer, values in data["scores_layer_sum"]["values"].items():
+        saliency = cls_saliency(_layer_rows(data["attention"], range(int(layer), FEATURE_LAYER + 1)))
+        torch.testing.assert_close(saliency[0], torch.tensor(values), rtol=1e-5, atol=1e-9)
+
+
+def test_vtccls_from_the_feature_layer_is_fastervlm():
+    data = _fixture("vtccls")
+    (saliency,) = _layer_rows(data["attention"], [FEATURE_LAYER])
+    assert _kept(st3.VTCCLS(keep=64, start=FEATURE_LAYER), saliency) == _kept(st3.FasterVLM(keep=64), saliency)
+
+
+def _deep_tower_llava() -> LlavaForConditionalGeneration:
+    """The tiny LLaVA with a 4-layer tower (feature layer 2), eager, so the tower returns its attention maps."""
+    spec = ModelSpec(
+        "tiny-llava", 64, 2, 4, 2, 128, 128, 48, patch_size=8, vision_hidden=32, vision_layers=4, vision_heads=2,
+        vision_intermediate=64, feature_layer=-2, max_positions=1024,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(llava_config(spec, image_token=IMAGE_TOKEN, pad_token=PAD_TOKEN)).eval()
+    model.set_attn_implementation("eager")
+    return model
+
+
+@pytest.mark.parametrize(("start", "layers"), [(None, [2]), (1, [1, 2]), (-4, [0, 1, 2]), (-2, [2])])
+@torch.no_grad()
+def test_adapter_saliency_is_the_towers_cls_attention(start, layers):
+    model = _deep_tower_llava()
+    adapter = adapter_for(model)
+    assert list(adapter.saliency_layers(start)) == layers
+    pixels = tiny_inputs(model)["pixel_values"]
+    store: dict = {}
+    hooks = adapter.capture_vision(store, start)
+    try:
+        out = model.model.vision_tower(pixels, output_attentions=True)
+        model.model.multi_modal_projector(out.last_hidden_state)  # the projector's input is captured too
+    finally:
+        for hook in hooks:
+            hook.remove()
+    saliency, _, _ = adapter.vision_saliency(store)
+    expected = cls_saliency(_layer_rows(torch.stack(out.attentions, 1)[:, :, :, 0], layers))
+    torch.testing.assert_close(saliency, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_vtccls_start_after_the_feature_layer_is_refused():
+    model = _deep_tower_llava()
+    with pytest.raises(ValueError, match="^start: 3 is beyond the vision tower's feature layer \\(2 of 4 layers\\)"):
+        st3.VTCCLS(keep=4, start=3)(model)
+
+
+@pytest.mark.parametrize("method", [st3.FasterVLM(keep=8), st3.VTCCLS(keep=8)])
+def test_cls_rankers_are_refused_without_a_cls_token(method):
+    model = tiny_qwen_vl("qwen2-vl", layers=2)
+    with pytest.raises(ValueError, match=r"no \[CLS\] token to rank patches by\. Use a method that prunes inside"):
+        method(model)
+
+
+def test_cls_rankers_validate_keep():
+    for cls in (st3.FasterVLM, st3.VTCCLS):
+        with pytest.raises(ValueError, match="^keep: must be >= 0"):
+            cls(keep=-1)
