@@ -106,6 +106,17 @@ CATALOGUE: dict[str, tuple[str, str]] = {
         'Control: `keep` visual tokens drawn at random (seeded: the same patches for every sample).',
         'seed=0, keep=192, layer=2, selector=random(seed=0)',
     ),
+    'schedule': (
+        'Explicit counts: entering each listed layer, keep at most that many visual tokens per sample '
+        '(default rule: attention).',
+        "counts=None, scale=1.0, selector=attention(query='last')",
+    ),
+    'sparsevlm': (
+        'SparseVLM v1.5 (arXiv 2410.04417) without recycling: text raters rank the visual tokens entering'
+        ' layers 3, 7 and 16, which keep the official counts for the budget `retain` (300 / 200 / 110 at '
+        '192).',
+        'retain=192, counts=None, scale=1.0, selector=sparsevlm()',
+    ),
     'spread': (
         "st3's best rule on its benchmark: before the decoder, `keep` visual tokens by greedy max-min "
         'over cosine + `spatial` x grid distance, the budget shared among images and frames by token '

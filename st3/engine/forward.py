@@ -88,6 +88,7 @@ class Engine:
     # ------------------------------------------------------------------------------------- prefill
     def _prefill(self, embeds, attention_mask, position_ids, cache: DynamicCache, kwargs) -> torch.Tensor:
         rows, note = self._prompt_rows(embeds, attention_mask, position_ids, kwargs)
+        prompt = (rows.hidden, rows.visual, rows.valid)  # what the decoder got, before any row leaves
         trace = self._new_trace(rows, embeds.dtype, note)
         layers = self.adapter.layers
         make_prunable(cache, len(layers))
@@ -98,7 +99,7 @@ class Engine:
         for index, decoder_layer in enumerate(layers):
             keep = self.method.prefill_keep(index, len(layers), counts.visual)
             if keep is not None and bool((keep < counts.visual).any()):
-                view = self._prefill_view(index, rows, previous, cache, keep)
+                view = self._prefill_view(index, rows, previous, cache, keep, prompt)
                 rows = rows.without_visual(self.method.choose(view))
                 counts, mask = rows.counts(), None
             if mask is None:  # every layer until the next removal holds the same rows: one mask for all
@@ -178,7 +179,8 @@ class Engine:
         )
         return rows.without_visual(kept)
 
-    def _prefill_view(self, index: int, rows: Rows, previous: torch.Tensor, cache, keep: torch.Tensor) -> View:
+    def _prefill_view(self, index: int, rows: Rows, previous: torch.Tensor, cache, keep: torch.Tensor,
+                      prompt: tuple) -> View:  # fmt: skip
         """What a selector may read entering layer `index` (each part computed only if read)."""
         return View(
             layer=index,
@@ -190,6 +192,8 @@ class Engine:
             text=rows.text,
             valid=rows.valid,
             grids=self.trace.image_grids,
+            columns=rows.columns,
+            prompt=lambda: prompt,
         )
 
     def _prefill_scores(self, index: int, rows: Rows, previous, cache, query: torch.Tensor | None) -> torch.Tensor:

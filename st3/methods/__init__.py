@@ -10,6 +10,7 @@ from st3.methods.cls import VTCCLS, FasterVLM
 from st3.methods.fastv import FastV
 from st3.methods.keep import DART, CDPruner, DivPrune, Keep, Lattice, Random, Spread, Stratified
 from st3.methods.pyramiddrop import PyramidDrop
+from st3.methods.schedule import Schedule, SparseVLM
 from st3.methods.st3 import ST3
 from st3.methods.visionzip import VisionZip
 from st3.methods.vtw import VTW
@@ -19,7 +20,7 @@ METHODS.rename("st3+uniform", "st3+raster")
 
 __all__ = [
     "DART", "VTA", "VTCCLS", "VTW", "CDPruner", "DivPrune", "FastV", "FasterVLM", "Keep", "Lattice", "Method",
-    "PyramidDrop", "Random",
+    "PyramidDrop", "Random", "Schedule", "SparseVLM",
     "ST3", "Spread", "Stratified", "VisionZip", "get", "methods", "register",
 ]  # fmt: skip
 

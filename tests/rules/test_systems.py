@@ -15,7 +15,10 @@ import st3
 from st3.adapters import adapter_for
 from st3.adapters.llava import cls_saliency
 from st3.models import ModelSpec, llava_config
-from st3.testing import IMAGE_TOKEN, PAD_TOKEN, tiny_inputs, tiny_qwen_vl
+from st3.selectors import SparseVLM as SparseVLMRule
+from st3.selectors import View
+from st3.selectors.sparsevlm import raters
+from st3.testing import IMAGE_TOKEN, PAD_TOKEN, tiny_inputs, tiny_llava, tiny_qwen_vl
 
 HERE = Path(__file__).parents[1] / "fixtures" / "systems"
 sys.path.insert(0, str(HERE))
@@ -119,3 +122,89 @@ def test_cls_rankers_validate_keep():
     for cls in (st3.FasterVLM, st3.VTCCLS):
         with pytest.raises(ValueError, match="^keep: must be >= 0"):
             cls(keep=-1)
+
+
+# ---------------------------------------------------------------------------------------------- SparseVLM
+def _sparsevlm_run(data: dict, run: dict, decoder: inputs.ToyDecoder, embeds: torch.Tensor):
+    """Replay an official v1.5 run on the toy decoder with st3's rule choosing at each pruning layer; the rows
+    entering the next layer are the official ones (its kept tokens, then its merged tokens, built from the
+    fixture's clusters: st3 does not recycle). Yields (step, st3's kept ids, its scores, its raters' columns)."""
+    prefix, visual = data["inputs"]["prefix"], data["inputs"]["visual"]
+    ids: list = [None] * prefix + list(range(visual)) + [None] * data["inputs"]["text"]
+    columns = list(range(len(ids)))  # merged rows get -1: they have no column of the prompt
+    prompt_visual = torch.tensor([isinstance(i, int) for i in ids])[None]
+    prompt = (embeds, prompt_visual, torch.ones_like(prompt_visual))
+    steps = {int(step["layer"]): step for step in run["steps"]}
+    hidden = embeds
+    for layer in range(max(steps) + 1):
+        out, attention = decoder(layer, hidden)
+        step = steps.get(layer)
+        if step is not None:
+            candidates = torch.tensor([i is not None for i in ids])[None]
+            probs = attention[0].mean(0)  # [S, S], heads averaged
+
+            def received(query, probs=probs):
+                return probs[query[0]].mean(0)[None]
+
+            view = View(
+                layer=layer + 1, candidates=candidates, keep=torch.tensor([len(step["kept"])]), attention=received,
+                hidden=lambda h=hidden: h, keys=lambda: None, valid=torch.ones_like(candidates),
+                columns=torch.tensor(columns)[None], prompt=lambda: prompt,
+            )  # fmt: skip
+            kept = SparseVLMRule().select(view)[0]
+            chosen = raters(view)[0]
+            yield step, [ids[s] for s in kept.nonzero().squeeze(-1).tolist()], probs[chosen].mean(0), chosen
+            # the official rows onward: its kept visual rows, its merged rows after them, then the text
+            slot = {i: s for s, i in enumerate(ids) if i is not None}
+            rows = [s for s, i in enumerate(ids) if i is None and s < prefix]
+            rows += [slot[i] for i in step["kept"]]
+            merged = [out[0, [slot[m] for m in c["members"]]].sum(0) / (len(c["members"]) + 1e-6)
+                      for c in step["clusters"]]  # fmt: skip
+            text = [s for s, i in enumerate(ids) if i is None and s >= prefix]
+            hidden = torch.cat([out[0, rows], *(m[None] for m in merged), out[0, text]])[None]
+            ids = [ids[s] for s in rows] + [c["id"] for c in step["clusters"]] + [None] * len(text)
+            columns = [columns[s] for s in rows] + [-1] * len(merged) + [columns[s] for s in text]
+        else:
+            hidden = out
+
+
+@pytest.mark.parametrize("retain", ["192", "128", "96", "64"])
+def test_sparsevlm_raters_choose_the_official_tokens_at_every_pruning_layer(retain):
+    data = json.loads((HERE / "sparsevlm.json").read_text())
+    seed = data["inputs"]["seed"]
+    embeds, decoder = inputs.sparsevlm_embeds(seed), inputs.ToyDecoder(seed)
+    assert inputs.checksum(embeds) == data["inputs"]["checksum_embeds"], "inputs no longer rebuild as recorded"
+    run = data["v1.5"]["runs"][retain]
+    method = st3.SparseVLM(retain=int(retain))
+    assert method.plan(32) == tuple((int(s["layer"]) + 1, len(s["kept"])) for s in run["steps"])  # the counts
+    done = 0
+    for step, kept, scores, chosen in _sparsevlm_run(data, run, decoder, embeds):
+        text_start = len(chosen) - data["inputs"]["text"]  # the text rows are last, whatever left before them
+        assert (chosen.nonzero().squeeze(-1) - text_start).tolist() == run["raters"]
+        assert sorted(map(str, kept)) == sorted(map(str, step["kept"])), step["layer"]
+        if "raters_attention_mean" in step:
+            visual = scores[: len(step["raters_attention_mean"]) + data["inputs"]["prefix"]]
+            official = torch.tensor(step["raters_attention_mean"])
+            torch.testing.assert_close(visual[data["inputs"]["prefix"] :], official, rtol=1e-4, atol=1e-8)
+        done += 1
+    assert done == 3
+
+
+def test_sparsevlm_knobs_are_checked():
+    with pytest.raises(ValueError, match=r"^retain: must be one of \[64, 96, 128, 192\]"):
+        st3.SparseVLM(retain=100)
+    with pytest.raises(ValueError, match="^counts: layers must increase"):
+        st3.Schedule(counts=((7, 100), (3, 200)))
+    with pytest.raises(ValueError, match="^counts: must be \\(layer, count\\) pairs"):
+        st3.Schedule(counts=((3, 100, 1),))
+    with pytest.raises(ValueError, match="^counts: layers \\[9\\] are beyond the model's last layer \\(5\\)"):
+        st3.Schedule(counts=((2, 10), (9, 5)))(tiny_llava())
+
+
+def test_schedule_keeps_the_given_counts_scaled_and_capped():
+    method = st3.Schedule(counts=((1, 30), (4, 10)), scale=0.5)
+    visual = torch.tensor([36, 12])
+    assert method.prefill_keep(1, 6, visual).tolist() == [15, 12]
+    assert method.prefill_keep(4, 6, visual).tolist() == [5, 5]
+    assert method.prefill_keep(2, 6, visual) is None
+    assert st3.SparseVLM().plan(6) == ((1, 300), (2, 200), (3, 110))  # the default layers scaled, increasing
