@@ -3,6 +3,7 @@ and the LLaVA adapter's [CLS] saliency is the tower's own attention, at one laye
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -208,3 +209,27 @@ def test_schedule_keeps_the_given_counts_scaled_and_capped():
     assert method.prefill_keep(4, 6, visual).tolist() == [5, 5]
     assert method.prefill_keep(2, 6, visual) is None
     assert st3.SparseVLM().plan(6) == ((1, 300), (2, 200), (3, 110))  # the default layers scaled, increasing
+
+
+@torch.no_grad()
+def test_sparsevlm_raters_in_the_engine_are_chosen_once_from_the_prompt():
+    """In a real run the raters at every pruning layer are the same prompt columns, the ones chosen from the
+    embeddings before the decoder (the view's own rows at layer 0), though visual rows left in between."""
+    seen = []
+
+    class Spy(SparseVLMRule):
+        def select(self, view):
+            chosen = raters(view)
+            seen.append([view.columns[b][chosen[b]].tolist() for b in range(len(chosen))])
+            if view.layer == 0:  # the fallback reads the rows themselves: before the decoder, the embeddings
+                fallback = dataclasses.replace(view, prompt=lambda: None, columns=None)
+                alone = raters(fallback)
+                assert [view.columns[b][alone[b]].tolist() for b in range(len(alone))] == seen[-1]
+            return super().select(view)
+
+    model = tiny_llava()
+    batch = tiny_inputs(model, ((4, 6), (2, 9)))
+    with st3.Schedule(counts=((0, 30), (2, 20), (4, 10)), selector=Spy())(model):
+        model(**batch)
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2]
+    assert all(len(columns) > 0 for columns in seen[0])  # every sample has raters
