@@ -45,6 +45,15 @@ def g_search(
     return as_schedule(counts, visual)
 
 
+def counts_of(schedule: Schedule, num_layers: int, visual: int) -> list[int]:
+    """Per layer, the visual tokens a sample of `visual` holds under an explicit `schedule` (the inverse of
+    `as_schedule`)."""
+    counts = [visual] * num_layers
+    for layer, count in schedule.plan(num_layers):
+        counts[layer:] = [min(c, count) for c in counts[layer:]]
+    return counts
+
+
 def as_schedule(counts: list[int], visual: int) -> Schedule:
     """The `st3.Schedule` of per-layer counts of `visual` tokens: a (layer, count) pair where the count drops."""
     if any(b > a for a, b in zip([visual, *counts], counts)):

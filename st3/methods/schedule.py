@@ -36,14 +36,17 @@ class Schedule(Method):
 
     budget_knob: ClassVar[str] = "scale"
 
-    counts: tuple[tuple[int, int], ...] | None = None
-    """(layer, visual tokens kept per sample) pairs, layers increasing; None: SparseVLM v1.5's (3, 300), (7, 200),
-    (16, 110) for a 32-layer model, the layers scaled to the model's depth."""
+    counts: tuple[tuple[int, int], ...] | str | None = None
+    """(layer, visual tokens kept per sample) pairs, layers increasing, or the same as text without commas for a
+    method spec ('3:300/7:200'); None: SparseVLM v1.5's (3, 300), (7, 200), (16, 110) for a 32-layer model, the
+    layers scaled to the model's depth."""
     scale: float = 1.0
     """Multiplies every count (rounded up); what `st3.match` searches; 1: the counts as given."""
 
     def validate(self) -> None:
         check(self.scale >= 0.0, "scale", f"must be >= 0, got {self.scale}")
+        if isinstance(self.counts, str):
+            self.counts = parse_counts(self.counts)
         if self.counts is None:
             return
         check(len(self.counts) > 0, "counts", "must name at least one (layer, count) pair")
@@ -76,6 +79,19 @@ class Schedule(Method):
             if at == layer:
                 return visual.clamp(max=math.ceil(count * self.scale - 1e-9))
         return None
+
+
+def parse_counts(text: str) -> tuple[tuple[int, int], ...]:
+    """'3:300/7:200' -> ((3, 300), (7, 200)): the counts of a method spec, which cannot hold commas."""
+    try:
+        return tuple((int(layer), int(count)) for layer, count in (pair.split(":") for pair in text.split("/")))
+    except ValueError:
+        raise ValueError(f"counts: as text, 'layer:count/layer:count', got {text!r}") from None
+
+
+def format_counts(counts: tuple[tuple[int, int], ...]) -> str:
+    """((3, 300), (7, 200)) -> '3:300/7:200' (for `-m schedule:counts=...`)."""
+    return "/".join(f"{layer}:{count}" for layer, count in counts)
 
 
 @register("sparsevlm")
