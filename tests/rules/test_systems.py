@@ -4,8 +4,8 @@ and the LLaVA adapter's [CLS] saliency is the tower's own attention, at one laye
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +22,10 @@ from st3.selectors.sparsevlm import raters
 from st3.testing import IMAGE_TOKEN, PAD_TOKEN, tiny_inputs, tiny_llava, tiny_qwen_vl
 
 HERE = Path(__file__).parents[1] / "fixtures" / "systems"
-sys.path.insert(0, str(HERE))
-import inputs  # noqa: E402
+# Loaded under a name of its own: the peer fixtures' module is also called `inputs` (tests/fixtures/peers).
+_SPEC = importlib.util.spec_from_file_location("systems_inputs", HERE / "inputs.py")
+inputs = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(inputs)
 
 FEATURE_LAYER = 22  # LLaVA-1.5's hidden_states[-2]: the output of encoder layer 22 of CLIP-L's 24
 
