@@ -21,7 +21,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         (
             "ST3", "FastV", "PyramidDrop", "VTW", "VisionZip", "Keep", "Random", "Lattice", "DivPrune", "DART",
-            "CDPruner", "Spread", "Stratified", "Method", "VTA", "get", "methods", "register",
+            "CDPruner", "Spread", "Stratified", "Method", "VTA", "get", "methods", "register", "FasterVLM", "VTCCLS",
+            "Schedule", "SparseVLM",
         ),
         "st3.methods",
     ),

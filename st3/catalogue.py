@@ -73,6 +73,11 @@ CATALOGUE: dict[str, tuple[str, str]] = {
         'DivPrune (arXiv 2503.02175): before the decoder, the max-min diverse `keep` visual tokens.',
         "keep=192, layer=0, selector=divprune(features='hidden')",
     ),
+    'fastervlm': (
+        'FasterVLM (arXiv 2412.01818): per image, the `keep` patches of highest [CLS] attention at the '
+        'feature layer.',
+        'keep=144',
+    ),
     'fastv': (
         'Prune once, at layer K, by the attention the visual tokens received at layer K - 1.',
         "layer=2, ratio=0.5, query='last', variant='official', selector=attention(query='last')",
@@ -106,6 +111,17 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     'random': (
         'Control: `keep` visual tokens drawn at random (seeded: the same patches for every sample).',
         'seed=0, keep=192, layer=2, selector=random(seed=0)',
+    ),
+    'schedule': (
+        'Explicit counts: entering each listed layer, keep at most that many visual tokens per sample '
+        '(default rule: attention).',
+        "counts=None, scale=1.0, selector=attention(query='last')",
+    ),
+    'sparsevlm': (
+        'SparseVLM v1.5 (arXiv 2410.04417) without recycling: text raters rank the visual tokens entering'
+        ' layers 3, 7 and 16, which keep the official counts for the budget `retain` (300 / 200 / 110 at '
+        '192).',
+        'retain=192, counts=None, scale=1.0, selector=sparsevlm()',
     ),
     'spread': (
         "st3's best rule on its benchmark: before the decoder, `keep` visual tokens by greedy max-min "
@@ -170,6 +186,11 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     'visionzip': (
         'Dominant patches by [CLS] attention + a few contextual tokens merged by key similarity.',
         "dominant=54, contextual=10, variant='official'",
+    ),
+    'vtccls': (
+        'VTC-CLS (arXiv 2412.05819): per image, the `keep` patches of highest [CLS] attention summed over'
+        ' the tower layers from `start` through the feature layer.',
+        'start=-8, keep=36',
     ),
     'vtw': (
         'Withdraw all visual tokens from layer K on.',

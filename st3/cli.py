@@ -207,6 +207,36 @@ def scenes_eval(
         write_plot(result, plot)
 
 
+@app.command("search")
+def scenes_search(
+    model_dir: str = typer.Argument(..., help="A scenes LLaVA directory (e.g. scenes/st3_scenes/assets/scenes-llava)."),
+    qa: int = typer.Option(200, help="Validation questions every trial schedule answers."),
+    tolerance: float = typer.Option(0.01, help="Accuracy a schedule may lose against the unpruned model."),
+    first_layer: int = typer.Option(1, help="The first layer searched (those before it keep every token)."),
+    batch_size: int = typer.Option(16),
+    json_out: str = typer.Option("", "--json", help="Write the schedule and its trials as JSON to this path."),
+) -> None:
+    """G-Search on the scenes validation split: the fewest visual tokens each layer needs (a `schedule` spec)."""
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("st3_scenes") is None:
+        raise SystemExit("st3 search runs on the scenes benchmark: `make install` (or `pip install --no-deps -e "
+                         "scenes/`) installs it")  # fmt: skip
+    from st3_scenes.search import search
+
+    try:
+        result = search(model_dir, qa, tolerance, first_layer, batch_size)
+    except (ValueError, OSError) as error:
+        raise typer.BadParameter(str(error)) from None
+    typer.echo(f"unpruned {result['unpruned']:.1%}, schedule {result['accuracy']:.1%} on {qa} validation questions; "
+               f"visual tokens per layer {result['counts_per_layer']} ({result['trials']} trials)")  # fmt: skip
+    typer.echo(f"-m {result['spec']}")
+    if json_out:
+        with open(json_out, "w") as handle:
+            json.dump(result, handle, indent=1)
+
+
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="A LLaVA or Qwen-VL checkpoint directory, or a hub id in the local cache."),

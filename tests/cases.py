@@ -84,6 +84,10 @@ SETTINGS: dict[str, Callable[[], Method]] = {
         "st3+raster", start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=4, anneal_every=1,
         anneal_evict="coverage", anneal_protect=0.3,
     ),
+    "st3+sparsevlm-raters": lambda: st3.ST3(
+        start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=6, anneal_every=2,
+        selector=st3.selectors.SparseVLM(),
+    ),
     "fastv+vta": lambda: st3.get("fastv+vta", layer=2, ratio=0.5, decode=st3.VTA(steps=4, every=1, min_keep=2)),
     "pyramiddrop+vta-text": lambda: st3.PyramidDrop(
         keep=0.5, selector=st3.selectors.Attention(query="text"), decode=st3.VTA(steps=6, every=2, evict="accumulated")

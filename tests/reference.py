@@ -41,9 +41,12 @@ def reference_logits(model, inputs: dict, trace, fed: torch.Tensor | None = None
     model = eager_copy(model)
     rewrite = None
     if method is not None and method.compresses_vision:
-        kept, rewrite = visionzip_embeddings(
-            model, inputs, method.patches(), method.contextual, plus_target=method.variant == "official"
-        )
+        if method.name in ("fastervlm", "vtccls"):
+            kept = cls_kept(model, inputs, method.keep, getattr(method, "start", None))
+        else:
+            kept, rewrite = visionzip_embeddings(
+                model, inputs, method.patches(), method.contextual, plus_target=method.variant == "official"
+            )
         assert [k.tolist() for k in kept] == [p.tolist() for p in trace.prefill_visual_positions[0]]
     return masked_forward(model, inputs, trace, fed, rewrite)
 
@@ -86,6 +89,25 @@ def visionzip_embeddings(model, inputs: dict, dominant: int, contextual: int, pl
             embeds[image, column] = row
 
     return kept, rewrite
+
+
+@torch.no_grad()
+def cls_kept(model, inputs: dict, keep: int, start: int | None) -> list[torch.Tensor]:
+    """FasterVLM / VTC-CLS done by hand from the tower's own attention maps: per image, the columns of the
+    `keep` patches with the highest [CLS] attention (heads averaged) at the feature layer, or summed over the
+    layers from `start` through it (ties: the lower patch)."""
+    out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    feature = model.config.vision_feature_layer % len(out.attentions)
+    layers = out.attentions[feature : feature + 1] if start is None else out.attentions[start : feature + 1]
+    saliency = sum(a[:, :, 0, 1:].mean(1) for a in layers)
+    columns = [(row == model.config.image_token_id).nonzero().squeeze(-1) for row in inputs["input_ids"]]
+    kept = []
+    for image in range(saliency.shape[0]):
+        top = sorted(saliency[image].tolist(), reverse=True)[keep - 1] if keep <= saliency.shape[1] else -1.0
+        chosen = [p for p, value in enumerate(saliency[image].tolist()) if value > top]
+        chosen += [p for p, value in enumerate(saliency[image].tolist()) if value == top][: keep - len(chosen)]
+        kept.append(columns[image][sorted(chosen)])
+    return kept
 
 
 def attention_weights(model, inputs: dict, trace, fed: torch.Tensor | None = None) -> list[torch.Tensor]:

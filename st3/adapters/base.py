@@ -303,8 +303,9 @@ class Adapter:
     # ----------------------------------------------------- vision side (methods that act before the decoder)
     compresses_vision: bool = False
 
-    def capture_vision(self, store: dict) -> list:
-        """Register removable hooks that put the vision tower's saliency inputs in `store`; return the handles."""
+    def capture_vision(self, store: dict, start: int | None = None) -> list:
+        """Register removable hooks that put the vision tower's saliency inputs in `store` (from encoder layer
+        `start` to the feature layer, summed; None: the feature layer alone); return the handles."""
         raise NotImplementedError(f"{self.model_name} cannot compress visual tokens before the decoder")
 
     def vision_saliency(self, store: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,6 +10,14 @@ from torch import nn
 from st3.adapters.base import Adapter, Grid, MaskRule
 
 
+def cls_saliency(rows: list[torch.Tensor]) -> torch.Tensor:
+    """[N, P]: per-layer [CLS] attention rows (heads averaged, shallow to deep) summed, as VTC-CLS ensembles them."""
+    total = rows[0]
+    for row in rows[1:]:
+        total = total + row
+    return total
+
+
 class LlavaAdapter(Adapter):
     """`LlavaForConditionalGeneration` with a Llama-style text model (Llama, Mistral, Qwen2, Qwen3, Vicuna)."""
 
@@ -70,7 +78,28 @@ class LlavaAdapter(Adapter):
         tower = self.model.model.vision_tower
         return getattr(tower, "vision_model", tower).encoder.layers
 
-    def capture_vision(self, store: dict) -> list:
+    def saliency_layers(self, start: int | None = None) -> range:
+        """Encoder layers whose [CLS] attention is summed into the saliency: `start` (a slice start over the
+        tower's layers, negative from the end, as `attentions[start:]`) through the feature layer; None: the
+        feature layer alone."""
+        feature = self._feature_layer()
+        if start is None:
+            return range(feature, feature + 1)
+        return range(len(self._vision_layers))[start : feature + 1]
+
+    def check_method(self, method) -> None:
+        super().check_method(method)
+        start = getattr(method, "saliency_start", None)
+        if method.compresses_vision and start is not None and not self.saliency_layers(start):
+            raise ValueError(
+                f"start: {start} is beyond the vision tower's feature layer ({self._feature_layer()} of "
+                f"{len(self._vision_layers)} layers): {type(method).__name__} sums the [CLS] attention from `start` "
+                "through the feature layer"
+            )
+
+    def capture_vision(self, store: dict, start: int | None = None) -> list:
+        """Pre-hooks on the feature layer (its input), the projector (its input) and, for a saliency summed over
+        several layers (`start`), the inputs of the other layers summed."""
         encoder_layer = self._vision_layers[self._feature_layer()]
 
         def layer_input(module, args, kwargs):
@@ -79,21 +108,39 @@ class LlavaAdapter(Adapter):
         def projector_input(module, args):
             store["features"] = args[0]
 
+        def other_input(index):
+            def hook(module, args, kwargs):
+                store.setdefault("other_inputs", {})[index] = kwargs.get("hidden_states", args[0] if args else None)
+
+            return hook
+
+        others = [i for i in self.saliency_layers(start) if i != self._feature_layer()]
         return [
             encoder_layer.register_forward_pre_hook(layer_input, with_kwargs=True),
             self.model.model.multi_modal_projector.register_forward_pre_hook(projector_input),
+            *(self._vision_layers[i].register_forward_pre_hook(other_input(i), with_kwargs=True) for i in others),
         ]
 
-    def vision_saliency(self, store: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        layer = self._vision_layers[self._feature_layer()]
+    def _cls_attention(self, layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the [CLS] query's attention to each patch [N, P], heads averaged; the patches' keys [N, heads, P, D])."""
         attn = layer.self_attn
-        normed = layer.layer_norm1(store["layer_input"])
+        normed = layer.layer_norm1(layer_input)
         images, tokens, _ = normed.shape
         query = attn.q_proj(normed[:, :1]).view(images, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
         keys = attn.k_proj(normed).view(images, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
         probs = torch.softmax((query @ keys.transpose(-1, -2)).float() * attn.scale, dim=-1)  # [N, heads, 1, 1+P]
-        cls_attention = probs.mean(1)[:, 0, 1:]
-        return cls_attention, keys[:, :, 1:].mean(1), store["features"]
+        return probs.mean(1)[:, 0, 1:], keys[:, :, 1:]
+
+    def vision_saliency(self, store: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The feature layer's [CLS] attention (plus, where captured, the other layers' summed: VTC-CLS), the
+        feature layer's keys (heads averaged) and the projector's inputs."""
+        feature = self._feature_layer()
+        cls_attention, keys = self._cls_attention(self._vision_layers[feature], store["layer_input"])
+        others = store.pop("other_inputs", {})
+        if others:  # summed shallow to deep, as VTC-CLS adds them
+            summed = [self._cls_attention(self._vision_layers[i], x)[0] for i, x in sorted(others.items())]
+            cls_attention = cls_saliency(summed + [cls_attention])
+        return cls_attention, keys.mean(1), store["features"]
 
     def place_compressed(
         self, hidden: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor, replaced: torch.Tensor,

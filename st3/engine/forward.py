@@ -97,6 +97,7 @@ class Engine:
     def _prefill(self, embeds, attention_mask, position_ids, cache: DynamicCache, kwargs) -> torch.Tensor:
         rows, note = self._prompt_rows(embeds, attention_mask, position_ids, kwargs)
         width = embeds.shape[1]
+        prompt = (rows.hidden, rows.visual, rows.valid)  # what the decoder got, before any row leaves
         trace = self._new_trace(rows, embeds.dtype, note)
         layers = self.adapter.layers
         rules = self.rules = [self.adapter.mask_rule(index) for index in range(len(layers))]
@@ -108,7 +109,7 @@ class Engine:
         for index, decoder_layer in enumerate(layers):
             keep = self.method.prefill_keep(index, len(layers), counts.visual)
             if keep is not None and bool((keep < counts.visual).any()):
-                view = self._prefill_view(index, rows, previous, cache, keep)
+                view = self._prefill_view(index, rows, previous, cache, keep, prompt)
                 rows = rows.without_visual(self.method.choose(view))
                 counts, masks = rows.counts(), {}
             rule = rules[index]
@@ -199,7 +200,8 @@ class Engine:
         )
         return rows.without_visual(kept)
 
-    def _prefill_view(self, index: int, rows: Rows, previous: torch.Tensor, cache, keep: torch.Tensor) -> View:
+    def _prefill_view(self, index: int, rows: Rows, previous: torch.Tensor, cache, keep: torch.Tensor,
+                      prompt: tuple) -> View:  # fmt: skip
         """What a selector may read entering layer `index` (each part computed only if read)."""
         return View(
             layer=index,
@@ -213,6 +215,8 @@ class Engine:
             grids=self.trace.image_grids,
             previous_keys=lambda: self._previous_keys(index, rows, cache),
             normed=lambda: self.adapter.final_norm(rows.hidden),
+            columns=rows.columns,
+            prompt=lambda: prompt,
         )
 
     def _previous_keys(self, index: int, rows: Rows, cache) -> torch.Tensor:

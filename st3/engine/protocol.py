@@ -17,6 +17,8 @@ class Policy(Protocol):
     name: str
     record_positions: bool
     compresses_vision: bool
+    #: Where the vision tower's [CLS] saliency starts (a slice start over its layers), None: the feature layer.
+    saliency_start: int | None
 
     @property
     def label(self) -> str:

@@ -77,7 +77,7 @@ class Session:
         try:
             self._hooks.append(self.model.register_forward_pre_hook(self.engine.capture_inputs, with_kwargs=True))
             if self.method.compresses_vision:
-                self._hooks.extend(self.adapter.capture_vision(self.engine.vision))
+                self._hooks.extend(self.adapter.capture_vision(self.engine.vision, self.method.saliency_start))
         except BaseException:
             self._remove_hooks()
             self._restore_forward()

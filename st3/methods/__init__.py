@@ -6,9 +6,11 @@ import types
 from st3.methods import composed as _composed  # noqa: F401  (registers the compositions)
 from st3.methods.annealing import VTA
 from st3.methods.base import METHODS, Method, get, methods, register
+from st3.methods.cls import VTCCLS, FasterVLM
 from st3.methods.fastv import FastV
 from st3.methods.keep import DART, CDPruner, DivPrune, Keep, Lattice, Random, Spread, Stratified
 from st3.methods.pyramiddrop import PyramidDrop
+from st3.methods.schedule import Schedule, SparseVLM
 from st3.methods.st3 import ST3
 from st3.methods.visionzip import VisionZip
 from st3.methods.vtw import VTW
@@ -17,7 +19,8 @@ METHODS.rename("uniform", "lattice")
 METHODS.rename("st3+uniform", "st3+raster")
 
 __all__ = [
-    "DART", "VTA", "VTW", "CDPruner", "DivPrune", "FastV", "Keep", "Lattice", "Method", "PyramidDrop", "Random",
+    "DART", "VTA", "VTCCLS", "VTW", "CDPruner", "DivPrune", "FastV", "FasterVLM", "Keep", "Lattice", "Method",
+    "PyramidDrop", "Random", "Schedule", "SparseVLM",
     "ST3", "Spread", "Stratified", "VisionZip", "get", "methods", "register",
 ]  # fmt: skip
 

@@ -48,6 +48,9 @@ class Method:
     budget_knob: ClassVar[str | None] = None
     #: Whether the method merges visual tokens before the decoder (`compress`, from the vision tower).
     compresses_vision: ClassVar[bool] = False
+    #: Where a compression's [CLS] saliency starts: a slice start over the vision tower's layers, summed through
+    #: the feature layer (VTC-CLS); None: the feature layer alone.
+    saliency_start: ClassVar[int | None] = None
     #: Whether the schedule accepts a `selector` (methods that keep no or merged tokens do not).
     selectable: ClassVar[bool] = True
 

@@ -11,6 +11,7 @@ from st3.selectors.base import READS, SELECTORS, Selector, check, top_k_mask
 from st3.selectors.cdpruner import CDPruner
 from st3.selectors.dart import DART
 from st3.selectors.diversity import DivPrune, Spread
+from st3.selectors.sparsevlm import SparseVLM
 from st3.selectors.spatial import Lattice, Random, Raster, Stratified
 from st3.selectors.view import View
 
@@ -29,5 +30,5 @@ def get(name: str, **knobs) -> Selector:
 
 __all__ = [
     "READS", "Accumulated", "Attention", "CDPruner", "Coverage", "DART", "DivPrune", "Lattice", "Protected",
-    "Random", "Raster", "Selector", "Spread", "Stratified", "View", "check", "get", "names", "top_k_mask",
+    "Random", "Raster", "Selector", "SparseVLM", "Spread", "Stratified", "View", "check", "get", "names", "top_k_mask",
 ]  # fmt: skip

@@ -26,6 +26,7 @@ class View:
     keys(): the slots' keys at the layer [B, kv_heads, S, D] (rotated; norms and cosines do not depend on it).
     text(): BoolTensor [B, S], the instruction's rows (after the image), or None where they are gone (decode).
     received: attention accumulated over decode steps [B, S] (None outside decode, or when no rule reads it).
+    prompt(): the whole prompt's input embeddings, visual and valid columns (SparseVLM's raters read them).
     """
 
     layer: int
@@ -50,6 +51,11 @@ class View:
     normed: Callable[[], torch.Tensor] | None = None
     """The hidden states entering the layer through the model's final norm [B, S, H] (prefill; DART's official
     features), or None."""
+    columns: torch.Tensor | None = None
+    """LongTensor [B, S]: each slot's column in the prompt (prefill), or None where not given."""
+    prompt: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = lambda: None
+    """(embeddings [B, L, H], visual [B, L], valid [B, L]): the decoder's inputs for the whole prompt before any
+    row left (prefill; `columns` places the slots in it), or None where not given (decode)."""
 
 
 def _patches(view: View) -> torch.Tensor:

@@ -138,7 +138,7 @@ class Family:
 NEW_FAMILY_FAST = ("st3", "spread", "visionzip")
 
 
-QWEN_REFUSED = (("visionzip", "no \\[CLS\\] token"),)
+QWEN_REFUSED = tuple((name, "no \\[CLS\\] token") for name in ("visionzip", "fastervlm", "vtccls"))
 FAMILIES = {
     "llava": Family(lambda attn: tiny_llava(attn=attn), lambda m: tiny_inputs(m, LLAVA_BATCH), llava_single),
     "llava-qwen3": Family(

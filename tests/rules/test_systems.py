@@ -1,0 +1,237 @@
+"""st3's FasterVLM and VTC-CLS choose what the authors' released code chose (tests/fixtures/systems/, issue 34),
+and the LLaVA adapter's [CLS] saliency is the tower's own attention, at one layer or summed over several."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+import st3
+from st3.adapters import adapter_for
+from st3.adapters.llava import cls_saliency
+from st3.models import ModelSpec, llava_config
+from st3.selectors import SparseVLM as SparseVLMRule
+from st3.selectors import View
+from st3.selectors.sparsevlm import raters
+from st3.testing import IMAGE_TOKEN, PAD_TOKEN, tiny_inputs, tiny_llava, tiny_qwen_vl
+
+HERE = Path(__file__).parents[1] / "fixtures" / "systems"
+# Loaded under a name of its own: the peer fixtures' module is also called `inputs` (tests/fixtures/peers).
+_SPEC = importlib.util.spec_from_file_location("systems_inputs", HERE / "inputs.py")
+inputs = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(inputs)
+
+FEATURE_LAYER = 22  # LLaVA-1.5's hidden_states[-2]: the output of encoder layer 22 of CLIP-L's 24
+
+
+def _fixture(name: str) -> dict:
+    data = json.loads((HERE / f"{name}.json").read_text())
+    attention = inputs.cls_attention(data["inputs"]["seed"], images=data["inputs"]["images"])
+    assert inputs.checksum(attention) == data["inputs"]["checksum"], "inputs no longer rebuild as recorded"
+    return data | {"attention": attention}
+
+
+def _layer_rows(attention: torch.Tensor, layers) -> list[torch.Tensor]:
+    """Per layer, the [CLS] row over the patches with heads averaged: [images, P] each."""
+    return [attention[:, layer, :, 1:].mean(1) for layer in layers]
+
+
+def _kept(method: st3.Method, saliency: torch.Tensor) -> list[list[int]]:
+    features = torch.zeros(*saliency.shape, 3)
+    keep, rewritten, out = method.compress(saliency, features, features)
+    assert not rewritten.any() and out is features  # nothing merged: the kept patches go through as they are
+    return [row.nonzero().squeeze(-1).tolist() for row in keep]
+
+
+def test_fastervlm_keeps_the_official_patches():
+    data = _fixture("fastervlm")
+    (saliency,) = _layer_rows(data["attention"], [FEATURE_LAYER])
+    expected = torch.tensor(data["scores_head_mean"]["values"])
+    torch.testing.assert_close(saliency[data["scores_head_mean"]["image"]], expected, rtol=1e-5, atol=1e-9)
+    for case in data["cases"]:
+        kept = _kept(st3.FasterVLM(keep=case["visual_token_num"]), saliency)
+        assert kept[case["image"]] == case["kept"], case["visual_token_num"]
+
+
+def test_vtccls_keeps_the_official_patches():
+    data = _fixture("vtccls")
+    for case in data["cases"]:
+        saliency = cls_saliency(_layer_rows(data["attention"], range(case["layer"], FEATURE_LAYER + 1)))
+        method = st3.VTCCLS(keep=case["token_num"], start=case["layer"] - 24)  # the same layer, from the end
+        assert _kept(method, saliency)[case["image"]] == case["kept"], (case["layer"], case["token_num"])
+    for layer, values in data["scores_layer_sum"]["values"].items():
+        saliency = cls_saliency(_layer_rows(data["attention"], range(int(layer), FEATURE_LAYER + 1)))
+        torch.testing.assert_close(saliency[0], torch.tensor(values), rtol=1e-5, atol=1e-9)
+
+
+def test_vtccls_from_the_feature_layer_is_fastervlm():
+    data = _fixture("vtccls")
+    (saliency,) = _layer_rows(data["attention"], [FEATURE_LAYER])
+    assert _kept(st3.VTCCLS(keep=64, start=FEATURE_LAYER), saliency) == _kept(st3.FasterVLM(keep=64), saliency)
+
+
+def _deep_tower_llava() -> LlavaForConditionalGeneration:
+    """The tiny LLaVA with a 4-layer tower (feature layer 2), eager, so the tower returns its attention maps."""
+    spec = ModelSpec(
+        "tiny-llava", 64, 2, 4, 2, 128, 128, 48, patch_size=8, vision_hidden=32, vision_layers=4, vision_heads=2,
+        vision_intermediate=64, feature_layer=-2, max_positions=1024,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(llava_config(spec, image_token=IMAGE_TOKEN, pad_token=PAD_TOKEN)).eval()
+    model.set_attn_implementation("eager")
+    return model
+
+
+@pytest.mark.parametrize(("start", "layers"), [(None, [2]), (1, [1, 2]), (-4, [0, 1, 2]), (-2, [2])])
+@torch.no_grad()
+def test_adapter_saliency_is_the_towers_cls_attention(start, layers):
+    model = _deep_tower_llava()
+    adapter = adapter_for(model)
+    assert list(adapter.saliency_layers(start)) == layers
+    pixels = tiny_inputs(model)["pixel_values"]
+    store: dict = {}
+    hooks = adapter.capture_vision(store, start)
+    try:
+        out = model.model.vision_tower(pixels, output_attentions=True)
+        model.model.multi_modal_projector(out.last_hidden_state)  # the projector's input is captured too
+    finally:
+        for hook in hooks:
+            hook.remove()
+    saliency, _, _ = adapter.vision_saliency(store)
+    expected = cls_saliency(_layer_rows(torch.stack(out.attentions, 1)[:, :, :, 0], layers))
+    torch.testing.assert_close(saliency, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_vtccls_start_after_the_feature_layer_is_refused():
+    model = _deep_tower_llava()
+    with pytest.raises(ValueError, match="^start: 3 is beyond the vision tower's feature layer \\(2 of 4 layers\\)"):
+        st3.VTCCLS(keep=4, start=3)(model)
+
+
+@pytest.mark.parametrize("method", [st3.FasterVLM(keep=8), st3.VTCCLS(keep=8)])
+def test_cls_rankers_are_refused_without_a_cls_token(method):
+    model = tiny_qwen_vl("qwen2-vl", layers=2)
+    with pytest.raises(ValueError, match=r"no \[CLS\] token to rank patches by\. Use a method that prunes inside"):
+        method(model)
+
+
+def test_cls_rankers_validate_keep():
+    for cls in (st3.FasterVLM, st3.VTCCLS):
+        with pytest.raises(ValueError, match="^keep: must be >= 0"):
+            cls(keep=-1)
+
+
+# ---------------------------------------------------------------------------------------------- SparseVLM
+def _sparsevlm_run(data: dict, run: dict, decoder: inputs.ToyDecoder, embeds: torch.Tensor):
+    """Replay an official v1.5 run on the toy decoder with st3's rule choosing at each pruning layer; the rows
+    entering the next layer are the official ones (its kept tokens, then its merged tokens, built from the
+    fixture's clusters: st3 does not recycle). Yields (step, st3's kept ids, its scores, its raters' columns)."""
+    prefix, visual = data["inputs"]["prefix"], data["inputs"]["visual"]
+    ids: list = [None] * prefix + list(range(visual)) + [None] * data["inputs"]["text"]
+    columns = list(range(len(ids)))  # merged rows get -1: they have no column of the prompt
+    prompt_visual = torch.tensor([isinstance(i, int) for i in ids])[None]
+    prompt = (embeds, prompt_visual, torch.ones_like(prompt_visual))
+    steps = {int(step["layer"]): step for step in run["steps"]}
+    hidden = embeds
+    for layer in range(max(steps) + 1):
+        out, attention = decoder(layer, hidden)
+        step = steps.get(layer)
+        if step is not None:
+            candidates = torch.tensor([i is not None for i in ids])[None]
+            probs = attention[0].mean(0)  # [S, S], heads averaged
+
+            def received(query, probs=probs):
+                return probs[query[0]].mean(0)[None]
+
+            view = View(
+                layer=layer + 1, candidates=candidates, keep=torch.tensor([len(step["kept"])]), attention=received,
+                hidden=lambda h=hidden: h, keys=lambda: None, valid=torch.ones_like(candidates),
+                columns=torch.tensor(columns)[None], prompt=lambda: prompt,
+            )  # fmt: skip
+            kept = SparseVLMRule().select(view)[0]
+            chosen = raters(view)[0]
+            yield step, [ids[s] for s in kept.nonzero().squeeze(-1).tolist()], probs[chosen].mean(0), chosen
+            # the official rows onward: its kept visual rows, its merged rows after them, then the text
+            slot = {i: s for s, i in enumerate(ids) if i is not None}
+            rows = [s for s, i in enumerate(ids) if i is None and s < prefix]
+            rows += [slot[i] for i in step["kept"]]
+            merged = [out[0, [slot[m] for m in c["members"]]].sum(0) / (len(c["members"]) + 1e-6)
+                      for c in step["clusters"]]  # fmt: skip
+            text = [s for s, i in enumerate(ids) if i is None and s >= prefix]
+            hidden = torch.cat([out[0, rows], *(m[None] for m in merged), out[0, text]])[None]
+            ids = [ids[s] for s in rows] + [c["id"] for c in step["clusters"]] + [None] * len(text)
+            columns = [columns[s] for s in rows] + [-1] * len(merged) + [columns[s] for s in text]
+        else:
+            hidden = out
+
+
+@pytest.mark.parametrize("retain", ["192", "128", "96", "64"])
+def test_sparsevlm_raters_choose_the_official_tokens_at_every_pruning_layer(retain):
+    data = json.loads((HERE / "sparsevlm.json").read_text())
+    seed = data["inputs"]["seed"]
+    embeds, decoder = inputs.sparsevlm_embeds(seed), inputs.ToyDecoder(seed)
+    assert inputs.checksum(embeds) == data["inputs"]["checksum_embeds"], "inputs no longer rebuild as recorded"
+    run = data["v1.5"]["runs"][retain]
+    method = st3.SparseVLM(retain=int(retain))
+    assert method.plan(32) == tuple((int(s["layer"]) + 1, len(s["kept"])) for s in run["steps"])  # the counts
+    done = 0
+    for step, kept, scores, chosen in _sparsevlm_run(data, run, decoder, embeds):
+        text_start = len(chosen) - data["inputs"]["text"]  # the text rows are last, whatever left before them
+        assert (chosen.nonzero().squeeze(-1) - text_start).tolist() == run["raters"]
+        assert sorted(map(str, kept)) == sorted(map(str, step["kept"])), step["layer"]
+        if "raters_attention_mean" in step:
+            visual = scores[: len(step["raters_attention_mean"]) + data["inputs"]["prefix"]]
+            official = torch.tensor(step["raters_attention_mean"])
+            torch.testing.assert_close(visual[data["inputs"]["prefix"] :], official, rtol=1e-4, atol=1e-8)
+        done += 1
+    assert done == 3
+
+
+def test_sparsevlm_knobs_are_checked():
+    with pytest.raises(ValueError, match=r"^retain: must be one of \[64, 96, 128, 192\]"):
+        st3.SparseVLM(retain=100)
+    with pytest.raises(ValueError, match="^counts: layers must increase"):
+        st3.Schedule(counts=((7, 100), (3, 200)))
+    with pytest.raises(ValueError, match="^counts: must be \\(layer, count\\) pairs"):
+        st3.Schedule(counts=((3, 100, 1),))
+    with pytest.raises(ValueError, match="^counts: layers \\[9\\] are beyond the model's last layer \\(5\\)"):
+        st3.Schedule(counts=((2, 10), (9, 5)))(tiny_llava())
+
+
+def test_schedule_keeps_the_given_counts_scaled_and_capped():
+    method = st3.Schedule(counts=((1, 30), (4, 10)), scale=0.5)
+    visual = torch.tensor([36, 12])
+    assert method.prefill_keep(1, 6, visual).tolist() == [15, 12]
+    assert method.prefill_keep(4, 6, visual).tolist() == [5, 5]
+    assert method.prefill_keep(2, 6, visual) is None
+    assert st3.SparseVLM().plan(6) == ((1, 300), (2, 200), (3, 110))  # the default layers scaled, increasing
+
+
+@torch.no_grad()
+def test_sparsevlm_raters_in_the_engine_are_chosen_once_from_the_prompt():
+    """In a real run the raters at every pruning layer are the same prompt columns, the ones chosen from the
+    embeddings before the decoder (the view's own rows at layer 0), though visual rows left in between."""
+    seen = []
+
+    class Spy(SparseVLMRule):
+        def select(self, view):
+            chosen = raters(view)
+            seen.append([view.columns[b][chosen[b]].tolist() for b in range(len(chosen))])
+            if view.layer == 0:  # the fallback reads the rows themselves: before the decoder, the embeddings
+                fallback = dataclasses.replace(view, prompt=lambda: None, columns=None)
+                alone = raters(fallback)
+                assert [view.columns[b][alone[b]].tolist() for b in range(len(alone))] == seen[-1]
+            return super().select(view)
+
+    model = tiny_llava()
+    batch = tiny_inputs(model, ((4, 6), (2, 9)))
+    with st3.Schedule(counts=((0, 30), (2, 20), (4, 10)), selector=Spy())(model):
+        model(**batch)
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2]
+    assert all(len(columns) > 0 for columns in seen[0])  # every sample has raters
