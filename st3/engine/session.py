@@ -42,7 +42,16 @@ class Session:
             raise ValueError(f"decoder: must be one of {', '.join(MODES)}, got {decoder!r}")
         self.engine = Engine(self.adapter, method)
         self.stock: StockDecoder | None = None
-        if decoder != "engine" and method.chooses_before_decoder(num_layers):
+        # The model's own masks count windows and image blocks in sequence slots; after pruning only st3's loop
+        # evaluates them on original columns, so such decoders stay on it (docs/fast-paths.md).
+        plain = all(self.adapter.mask_rule(index).causal for index in range(num_layers))
+        if decoder == "stock" and not plain:
+            raise ValueError(
+                f"decoder: 'stock' cannot run {type(model).__name__} exactly: its layers have sliding windows or "
+                "bidirectional image blocks, which the model's own mask counts in slots of the shortened prompt, not "
+                "in original columns; use decoder='auto' or 'engine' (st3's loop, a DynamicCache, no torch.compile)"
+            )
+        if decoder != "engine" and plain and method.chooses_before_decoder(num_layers):
             self.stock = StockDecoder(self.engine, decoder)
         elif decoder == "stock":
             raise ValueError(

@@ -95,7 +95,7 @@ class StockDecoder:
         keep = engine.method.prefill_keep(0, len(engine.adapter.layers), visual)
         if keep is None or not bool((keep < visual).any()):
             return rows.without_visual(rows.visual)
-        view = engine._prefill_view(0, rows, rows.hidden, None, keep)
+        view = engine._prefill_view(0, rows, rows.hidden, None, keep, (rows.hidden, rows.visual, rows.valid))
         return rows.without_visual(engine.method.choose(view))
 
     def prepare(self, original: Callable) -> Callable:
