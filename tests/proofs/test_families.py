@@ -138,7 +138,16 @@ class Family:
 NEW_FAMILY_FAST = ("st3", "spread", "visionzip")
 
 
-QWEN_REFUSED = tuple((name, "no \\[CLS\\] token") for name in ("visionzip", "fastervlm", "vtccls"))
+#: the registered methods that compress before the decoder from the vision tower (VisionZip, FasterVLM, VTC-CLS)
+COMPRESSING = tuple(name for name in st3.methods() if st3.get(name).compresses_vision)
+
+
+def compressing_refused(phrase: str) -> tuple[tuple[str, str], ...]:
+    """Every compressing method refused on a family, each with the phrase of its error."""
+    return tuple((name, phrase) for name in COMPRESSING)
+
+
+QWEN_REFUSED = compressing_refused("no \\[CLS\\] token")
 FAMILIES = {
     "llava": Family(lambda attn: tiny_llava(attn=attn), lambda m: tiny_inputs(m, LLAVA_BATCH), llava_single),
     "llava-qwen3": Family(
@@ -159,7 +168,7 @@ FAMILIES = {
         lambda attn: tiny_llava_next(attn=attn),
         lambda m: tiny_next_inputs(m, NEXT_BATCH),
         per_image_single,
-        (("visionzip", "LLaVA-NeXT"),),
+        compressing_refused("LLaVA-NeXT"),
         NEW_FAMILY_FAST,
     ),
     "llava-onevision": Family(
@@ -173,7 +182,7 @@ FAMILIES = {
         lambda attn: tiny_internvl(attn=attn),
         lambda m: tiny_internvl_inputs(m, INTERNVL_BATCH),
         internvl_single,
-        (("visionzip", "pixel shuffle"),),
+        compressing_refused("pixel shuffle"),
         NEW_FAMILY_FAST,
     ),
     "idefics3": Family(
