@@ -71,10 +71,14 @@ class Engine:
         adapter = self.adapter
         cache = compat.take_cache(kwargs)
         if cache is not None and not isinstance(cache, DynamicCache):
+            if not all(rule.causal for rule in (adapter.mask_rule(i) for i in range(len(adapter.layers)))):
+                why = "this model's sliding windows or image blocks run exactly only on st3's own loop"
+            else:
+                why = (f"{type(self.method).__name__} prunes inside the decoder or while decoding, which needs st3's "
+                       "own loop; methods that choose only before the decoder (spread, stratified, divprune, ...) "
+                       "run on any cache")  # fmt: skip
             raise TypeError(
-                f"{type(self.method).__name__} prunes inside the decoder or while decoding, which needs st3's own "
-                f"loop and a DynamicCache (the default of generate), got a {type(cache).__name__}; methods that "
-                "choose only before the decoder (spread, stratified, divprune, ...) run on any cache "
+                f"st3 needs a DynamicCache (the default of generate) here, got a {type(cache).__name__}: {why} "
                 "(docs/fast-paths.md)"
             )
         for name in _UNSUPPORTED_OUTPUTS:

@@ -265,7 +265,7 @@ def test_without_the_prompt_in_the_hash_the_selection_goes_stale(monkeypatch):
         ({"method": "st3", "keep": 71}, {}, "st3.method: 'st3' chooses tokens inside the language model"),
         ({"method": "spread", "keep": 400}, {}, "st3.keep: 400 is more than an image's 324 visual tokens"),
         ({"method": "spread", "keep": 1.5}, {}, "st3.keep: a share must lie in (0, 1]"),
-        ({"method": "spread", "keep": 71, "spatial": -1}, {}, "st3.spatial: must be >= 0"),
+        ({"method": "spread", "keep": 71, "spatial": -1}, {}, "st3.spatial: must be in [0, 1e6]"),
         ({"method": "cdpruner", "keep": 71, "query": "last"}, {}, "st3.query: not a knob of 'cdpruner'"),
         ({"method": "spread", "keep": 71}, {"vision_feature_select_strategy": "full"}, "st3: vision_feature_select"),
         ("spread", {}, "st3: must be a dict"),
