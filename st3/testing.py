@@ -15,6 +15,17 @@ IMAGE_TOKEN = 3
 PAD_TOKEN = 0
 
 
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, longest]: the token rows left-padded with PAD_TOKEN, as st3 needs them."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = row
+        attention_mask[i, width - len(row) :] = 1
+    return input_ids, attention_mask
+
+
 def tiny_llava(
     *,
     layers: int = 6,
@@ -60,12 +71,7 @@ def tiny_inputs(
     for before, after in text_lengths:
         text = torch.randint(IMAGE_TOKEN + 1, vocab, (before + after,), generator=generator)
         rows.append(torch.cat([text[:before], torch.full((image_tokens,), IMAGE_TOKEN), text[before:]]))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_TOKEN)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = row
-        attention_mask[i, width - len(row) :] = 1
+    input_ids, attention_mask = left_padded(rows)
     size = model.config.vision_config.image_size
     pixel_values = torch.randn(len(rows), 3, size, size, generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
@@ -219,12 +225,7 @@ def tiny_next_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]:
     for (before, after, _), image in zip(samples, features):
         text = torch.randint(IMAGE_TOKEN + 1, config.text_config.vocab_size, (before + after,), generator=generator)
         rows.append(torch.cat([text[:before], torch.full((len(image),), IMAGE_TOKEN), text[before:]]))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_TOKEN)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = row
-        attention_mask[i, width - len(row) :] = 1
+    input_ids, attention_mask = left_padded(rows)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
             "image_sizes": sizes}  # fmt: skip
 
@@ -293,12 +294,7 @@ def tiny_onevision_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tens
         token = OV_IMAGE if kind == "image" else OV_VIDEO
         text = torch.randint(OV_VIDEO + 1, config.text_config.vocab_size, (before + after,), generator=generator)
         rows.append(torch.cat([text[:before], torch.full((counts[kind].pop(0),), token), text[before:]]))
-    width = max(len(r) for r in rows)
-    out["input_ids"] = torch.full((len(rows), width), PAD_TOKEN)
-    out["attention_mask"] = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out["input_ids"][i, width - len(row) :] = row
-        out["attention_mask"][i, width - len(row) :] = 1
+    out["input_ids"], out["attention_mask"] = left_padded(rows)
     return out
 
 
@@ -348,12 +344,7 @@ def tiny_internvl_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tenso
                        torch.tensor([INTERNVL_END])]  # fmt: skip
             tiles += n
         rows.append(torch.cat(pieces + [text(after)]))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_TOKEN)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = row
-        attention_mask[i, width - len(row) :] = 1
+    input_ids, attention_mask = left_padded(rows)
     pixel_values = torch.randn(tiles, 3, size, size, generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
@@ -464,12 +455,7 @@ def tiny_mistral3_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tenso
         for r in range(h // merged):
             image += [IMAGE_TOKEN] * (w // merged) + [MISTRAL_END if r == h // merged - 1 else MISTRAL_BREAK]
         rows.append(torch.cat([text[:before], torch.tensor(image), text[before:]]))
-    width_ = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width_), PAD_TOKEN)
-    attention_mask = torch.zeros(len(rows), width_, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width_ - len(row) :] = row
-        attention_mask[i, width_ - len(row) :] = 1
+    input_ids, attention_mask = left_padded(rows)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
             "image_sizes": sizes}  # fmt: skip
 
@@ -524,12 +510,7 @@ def tiny_gemma3_inputs(model, samples, seed: int = 0) -> dict[str, torch.Tensor]
         image = torch.tensor([GEMMA_BOI] + [GEMMA_IMAGE] * per_image + [GEMMA_EOI])
         rows.append(torch.cat([text[:before], *[image] * count, text[before:]]))
         images += count
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_TOKEN)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = row
-        attention_mask[i, width - len(row) :] = 1
+    input_ids, attention_mask = left_padded(rows)
     size = config.vision_config.image_size
     return {
         "input_ids": input_ids,
