@@ -131,9 +131,11 @@ def split_args(method: str, kwargs: dict, base_params: set[str], family: str) ->
         if knobs:
             raise ValueError(f"st3_{family}: method=none takes no knobs, got {sorted(knobs)}")
         return None, {}, kwargs
-    if method.lower() not in st3.methods():
-        raise ValueError(f"st3_{family}: unknown method {method!r}; available: {', '.join(st3.methods())}, none")
-    valid = set(st3.get(method).knobs())
+    try:  # a renamed method (e.g. `uniform`, now `lattice`) still builds, with a DeprecationWarning
+        valid = set(st3.get(method).knobs())
+    except ValueError:
+        names = ", ".join(st3.methods())
+        raise ValueError(f"st3_{family}: unknown method {method!r}; available: {names}, none") from None
     knobs = {k: v for k, v in kwargs.items() if k not in base_params}
     unknown = sorted(set(knobs) - valid)
     if unknown:

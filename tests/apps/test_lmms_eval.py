@@ -93,8 +93,8 @@ def test_scenes_task_agrees_with_st3_eval_and_writes_figures(tasks, tmp_path):
 
 
 def test_plugin_answers_equal_the_unpruned_model_when_nothing_is_pruned(tasks):
-    """`uniform` keeping every visual token prunes nothing: the answers are the unpruned run's, batch by batch."""
-    pruned = evaluate(tasks, f"pretrained={MODEL},method=uniform,keep=324", batch_size=4)
+    """`lattice` keeping every visual token prunes nothing: the answers are the unpruned run's, batch by batch."""
+    pruned = evaluate(tasks, f"pretrained={MODEL},method=lattice,keep=324", batch_size=4)
     full = evaluate(tasks, f"pretrained={MODEL},method=none", batch_size=2)
     answers = [[s["resps"] for s in run["samples"]["st3_scenes_qa"]] for run in (pruned, full)]
     assert answers[0] == answers[1] and len(answers[0]) == N
