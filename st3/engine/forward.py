@@ -212,6 +212,7 @@ class Engine:
             candidates=rows.visual,
             keep=keep,
             attention=lambda query=None: self._prefill_scores(index, rows, previous, cache, query),
+            own_attention=lambda query=None: self._prefill_scores(index, rows, rows.hidden, cache, query, own=True),
             hidden=lambda: rows.hidden,
             keys=lambda: self.adapter.project_keys(index, rows.hidden, rows.cos, rows.sin),
             text=rows.text,
@@ -229,15 +230,21 @@ class Engine:
             return cache.layers[index - 1].keys
         return self.adapter.project_keys(0, rows.hidden, rows.cos, rows.sin)
 
-    def _prefill_scores(self, index: int, rows: Rows, previous, cache, query: torch.Tensor | None) -> torch.Tensor:
-        """Attention each current row received at layer index - 1 (at layer 0: its own attention) from the
-        `query` rows (a sample without any: its last prompt token).
+    def _prefill_scores(
+        self, index: int, rows: Rows, previous, cache, query: torch.Tensor | None, own: bool = False
+    ) -> torch.Tensor:
+        """Attention each current row received at layer index - 1 (at layer 0, or with `own`: at layer `index`
+        itself, its own norm and q/k projections applied to its input rows) from the `query` rows (a sample
+        without any: its last prompt token).
 
-        `previous` holds the rows' inputs to layer index - 1: nothing was removed since that layer ran.
+        `previous` holds the rows' inputs to the scored layer: nothing was removed since layer index - 1 ran.
         """
-        scored = max(index - 1, 0)
+        scored = index if own else max(index - 1, 0)
         adapter = self.adapter
-        keys = cache.layers[scored].keys if index > 0 else adapter.project_keys(0, rows.hidden, rows.cos, rows.sin)
+        if scored < index:
+            keys = cache.layers[scored].keys
+        else:
+            keys = adapter.project_keys(scored, rows.hidden, rows.cos, rows.sin)
         last = rows.last()
         query = last if query is None else torch.where(query.any(-1, keepdim=True), query, last)
         picked, picked_valid = pack_index(query)

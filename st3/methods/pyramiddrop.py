@@ -3,17 +3,17 @@
 Rule: the decoder is split into stages that end at fixed layers (default 8, 16 and 24 of 32, scaled to
 the model's depth). Entering the s-th stage boundary layer, a sample keeps int(lambda^s * n0) of its n0
 original visual tokens (the released code's count, Cooperx521/PyramidDrop @ 6444f30,
-`llava/model/modeling_llama_pdrop.py:1306-1307`, with the scripts' ratio list [lambda, lambda^2, lambda^3];
-`variant="paper"`: ceil(lambda * n) of the n tokens still held, st3's count before 0.2), those that the
-last instruction token (the last prompt token) attended to most at the layer before, averaged over heads.
+`llava/model/modeling_llama_pdrop.py:1306-1307`, with the scripts' ratio list [lambda, lambda^2, lambda^3]),
+those that the last instruction token (the last prompt token) attends to most, heads averaged, in the boundary
+layer's own attention: its input norm and q/k projections applied to its input rows (1321-1340).
+`variant="paper"` is st3's form before 0.2: ceil(lambda * n) of the n tokens still held, ranked by the
+attention the layer before computed (as FastV).
 The dropped tokens leave the hidden states and KV cache of that layer and all later ones; nothing changes
 during decoding.
 
 Difference from the official code: the official implementation renumbers positions after each drop
 (survivors get consecutive positions, changing the rotary geometry the model was trained with); here,
-as for every method in this engine, survivors keep their original positions. Its scoring re-projects
-the last instruction token's query, as this engine does for all methods, at the layer before the boundary
-(the official code applies the boundary layer's own norm and q/k projections to its input: 1321-1340).
+as for every method in this engine, survivors keep their original positions.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 
 from st3.methods.base import VARIANTS, Method, check, register, share
+from st3.selectors import Attention, Selector
 
 
 @register("pyramiddrop")
@@ -49,6 +50,9 @@ class PyramidDrop(Method):
             check(len(self.stages) > 0, "stages", "must name at least one layer")
             check(all(s >= 1 for s in self.stages), "stages", f"layers must be >= 1, got {self.stages}")
         check(self.variant in VARIANTS, "variant", f"must be one of {VARIANTS}, got {self.variant!r}")
+
+    def default_selector(self) -> Selector:
+        return Attention(scored_at="before" if self.variant == "paper" else "own")
 
     def validate_for(self, num_layers: int) -> None:
         bad = [s for s in self.boundaries(num_layers) if s >= num_layers]

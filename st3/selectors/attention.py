@@ -15,6 +15,7 @@ import torch
 from st3.selectors.base import Selector, View, check, register, top_k_mask
 
 QUERIES = ("last", "text", "all")
+SCORED_AT = ("before", "own")
 
 
 @register("attention")
@@ -26,14 +27,24 @@ class Attention(Selector):
     exact: ClassVar[bool] = True
     query: str = "last"
     """Query rows at prefill: the 'last' prompt token, the 'text' rows after the image (mean), or 'all' rows."""
+    scored_at: str = "before"
+    """Prefill: 'before', the attention computed by the layer before (FastV's layer K-1); 'own', the attention
+    the layer being entered gives its input rows (its own norm and q/k projections: PyramidDrop's released code)."""
 
     def validate(self) -> None:
         check(self.query in QUERIES, "query", f"must be one of {QUERIES}, got {self.query!r}")
+        check(self.scored_at in SCORED_AT, "scored_at", f"must be one of {SCORED_AT}, got {self.scored_at!r}")
 
     def score(self, view: View) -> torch.Tensor:
+        attention = view.attention
+        if self.scored_at == "own" and not view.decoding:
+            if view.own_attention is None:
+                raise ValueError("Attention(scored_at='own') needs the layer's own projections, which this path "
+                                 "does not provide; use scored_at='before'")
+            attention = view.own_attention
         if view.decoding or self.query == "last":
-            return view.attention(None)
-        return view.attention(view.text() if self.query == "text" else view.valid)
+            return attention(None)
+        return attention(view.text() if self.query == "text" else view.valid)
 
 
 @register("accumulated")

@@ -56,6 +56,9 @@ class View:
     prompt: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = lambda: None
     """(embeddings [B, L, H], visual [B, L], valid [B, L]): the decoder's inputs for the whole prompt before any
     row left (prefill; `columns` places the slots in it), or None where not given (decode)."""
+    own_attention: Callable[[torch.Tensor | None], torch.Tensor] | None = None
+    """As `attention`, but scored at the layer being entered, by its own norm and q/k projections applied to its
+    input rows (prefill; PyramidDrop's released scoring), or None where the engine has none."""
 
 
 def _patches(view: View) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -289,25 +290,38 @@ def test_pruned_run_equals_masked_reference(family, name, attn):
 @pytest.mark.parametrize(
     "family,name",
     [pytest.param(f, m, marks=() if fast(f, m) or FAMILIES[f].fast is None else pytest.mark.slow, id=f"{f}-{m}")
-     for f in sorted(FAMILIES) for m in ("st3", "st3-text-query", "fastv", "fastv-all-rows", "pyramiddrop")],
+     for f in sorted(FAMILIES)
+     for m in ("st3", "st3-text-query", "fastv", "fastv-all-rows", "pyramiddrop", "pyramiddrop-paper")],
 )  # fmt: skip
-def test_prefill_keeps_the_top_k_of_previous_layer_attention(family, name):
+def test_prefill_keeps_the_top_k_of_its_scoring_layers_attention(family, name):
+    """The kept set at each pruning layer l is the top-k of the attention, heads averaged, at the layer before
+    (FastV, ST3) or at layer l itself on the rows entering it (PyramidDrop's released scoring: the masked
+    reference is then rerun with layer l still holding layer l-1's set, and its layer l attention read)."""
     model, _, inputs = models(family)
     method = METHODS[name]()
     with torch.no_grad(), method(model):
         model(**inputs)
     trace = method.trace
+    positions = trace.prefill_visual_positions
+    own = method.rule.scored_at == "own"
     with torch.no_grad():
         weights = attention_weights(model, inputs, trace)
     visual = torch.isin(inputs["input_ids"], torch.tensor(visual_token_ids(model.config)))
     checked = 0
     for layer in range(1, len(weights)):
+        if all(len(positions[layer][b]) == len(positions[layer - 1][b]) for b in range(len(positions[layer]))):
+            continue
+        scoring = weights[layer - 1]
+        if own:  # layer `layer` attending over the rows it received, before any of them left
+            entering = SimpleNamespace(prefill_visual_positions=positions[:layer] + [positions[layer - 1]] * (
+                len(positions) - layer))
+            with torch.no_grad():
+                scoring = attention_weights(model, inputs, entering)[layer]
         for b in range(inputs["input_ids"].shape[0]):
-            before = trace.prefill_visual_positions[layer - 1][b]
-            after = trace.prefill_visual_positions[layer][b]
+            before, after = positions[layer - 1][b], positions[layer][b]
             if len(after) == len(before):
                 continue
-            probs = weights[layer - 1][b].mean(0)  # [rows, keys], mean over heads
+            probs = scoring[b].mean(0)  # [rows, keys], mean over heads
             real = inputs["attention_mask"][b].bool()
             if method.rule.query == "last":
                 score = probs[-1]

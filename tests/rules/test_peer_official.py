@@ -74,10 +74,11 @@ def attention_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def choose(method: st3.Method, layer: int, scores: torch.Tensor, candidates: torch.Tensor, num_layers=32):
-    """The method's count at `layer` and its default selector's choice among `candidates` by `scores`."""
+    """The method's count at `layer` and its default selector's choice among `candidates` by `scores` (the
+    fixture's scores are the official scoring layer's: FastV's K-1, PyramidDrop's boundary layer itself)."""
     keep = method.prefill_keep(layer, num_layers, candidates.sum(-1))
     view = View(layer=layer, candidates=candidates, keep=keep, attention=lambda rows=None: scores,
-                hidden=lambda: None, keys=lambda: None)  # fmt: skip
+                own_attention=lambda rows=None: scores, hidden=lambda: None, keys=lambda: None)  # fmt: skip
     return method.default_selector().select(view)
 
 
@@ -149,6 +150,14 @@ def test_pyramiddrop_counts_are_the_official_ones():
                 counts.append(int(keep))
                 held = keep
         assert counts == case["counts"]
+
+
+def test_pyramiddrop_scores_at_the_boundary_layer_itself_as_the_official_code():
+    """The released code ranks by the boundary layer's own attention on its input (1321-1340); the fixtures'
+    scores are that layer's, and the family matrix checks the engine computes it
+    (`test_prefill_keeps_the_top_k_of_its_scoring_layers_attention`)."""
+    assert st3.PyramidDrop().default_selector().scored_at == "own"
+    assert st3.PyramidDrop(variant="paper").default_selector().scored_at == "before"
 
 
 @pytest.mark.parametrize("case", list(cases("pyramiddrop", dtype="float32")))
@@ -353,3 +362,64 @@ def test_dart_reads_layer_k_minus_1_keys_and_final_normed_states_of_the_model(mo
         model(**sample)
     torch.testing.assert_close(seen["keys"], keys_k1)
     torch.testing.assert_close(seen["normed"], normed_k1)
+
+
+def test_fastv_reads_layer_k_minus_1_attention_of_the_last_token(eager_model, monkeypatch):
+    """End to end on the tiny LLaVA: the scores FastV ranks entering layer K are the model's own attention at
+    layer K-1 from the last prompt token, heads averaged (the official `last_layer_attention_avg_last_tok`),
+    captured here from an unpruned eager forward with `output_attentions`."""
+    from conftest import BATCH
+
+    from st3.testing import tiny_inputs
+
+    sample = single(tiny_inputs(eager_model, BATCH), 0)
+    with torch.no_grad():
+        out = eager_model(**sample, output_attentions=True)
+    official = out.attentions[1][0, :, -1, :].mean(0)  # layer K-1 = 1, last token's row, heads averaged
+    seen = {}
+    score = st3.selectors.Attention.score
+
+    def recording(self, view):
+        seen["scores"], seen["candidates"] = score(self, view), view.candidates
+        return seen["scores"]
+
+    monkeypatch.setattr(st3.selectors.Attention, "score", recording)
+    with torch.no_grad(), st3.FastV(layer=2, ratio=0.5)(eager_model):
+        eager_model(**sample)
+    image = sample["input_ids"][0] == eager_model.config.image_token_id
+    assert seen["candidates"][0].sum() == image.sum()
+    torch.testing.assert_close(seen["scores"][0][seen["candidates"][0]], official[image])
+
+
+def test_cdpruner_reads_the_decoders_visual_and_instruction_embeddings(model, inputs):
+    """End to end on the tiny LLaVA: CDPruner's features are the decoder's input embeddings of the image rows
+    and its relevance reads those of the instruction rows after the image (st3's documented input: the official
+    code reads CLIP's text tower instead), captured here from the decoder's own inputs by a hook."""
+    sample = single(inputs, 0)
+    captured = {}
+    language = model.model.language_model
+
+    def capture(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handle = language.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**sample)
+    finally:
+        handle.remove()
+    embeds = captured["embeds"][0]
+    image = sample["input_ids"][0] == model.config.image_token_id
+    after = torch.arange(image.numel()) > image.nonzero().max()
+    seen = {}
+    selector = st3.selectors.CDPruner()
+
+    class Recording(st3.selectors.CDPruner):
+        def select(self, view):
+            seen["hidden"], seen["text"], seen["candidates"] = view.hidden(), view.text(), view.candidates
+            return selector.select(view)
+
+    with torch.no_grad(), st3.get("cdpruner", keep=8, selector=Recording())(model):
+        model(**sample)
+    torch.testing.assert_close(seen["hidden"][0][seen["candidates"][0]], embeds[image])
+    torch.testing.assert_close(seen["hidden"][0][seen["text"][0]], embeds[after])
