@@ -80,18 +80,19 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     ),
     'fastv': (
         'Prune once, at layer K, by the attention the visual tokens received at layer K - 1.',
-        "layer=2, ratio=0.5, query='last', variant='official', selector=attention(query='last')",
+        "layer=2, ratio=0.5, query='last', variant='official', selector=attention(query='last', "
+        "scored_at='before')",
     ),
     'fastv+vta': (
         "FastV's prune at layer K, then visual token annealing while decoding.",
-        "layer=2, ratio=0.5, query='last', variant='official', selector=attention(query='last'), "
-        "decode=vta(curve='cosine', final=0.3, steps=32, every=4, min_keep=4, evict='current', "
-        'protect=0.5, delay=0)',
+        "layer=2, ratio=0.5, query='last', variant='official', selector=attention(query='last', "
+        "scored_at='before'), decode=vta(curve='cosine', final=0.3, steps=32, every=4, min_keep=4, "
+        "evict='current', protect=0.5, delay=0)",
     ),
     'keep': (
         '`keep` visual tokens from `layer` on (0: before the decoder), chosen by `selector` (default: '
         'attention).',
-        "keep=192, layer=2, selector=attention(query='last')",
+        "keep=192, layer=2, selector=attention(query='last', scored_at='before')",
     ),
     'lattice': (
         "Control: `keep` visual tokens on a lattice per image grid (the budget shared among a sample's "
@@ -100,11 +101,11 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     ),
     'pyramiddrop': (
         'Keep a fixed share of the remaining visual tokens at each stage boundary.',
-        "keep=0.5, stages=None, variant='official', selector=attention(query='last')",
+        "keep=0.5, stages=None, variant='official', selector=attention(query='last', scored_at='own')",
     ),
     'pyramiddrop+vta': (
         "PyramidDrop's stages, then visual token annealing while decoding.",
-        "keep=0.5, stages=None, variant='official', selector=attention(query='last'), "
+        "keep=0.5, stages=None, variant='official', selector=attention(query='last', scored_at='own'), "
         "decode=vta(curve='cosine', final=0.3, steps=32, every=4, min_keep=4, evict='current', "
         'protect=0.5, delay=0)',
     ),
@@ -115,7 +116,7 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     'schedule': (
         'Explicit counts: entering each listed layer, keep at most that many visual tokens per sample '
         '(default rule: attention).',
-        "counts=None, scale=1.0, selector=attention(query='last')",
+        "counts=None, scale=1.0, selector=attention(query='last', scored_at='before')",
     ),
     'sparsevlm': (
         'SparseVLM v1.5 (arXiv 2410.04417) without recycling: text raters rank the visual tokens entering'
@@ -133,7 +134,7 @@ CATALOGUE: dict[str, tuple[str, str]] = {
         'Progressive visual token pruning over depth + visual token annealing over decoding steps.',
         "start_layer=2, stride=3, ratio=0.2, min_keep=4, query='last', anneal_curve='cosine', "
         "anneal_final=0.3, anneal_steps=32, anneal_every=4, anneal_evict='current', anneal_protect=0.5, "
-        "anneal_delay=0, selector=attention(query='last')",
+        "anneal_delay=0, selector=attention(query='last', scored_at='before')",
     ),
     'st3+cdpruner': (
         "ST3's schedule and annealing; the cdpruner selector chooses at each pruning layer.",
