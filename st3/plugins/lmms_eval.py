@@ -30,10 +30,17 @@ import torch
 
 import st3
 
-#: lmms-eval model id -> (its class, whether st3's batched HF generate replaces its `generate_until`).
-#: Adding a family whose st3 adapter exists is one row here.
-FAMILIES: dict[str, tuple[str, bool]] = {
-    "llava_hf": ("lmms_eval.models.simple.llava_hf.LlavaHf", True),
+#: lmms-eval model id -> its class (which loads the model and processor); st3's batched generate answers the
+#: requests. Adding a family whose st3 adapter exists is one row here (docs/lmms-eval.md: which id serves which).
+FAMILIES: dict[str, str] = {
+    "llava_hf": "lmms_eval.models.simple.llava_hf.LlavaHf",  # LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision
+    "qwen2_vl": "lmms_eval.models.simple.qwen2_vl.Qwen2_VL",
+    "qwen2_5_vl": "lmms_eval.models.simple.qwen2_5_vl.Qwen2_5_VL",
+    "qwen3_vl": "lmms_eval.models.simple.qwen3_vl.Qwen3_VL",
+    "gemma3": "lmms_eval.models.simple.gemma3.Gemma3",
+    "mistral3_vl": "lmms_eval.models.simple.mistral3_vl.Mistral3_VL",
+    "internvl_hf": "lmms_eval.models.chat.internvl_hf.InternVLHf",  # InternVLForConditionalGeneration; batch 1
+    "huggingface": "lmms_eval.models.chat.huggingface.Huggingface",  # Idefics3, SmolVLM (AutoModelForImageTextToText)
 }
 PLUGIN_ARGS = ("method", "budget", "figures")
 IMAGE_TOKEN = "<image>"
@@ -55,13 +62,13 @@ def manifests() -> list:
 
 
 def __getattr__(name: str):
-    """Build `St3<Family>` on first access: lmms-eval's class with `St3Model` (and batching) in front."""
-    for model_id, (path, batched) in FAMILIES.items():
+    """Build `St3<Family>` on first access: lmms-eval's class with `St3Model` and `BatchedHF` in front."""
+    for model_id, path in FAMILIES.items():
         if name == class_name(model_id):
             module, _, base_name = path.rpartition(".")
             base = getattr(importlib.import_module(module), base_name)
-            bases = (St3Model, BatchedHF, base) if batched else (St3Model, base)
-            cls = type(name, bases, {"__module__": __name__, "family": model_id, "__doc__": St3Model.__doc__})
+            attributes = {"__module__": __name__, "family": model_id, "__doc__": St3Model.__doc__}
+            cls = type(name, (St3Model, BatchedHF, base), attributes)
             globals()[name] = cls
             return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -81,6 +88,7 @@ class Figures:
     kv_bytes: int = 0
     kv_bytes_unpruned: int = 0
     notes: set[str] = field(default_factory=set)
+    settings: set[str] = field(default_factory=set)  # the knobs of each method applied (JSON)
     wall_seconds: float = 0.0
     requests: int = 0
 
@@ -158,7 +166,7 @@ class St3Model:
     def __init__(self, method: str = "st3", budget: float | None = None, figures: str | None = None, **kwargs):
         base = next(c for c in type(self).__mro__[1:] if c not in (St3Model, BatchedHF))
         base_params = {p for p in inspect.signature(base.__init__).parameters if p not in ("self", "kwargs")}
-        self.st3_method, knobs, base_kwargs = split_args(str(method), kwargs, base_params, self.family)
+        self.st3_method, self.st3_knobs, base_kwargs = split_args(str(method), kwargs, base_params, self.family)
         if budget is not None:
             budget = float(budget)
             if self.st3_method is None or not 0.0 < budget <= 1.0:
@@ -166,36 +174,61 @@ class St3Model:
         if "device" in base_params and base_kwargs.get("device") is None:
             base_kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         if "device_map" in base_params and "device_map" not in base_kwargs and single_process():
-            # llava_hf passes its default device_map="" to from_pretrained, which transformers 5 rejects;
-            # under data parallel (several processes) it picks cuda:<rank> itself
+            # llava_hf passes its default device_map="" to from_pretrained, which transformers 5 rejects, and the
+            # Qwen/Gemma classes default to "auto"; under data parallel they pick cuda:<rank> themselves
             base_kwargs["device_map"] = str(base_kwargs["device"])
         super().__init__(**base_kwargs)
         self.st3_budget, self.st3_figures_path = budget, figures
-        if budget is not None:
-            self.st3_method = matched(self.st3_method.name, knobs, budget, self.model)
+        self.st3_matched: dict[tuple, st3.Method | None] = {}  # (visual, text counts of a batch) -> its method
         if self.st3_method is not None:
             self.st3_method(self.model)  # checks the model family and the method's depth now, not mid-run
+        if budget is not None:
+            from st3.adapters import adapter_for
+
+            per_image = adapter_for(self.model).tokens_per_image()
+            if per_image is not None:  # a budget out of reach fails now, not mid-run (one image, any text)
+                matched(self.st3_method.name, self.st3_knobs, budget, self.model, [per_image], [60])
         self.st3_figures = Figures()
 
+    def _st3_for(self, inputs) -> st3.Method | None:
+        """The method for one batch: as given, or matched to `budget` from the visual tokens its inputs hold."""
+        if self.st3_budget is None or self.st3_method is None:
+            return self.st3_method
+        ids = inputs["input_ids"]
+        real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(ids, dtype=bool)
+        from st3.adapters import adapter_for
+
+        seen = adapter_for(self.model).visual_mask(ids) & real
+        visual, text = seen.sum(-1).tolist(), (real & ~seen).sum(-1).tolist()
+        key = (tuple(visual), tuple(text))
+        if key not in self.st3_matched:
+            self.st3_matched[key] = matched(self.st3_method.name, self.st3_knobs, self.st3_budget, self.model,
+                                            visual, text)  # fmt: skip
+        return self.st3_matched[key]
+
     @contextmanager
-    def _st3_applied(self, requests: int):
-        """Apply the method around one batch of requests; add every forward call's trace to the figures."""
+    def _st3_applied(self, requests: int, inputs):
+        """Apply the method (matched to this batch's inputs under `budget=`) around one batch of requests; add
+        every forward call's trace to the figures."""
         start, last = time.perf_counter(), []
+        method = self._st3_for(inputs)
+        if method is not None:
+            self.st3_figures.settings.add(json.dumps(method.knobs(), sort_keys=True, default=str))
 
         def collect(module, args, output) -> None:
-            trace = self.st3_method.trace
+            trace = method.trace
             if not last or last[0] is not trace:
                 if last:
                     self.st3_figures.add(last[0].summary())
                 last[:] = [trace]
 
         try:
-            if self.st3_method is None:
+            if method is None:
                 yield
             else:
                 hook = self.model.register_forward_hook(collect)
                 try:
-                    with self.st3_method(self.model):
+                    with method(self.model):
                         yield
                 finally:
                     hook.remove()
@@ -206,23 +239,18 @@ class St3Model:
             self.st3_figures.requests += requests
             self.write_figures()
 
-    def generate_until(self, requests):
-        with self._st3_applied(len(requests)):
-            return super().generate_until(requests)
-
-    def loglikelihood(self, requests):
-        with self._st3_applied(len(requests)):
-            return super().loglikelihood(requests)
-
     def st3_report(self) -> dict:
-        """The run's figures: method and knobs, visual tokens per layer, FLOPs and KV ratios, wall time."""
+        """The run's figures: method and knobs (each setting matched under `budget=`), visual tokens per layer,
+        FLOPs and KV ratios, wall time."""
         method = self.st3_method
+        settings = [json.loads(s) for s in sorted(self.st3_figures.settings)]
         return {
             "model": f"st3_{self.family}",
-            "pretrained": getattr(self, "pretrained", None),
+            "pretrained": getattr(self, "pretrained", None) or getattr(self, "path", None),
             "method": "none" if method is None else method.name,
-            "knobs": {} if method is None else {k: v for k, v in method.knobs().items()},
+            "knobs": settings[0] if len(settings) == 1 else ({} if method is None else method.knobs()),
             "budget": self.st3_budget,
+            "matched_knobs": settings if self.st3_budget is not None else None,
             "rank": getattr(self, "rank", 0),
             "st3_version": st3.__version__,
             **self._digest(),
@@ -256,16 +284,17 @@ def single_process() -> bool:
     return PartialState().num_processes == 1
 
 
-def matched(name: str, knobs: dict, budget: float, model) -> st3.Method | None:
-    """Method `name` with `knobs` at `budget` (share of visual tokens per layer), configured exactly as
-    `st3 eval --budget` does (None at a budget of 1: unpruned, as there)."""
+def matched(name: str, knobs: dict, budget: float, model, visual: list[int], text: list[int]) -> st3.Method | None:
+    """Method `name` with `knobs` at `budget` (share of visual tokens per layer) for samples of `visual` and `text`
+    tokens (counted in the processor's output by the family's adapter), configured exactly as `st3 eval --budget`
+    does (None at a budget of 1, or for a batch without images: unpruned)."""
     from st3.adapters import adapter_for
     from st3.budget import at_budget
 
-    adapter = adapter_for(model)
-    visual = adapter.tokens_per_image() or 576  # Qwen-VL's tokens per image vary: matched as for LLaVA-1.5's
+    if not any(visual):
+        return None
     try:
-        return at_budget(name, knobs, budget, adapter.shape, visual, 60)
+        return at_budget(name, knobs, budget, adapter_for(model).shape, visual, text)
     except ValueError as error:
         raise ValueError(f"budget={budget}: {error}") from None
 
@@ -274,15 +303,27 @@ def matched(name: str, knobs: dict, budget: float, model) -> st3.Method | None:
 class BatchedHF:
     """`generate_until` and `loglikelihood` for models with a Hugging Face processor, in left-padded batches.
 
-    lmms-eval's `llava_hf` answers one request at a time and renders prompts through the tokenizer's chat
-    template with the image as text; this renders the processor's chat template with the images as content
-    (what the model was trained on) and batches up to `batch_size` requests with the same generation
-    arguments. Errors propagate: an answer st3 cannot compute is refused, never scored as empty.
+    The wrapped class loads the model and its processor; this answers lmms-eval's (simple) requests the same
+    way for every family: the processor's chat template rendered with the images as content (what the model was
+    trained on), up to `batch_size` requests with the same generation arguments at once, the method applied
+    (and matched to the batch under `budget=`) around each batch. lmms-eval's classes differ in how they render
+    prompts (`llava_hf` the image as text, one request at a time; the Qwen ones through qwen_vl_utils) and
+    some catch errors; here errors propagate: an answer st3 cannot compute is refused, never scored as empty.
     """
 
+    is_simple = True  # lmms-eval sends (context, gen_kwargs, doc_to_visual, doc_id, task, split) requests
+
+    @property
+    def _st3_processor(self):
+        """The wrapped class's processor (`llava_hf`: `_image_processor`, Mistral3: `_processor`, else `processor`)."""
+        for name in ("_image_processor", "processor", "_processor"):
+            if getattr(self, name, None) is not None:
+                return getattr(self, name)
+        raise ValueError(f"st3_{self.family}: the wrapped class loaded no processor")
+
     def _prompt(self, context: str, images: int) -> str:
-        processor = self._image_processor
-        template = self.chat_template or getattr(processor, "chat_template", None)
+        processor = self._st3_processor
+        template = getattr(self, "chat_template", None) or getattr(processor, "chat_template", None)
         if template is None:
             raise ValueError(f"st3_{self.family}: the processor has no chat template; pass chat_template=...")
         text = context.replace(IMAGE_TOKEN, "").strip()
@@ -294,7 +335,9 @@ class BatchedHF:
 
     def _inputs(self, texts: list[str], images: list):
         kwargs = {"images": images} if images else {}
-        inputs = self._image_processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+        processor = self._st3_processor
+        processor.tokenizer.padding_side = "left"  # st3 refuses right padding
+        inputs = processor(text=texts, return_tensors="pt", padding=True, **kwargs)
         return inputs.to(self.device, self.model.dtype)
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
@@ -327,6 +370,10 @@ class BatchedHF:
             texts.append(self._prompt(context, len(visuals)))
             images.extend(visuals)
         inputs = self._inputs(texts, images)
+        with self._st3_applied(len(batch), inputs):
+            return self._decoded(inputs, gen, until)
+
+    def _decoded(self, inputs, gen: dict, until: list[str]) -> list[str]:
         temperature = float(gen.get("temperature", 0) or 0)
         sample = bool(gen.get("do_sample", temperature > 0))
         options = {"temperature": temperature, "top_p": gen.get("top_p")} if sample else {}
@@ -372,7 +419,8 @@ class BatchedHF:
                     f"st3_{self.family}: the continuation {continuation!r} does not tokenize as a suffix of its "
                     "context; its log-likelihood would not be that of the continuation alone"
                 )
-            logits = self.model(**inputs).logits[0, -n - 1 : -1].float()
+            with self._st3_applied(1, inputs):
+                logits = self.model(**inputs).logits[0, -n - 1 : -1].float()
             target = ids[0, -n:].to(logits.device)
             logprob = torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum()
             results.append((float(logprob), bool((logits.argmax(-1) == target).all())))
