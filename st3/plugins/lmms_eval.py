@@ -40,7 +40,7 @@ FAMILIES: dict[str, str] = {
     "gemma3": "lmms_eval.models.simple.gemma3.Gemma3",
     "mistral3_vl": "lmms_eval.models.simple.mistral3_vl.Mistral3_VL",
     "internvl_hf": "lmms_eval.models.chat.internvl_hf.InternVLHf",  # InternVLForConditionalGeneration; batch 1
-    "huggingface": "lmms_eval.models.chat.huggingface.Huggingface",  # Idefics3, SmolVLM (AutoModelForImageTextToText)
+    "idefics3": "st3.plugins.lmms_hf.ImageTextToText",  # st3's own: Idefics3, SmolVLM (no lmms-eval class loads them)
 }
 PLUGIN_ARGS = ("method", "budget", "figures")
 IMAGE_TOKEN = "<image>"
@@ -333,8 +333,8 @@ class BatchedHF:
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
 
-    def _inputs(self, texts: list[str], images: list):
-        kwargs = {"images": images} if images else {}
+    def _inputs(self, texts: list[str], images: list[list]):
+        kwargs = {"images": images} if any(images) else {}
         processor = self._st3_processor
         processor.tokenizer.padding_side = "left"  # st3 refuses right padding
         inputs = processor(text=texts, return_tensors="pt", padding=True, **kwargs)
@@ -368,7 +368,7 @@ class BatchedHF:
         for context, _, doc_to_visual, doc_id, task, split in batch:
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             texts.append(self._prompt(context, len(visuals)))
-            images.extend(visuals)
+            images.append(visuals)  # per sample: Gemma 3's processor checks each prompt's images
         inputs = self._inputs(texts, images)
         with self._st3_applied(len(batch), inputs):
             return self._decoded(inputs, gen, until)
@@ -410,8 +410,8 @@ class BatchedHF:
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             prompt = self._prompt(context, len(visuals))
-            context_ids = self._inputs([prompt], visuals)["input_ids"]
-            inputs = self._inputs([prompt + continuation], visuals)
+            context_ids = self._inputs([prompt], [visuals])["input_ids"]
+            inputs = self._inputs([prompt + continuation], [visuals])
             ids = inputs["input_ids"]
             n = ids.shape[1] - context_ids.shape[1]
             if n <= 0 or not torch.equal(ids[0, : context_ids.shape[1]], context_ids[0]):

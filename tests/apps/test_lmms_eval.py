@@ -122,3 +122,114 @@ def test_loglikelihood_reads_the_continuation_from_the_end_under_pruning():
     [(logprob, greedy)] = lm.loglikelihood([request])
     assert greedy and logprob == pytest.approx(expected, abs=1e-4)
     assert lm.st3_figures.samples == 1 and lm.st3_figures.flops["prefill"] < lm.st3_figures.flops["prefill_unpruned"]
+
+
+# ------------------------------------------------------------------------------------------ every family
+def word_tokenizer(specials: list[str], **named):
+    """A word-level tokenizer: `<pad>` 0, `</s>` 1, `<unk>` 2, then `specials` from id 3 (the tiny models'
+    image token) and words up to the tiny models' 128 ids; `named` special tokens (`image_token=...`) by name."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    head = ["<pad>", "</s>", "<unk>", *specials]
+    vocab = {word: i for i, word in enumerate(head + [f"w{i}" for i in range(128 - len(head))])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    backend.add_special_tokens(head)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   extra_special_tokens=named, padding_side="left")  # fmt: skip
+
+
+def template(image: str) -> str:
+    """A chat template that writes the family's image placeholder for each image of the user's turn."""
+    return (
+        "{% for message in messages %}USER: {% for c in message['content'] %}"
+        f"{{% if c['type'] == 'image' %}}{image}{{% else %}}{{{{ c['text'] }}}}{{% endif %}}"
+        "{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    )
+
+
+def image_only(processor_class):
+    """`processor_class` without its video half: video processors need torchvision, which the lmms venv lacks
+    (docs/lmms-eval.md), so there a stock Qwen-VL / OneVision / InternVL processor cannot load; images only."""
+
+    class ImageOnly(processor_class):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return ImageOnly
+
+
+def family_checkpoint(family: str):
+    """(tiny model, its processor) of `family`, built offline; the processor is the family's own class (its image
+    half only where the video half needs torchvision: `image_only`)."""
+    import transformers as tf
+
+    from st3 import testing
+
+    if family in testing.QWEN_FAMILIES:
+        specials = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+        processor = {"qwen2-vl": tf.Qwen2VLProcessor, "qwen2.5-vl": tf.Qwen2_5_VLProcessor,
+                     "qwen3-vl": tf.Qwen3VLProcessor}[family]  # fmt: skip
+        image_processor = tf.Qwen2VLImageProcessorPil(
+            patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64
+        )
+        return testing.tiny_qwen_vl(family), image_only(processor)(
+            image_processor=image_processor, tokenizer=word_tokenizer(specials),
+            chat_template=template("<|vision_start|><|image_pad|><|vision_end|>"),
+        )  # fmt: skip
+    if family == "llava-next":
+        image_processor = tf.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 12}, crop_size={"height": 12, "width": 12},
+            image_grid_pinpoints=[[12, 24], [24, 12], [24, 24]],
+        )  # fmt: skip
+        return testing.tiny_llava_next(), tf.LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=word_tokenizer(["<image>"], image_token="<image>"), patch_size=4,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=template("<image>"),
+        )  # fmt: skip
+    if family == "llava-onevision":
+        image_processor = tf.LlavaOnevisionImageProcessorPil(
+            size={"height": 12, "width": 12}, image_grid_pinpoints=[[12, 24], [24, 12], [24, 24]]
+        )
+        return testing.tiny_llava_onevision(), image_only(tf.LlavaOnevisionProcessor)(
+            image_processor=image_processor, tokenizer=word_tokenizer(["<image>", "<video>"], image_token="<image>"),
+            num_image_tokens=9, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2",
+            chat_template=template("<image>"),
+        )  # fmt: skip
+    if family == "gemma3":
+        tokenizer = word_tokenizer(["<image_soft_token>", "<start_of_image>", "<end_of_image>"],
+                                   image_token="<image_soft_token>", boi_token="<start_of_image>",
+                                   eoi_token="<end_of_image>")  # fmt: skip
+        return testing.tiny_gemma3(), tf.Gemma3Processor(
+            image_processor=tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer,
+            image_seq_length=16, chat_template=template("<start_of_image>"),
+        )  # fmt: skip
+    if family == "mistral3":
+        return testing.tiny_mistral3(), tf.PixtralProcessor(
+            image_processor=tf.PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=4),
+            tokenizer=word_tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]"]), patch_size=4, spatial_merge_size=2,
+            image_token="[IMG]", image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]",
+            chat_template=template("[IMG]"),
+        )  # fmt: skip
+    if family == "internvl":
+        tokenizer = word_tokenizer(["<IMG_CONTEXT>", "<img>", "</img>", "<video>"], context_image_token="<IMG_CONTEXT>",
+                                   start_image_token="<img>", end_image_token="</img>", video_token="<video>")  # fmt: skip
+        image_processor = tf.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True,
+                                                      min_patches=1, max_patches=4)  # fmt: skip
+        return testing.tiny_internvl(), image_only(tf.InternVLProcessor)(
+            image_processor=image_processor, tokenizer=tokenizer, image_seq_length=16,
+            chat_template=template("<IMG_CONTEXT>"),
+        )  # fmt: skip
+    if family in ("idefics3", "smolvlm"):
+        rows = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+        tokenizer = word_tokenizer(["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>", *rows],
+                                   image_token="<image>")  # fmt: skip
+        smol = family == "smolvlm"
+        image_processor = (tf.SmolVLMImageProcessorPil if smol else tf.Idefics3ImageProcessorPil)(
+            size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+        )
+        processor = image_only(tf.SmolVLMProcessor) if smol else tf.Idefics3Processor
+        return testing.tiny_idefics3(smolvlm=smol), processor(
+            image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16, chat_template=template("<image>"),
+        )  # fmt: skip
+    raise AssertionError(family)
