@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 from types import SimpleNamespace
@@ -212,8 +213,9 @@ def family_checkpoint(family: str):
             chat_template=template("[IMG]"),
         )  # fmt: skip
     if family == "internvl":
-        tokenizer = word_tokenizer(["<IMG_CONTEXT>", "<img>", "</img>", "<video>"], context_image_token="<IMG_CONTEXT>",
-                                   start_image_token="<img>", end_image_token="</img>", video_token="<video>")  # fmt: skip
+        names = dict(context_image_token="<IMG_CONTEXT>", start_image_token="<img>", end_image_token="</img>",
+                     video_token="<video>")  # fmt: skip
+        tokenizer = word_tokenizer(list(names.values()), **names)
         image_processor = tf.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True,
                                                       min_patches=1, max_patches=4)  # fmt: skip
         return testing.tiny_internvl(), image_only(tf.InternVLProcessor)(
@@ -222,8 +224,8 @@ def family_checkpoint(family: str):
         )  # fmt: skip
     if family in ("idefics3", "smolvlm"):
         rows = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-        tokenizer = word_tokenizer(["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>", *rows],
-                                   image_token="<image>")  # fmt: skip
+        specials = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>", *rows]
+        tokenizer = word_tokenizer(specials, image_token="<image>")
         smol = family == "smolvlm"
         image_processor = (tf.SmolVLMImageProcessorPil if smol else tf.Idefics3ImageProcessorPil)(
             size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
@@ -233,3 +235,66 @@ def family_checkpoint(family: str):
             image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16, chat_template=template("<image>"),
         )  # fmt: skip
     raise AssertionError(family)
+
+
+FAMILY_CASES = [  # (st3.testing family, lmms-eval model id, batch size)
+    ("llava-next", "llava_hf", 2), ("llava-onevision", "llava_hf", 2), ("qwen2-vl", "qwen2_vl", 2),
+    ("qwen2.5-vl", "qwen2_5_vl", 2), ("qwen3-vl", "qwen3_vl", 2), ("gemma3", "gemma3", 2),
+    ("mistral3", "mistral3_vl", 2), ("internvl", "internvl_hf", 1), ("idefics3", "idefics3", 2),
+    ("smolvlm", "idefics3", 2),
+]  # fmt: skip
+
+
+def picture(size: tuple[int, int], seed: int):
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray(pixels.to(torch.uint8).numpy())
+
+
+@pytest.mark.parametrize(("family", "model_id", "batch"), FAMILY_CASES)
+def test_every_family_prunes_at_the_budget_of_its_own_visual_tokens(family, model_id, batch, tmp_path, monkeypatch):
+    """Each family's tiny checkpoint loads through its `st3_<id>` class offline, answers requests in batches, and
+    `budget=0.5` keeps half of the visual tokens its processor's output really holds (images of three sizes:
+    16 to 40 tokens on Qwen-VL, anyres tiles on NeXT/OneVision, crops on InternVL), not half of LLaVA's 576."""
+    from st3.adapters import adapter_for
+
+    if family == "mistral3":
+        pytest.importorskip("torchvision", reason="Pixtral's processor needs torchvision (absent from the lmms venv)")
+    if family == "smolvlm":
+        pytest.importorskip("num2words", reason="SmolVLM's processor needs num2words")
+    model, processor = family_checkpoint(family)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    if type(processor).__name__ == "ImageOnly":  # AutoProcessor would load its video half too: hand it this one
+        module = importlib.import_module(plugin.FAMILIES[model_id].rpartition(".")[0])
+        monkeypatch.setattr(module, "AutoProcessor", SimpleNamespace(from_pretrained=lambda *args, **kw: processor))
+    kwargs = {"min_pixels": 16 * 16, "max_pixels": 64 * 64} if family.startswith("qwen") else {}
+    cls = getattr(plugin, plugin.class_name(model_id))
+    figures = tmp_path / "figures.json"
+    lm = cls(pretrained=str(tmp_path), method="st3", budget=0.5, batch_size=batch, figures=str(figures), **kwargs)
+    docs = [{"image": picture(size, seed)} for seed, size in enumerate(((32, 32), (48, 32), (40, 64)))]
+    lm.task_dict = {"t": {"test": docs}}
+    gen = {"max_new_tokens": 2, "until": ["\n"]}
+    visuals = lambda doc: [doc["image"]]  # noqa: E731
+    requests = [SimpleNamespace(args=("what is shown?", gen, visuals, i, "t", "test")) for i in range(3)]
+    answers = lm.generate_until(requests)
+    assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers)
+
+    texts = [lm._prompt("what is shown?", 1)] * 3
+    ids = lm._inputs(texts, [[doc["image"]] for doc in docs])["input_ids"]
+    visual = adapter_for(lm.model).visual_mask(ids).sum(-1).tolist()  # what the processor really made
+    report = json.loads(figures.read_text())
+    assert report["model"] == f"st3_{model_id}" and report["budget"] == 0.5 and report["samples"] == 3
+    assert report["forward_calls"] == -(-3 // batch) and report["requests"] == 3
+    assert report["visual_tokens_per_sample"] == pytest.approx(sum(visual) / 3)
+    assert report["mean_visual_per_layer"] == pytest.approx(0.5 * sum(visual) / 3, abs=1.0)
+    assert report["prefill_flops_ratio"] < 1 and report["matched_knobs"]
+
+
+@pytest.mark.parametrize("model_id", sorted(plugin.FAMILIES))
+def test_every_family_refuses_bad_model_args_before_loading(model_id):
+    assert f"st3_{model_id}" in {m.model_id for m in plugin.manifests()}
+    cls = getattr(plugin, plugin.class_name(model_id))
+    with pytest.raises(ValueError, match="unknown model_args \\['ratoi'\\]: not knobs of fastv"):
+        cls(pretrained="/nonexistent/model", method="fastv", ratoi=0.5)
