@@ -2,15 +2,21 @@
 
     pip install "st3[lmms]"     # see docs/lmms-eval.md for a clean install (torchvision must not be importable)
     lmms-eval --model st3_llava_hf --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=st3,ratio=0.3 --tasks mme
+    lmms-eval --model st3_qwen2_5_vl --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct,budget=0.33 --tasks mme
 
 lmms-eval (>= 0.7) loads the manifests of the entry-point group `lmms_eval.models` (see pyproject.toml); each
-`st3_<id>` model is lmms-eval's class `<id>` with `St3Model` in front of it, built on first use, so adding a
-family is one row of `FAMILIES`. Model arguments, besides the wrapped class's own:
+`st3_<id>` model is lmms-eval's class `<id>` (which loads the model and its processor) with `St3Model` and
+`BatchedHF` in front of it, built on first use, so adding a family is one row of `FAMILIES`: `llava_hf`
+(LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision), `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3_vl`,
+`internvl_hf`, and `idefics3` (Idefics3, SmolVLM: st3's own loader, `st3.plugins.lmms_hf`, as lmms-eval has
+none). Model arguments, besides the wrapped class's own:
 
 - `method=NAME` (default `st3`; `none` runs unpruned), any registered method (`st3.methods()`);
 - every knob of that method by name (`ratio=0.3`, `query=text`, ...), validated by the method itself;
-- `budget=0.33`: the share of the image's visual tokens kept per layer on average, matched exactly as
-  `st3 eval --budget` matches it (layer knobs scaled to the model's depth, then `st3.match`);
+- `budget=0.33`: the share of the visual tokens kept per layer on average, matched as `st3 eval --budget`
+  matches it (layer knobs scaled to the model's depth, then `st3.match`), per batch, to the visual tokens the
+  processor's output holds (counted by the family's adapter: Qwen-VL's vary with the image, NeXT's with its
+  tiles); never to an assumed count;
 - `figures=PATH`: where to write the run's st3 figures (a `.json` file, or a directory to write into).
 
 Bad arguments (unknown method, unknown or invalid knob) raise a ValueError before the model is loaded.
@@ -179,6 +185,7 @@ class St3Model:
             base_kwargs["device_map"] = str(base_kwargs["device"])
         super().__init__(**base_kwargs)
         self.st3_budget, self.st3_figures_path = budget, figures
+        self.st3_pretrained = base_kwargs.get("pretrained")
         self.st3_matched: dict[tuple, st3.Method | None] = {}  # (visual, text counts of a batch) -> its method
         if self.st3_method is not None:
             self.st3_method(self.model)  # checks the model family and the method's depth now, not mid-run
@@ -246,7 +253,7 @@ class St3Model:
         settings = [json.loads(s) for s in sorted(self.st3_figures.settings)]
         return {
             "model": f"st3_{self.family}",
-            "pretrained": getattr(self, "pretrained", None) or getattr(self, "path", None),
+            "pretrained": self.st3_pretrained,
             "method": "none" if method is None else method.name,
             "knobs": settings[0] if len(settings) == 1 else ({} if method is None else method.knobs()),
             "budget": self.st3_budget,
