@@ -31,11 +31,11 @@ def tasks(tmp_path_factory):
     return TaskManager("ERROR", include_path=str(root), include_defaults=False)
 
 
-def evaluate(tasks, model_args: str, batch_size: int) -> dict:
+def evaluate(tasks, model_args: str, batch_size: int, model: str = "st3_llava_hf") -> dict:
     from lmms_eval.evaluator import simple_evaluate
 
     return simple_evaluate(
-        model="st3_llava_hf",
+        model=model,
         model_args=model_args,
         tasks=["st3_scenes_qa"],
         batch_size=batch_size,
@@ -298,3 +298,20 @@ def test_every_family_refuses_bad_model_args_before_loading(model_id):
     cls = getattr(plugin, plugin.class_name(model_id))
     with pytest.raises(ValueError, match="unknown model_args \\['ratoi'\\]: not knobs of fastv"):
         cls(pretrained="/nonexistent/model", method="fastv", ratoi=0.5)
+
+
+def test_lmms_evals_evaluator_runs_a_qwen_vl_family_at_its_own_budget(tasks, tmp_path, monkeypatch):
+    """The scenes task through lmms-eval's evaluator on a tiny Qwen2.5-VL (visual tokens per image set by the
+    processor's pixel bounds): every question answered in batches of 3, half of its real visual tokens kept."""
+    model, processor = family_checkpoint("qwen2.5-vl")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    module = importlib.import_module(plugin.FAMILIES["qwen2_5_vl"].rpartition(".")[0])
+    monkeypatch.setattr(module, "AutoProcessor", SimpleNamespace(from_pretrained=lambda *args, **kw: processor))
+    figures = tmp_path / "figures.json"
+    args = f"pretrained={tmp_path},method=st3,budget=0.5,min_pixels=256,max_pixels=4096,figures={figures}"
+    result = evaluate(tasks, args, batch_size=3, model="st3_qwen2_5_vl")
+    assert len(result["samples"]["st3_scenes_qa"]) == N
+    report = json.loads(figures.read_text())
+    assert report["samples"] == N and report["forward_calls"] == 3 and 0 < report["visual_tokens_per_sample"] != 576
+    assert report["mean_visual_per_layer"] == pytest.approx(0.5 * report["visual_tokens_per_sample"], abs=1.0)
