@@ -186,7 +186,7 @@ class St3Model:
         super().__init__(**base_kwargs)
         self.st3_budget, self.st3_figures_path = budget, figures
         self.st3_pretrained = base_kwargs.get("pretrained")
-        self.st3_matched: dict[tuple, st3.Method | None] = {}  # (visual, text counts of a batch) -> its method
+        self.st3_matched: dict[tuple, st3.Method | None] = {}  # a batch's visual counts -> its method
         if self.st3_method is not None:
             self.st3_method(self.model)  # checks the model family and the method's depth now, not mid-run
         if budget is not None:
@@ -198,16 +198,20 @@ class St3Model:
         self.st3_figures = Figures()
 
     def _st3_for(self, inputs) -> st3.Method | None:
-        """The method for one batch: as given, or matched to `budget` from the visual tokens its inputs hold."""
+        """The method for one batch: as given, or matched to `budget` from the visual tokens its inputs hold.
+
+        Visual tokens per layer do not depend on the text nor on the order of the samples, so the setting is
+        cached per sorted visual counts (a new one costs about 0.5 s of planning for 16 samples on one core).
+        """
+        from st3.adapters import adapter_for
+
         if self.st3_budget is None or self.st3_method is None:
             return self.st3_method
         ids = inputs["input_ids"]
         real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(ids, dtype=bool)
-        from st3.adapters import adapter_for
-
         seen = adapter_for(self.model).visual_mask(ids) & real
         visual, text = seen.sum(-1).tolist(), (real & ~seen).sum(-1).tolist()
-        key = (tuple(visual), tuple(text))
+        key = tuple(sorted(visual))
         if key not in self.st3_matched:
             self.st3_matched[key] = matched(self.st3_method.name, self.st3_knobs, self.st3_budget, self.model,
                                             visual, text)  # fmt: skip
