@@ -1,4 +1,5 @@
-"""The lmms-eval plugin: entry point, model_args, the offline scenes task, figures, agreement with `st3 eval`."""
+"""The lmms-eval plugin: entry point, model_args, the offline scenes task, figures, agreement with `st3 eval`;
+every family's tiny checkpoint through its `st3_<id>` class, batched, at a budget of its real visual tokens."""
 
 from __future__ import annotations
 
