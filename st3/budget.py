@@ -201,9 +201,12 @@ def depth_scaled(name: str, num_layers: int) -> dict:
     return {knob: max(1, round(layer * num_layers / 32)) for knob, layer in get(name).depth_knobs().items()}
 
 
-def at_budget(name: str, knobs: dict, budget: float, shape: Shape, visual: int, text: int) -> Method | None:
+def at_budget(
+    name: str, knobs: dict, budget: float, shape: Shape, visual: int | Sequence[int], text: int | Sequence[int]
+) -> Method | None:
     """Method `name` with `knobs`, keeping `budget` (a share of the `visual` tokens) per layer on average at
-    `shape`, or None for the unpruned model (a budget of 1).
+    `shape`, or None for the unpruned model (a budget of 1). `visual` / `text`: the counts of one sample, or
+    one per sample of a batch (then the batch's mean visual tokens per layer is matched).
 
     The given knobs are kept as given; layer knobs not given are scaled to the model's depth
     (`depth_scaled`); the budget knob is then matched. A budget out of reach while the first layers hold
@@ -213,9 +216,10 @@ def at_budget(name: str, knobs: dict, budget: float, shape: Shape, visual: int, 
     if budget >= 1.0:
         return None
     scaled = {k: v for k, v in depth_scaled(name, shape.num_layers).items() if k not in knobs}
+    mean = visual if isinstance(visual, int) else sum(visual) / len(visual)
 
     def matched(layer_knobs: dict) -> Method:
-        return match(name, tokens=budget * visual, shape=shape, visual=visual, text=text, **layer_knobs, **knobs)
+        return match(name, tokens=budget * mean, shape=shape, visual=visual, text=text, **layer_knobs, **knobs)
 
     try:
         try:

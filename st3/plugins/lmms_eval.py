@@ -2,15 +2,21 @@
 
     pip install "st3[lmms]"     # see docs/lmms-eval.md for a clean install (torchvision must not be importable)
     lmms-eval --model st3_llava_hf --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=st3,ratio=0.3 --tasks mme
+    lmms-eval --model st3_qwen2_5_vl --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct,budget=0.33 --tasks mme
 
 lmms-eval (>= 0.7) loads the manifests of the entry-point group `lmms_eval.models` (see pyproject.toml); each
-`st3_<id>` model is lmms-eval's class `<id>` with `St3Model` in front of it, built on first use, so adding a
-family is one row of `FAMILIES`. Model arguments, besides the wrapped class's own:
+`st3_<id>` model is lmms-eval's class `<id>` (which loads the model and its processor) with `St3Model` and
+`BatchedHF` in front of it, built on first use, so adding a family is one row of `FAMILIES`: `llava_hf`
+(LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision), `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3_vl`,
+`internvl_hf`, and `idefics3` (Idefics3, SmolVLM: st3's own loader, `st3.plugins.lmms_hf`, as lmms-eval has
+none). Model arguments, besides the wrapped class's own:
 
 - `method=NAME` (default `st3`; `none` runs unpruned), any registered method (`st3.methods()`);
 - every knob of that method by name (`ratio=0.3`, `query=text`, ...), validated by the method itself;
-- `budget=0.33`: the share of the image's visual tokens kept per layer on average, matched exactly as
-  `st3 eval --budget` matches it (layer knobs scaled to the model's depth, then `st3.match`);
+- `budget=0.33`: the share of the visual tokens kept per layer on average, matched as `st3 eval --budget`
+  matches it (layer knobs scaled to the model's depth, then `st3.match`), per batch, to the visual tokens the
+  processor's output holds (counted by the family's adapter: Qwen-VL's vary with the image, NeXT's with its
+  tiles); never to an assumed count;
 - `figures=PATH`: where to write the run's st3 figures (a `.json` file, or a directory to write into).
 
 Bad arguments (unknown method, unknown or invalid knob) raise a ValueError before the model is loaded.
@@ -30,10 +36,17 @@ import torch
 
 import st3
 
-#: lmms-eval model id -> (its class, whether st3's batched HF generate replaces its `generate_until`).
-#: Adding a family whose st3 adapter exists is one row here.
-FAMILIES: dict[str, tuple[str, bool]] = {
-    "llava_hf": ("lmms_eval.models.simple.llava_hf.LlavaHf", True),
+#: lmms-eval model id -> its class (which loads the model and processor); st3's batched generate answers the
+#: requests. Adding a family whose st3 adapter exists is one row here (docs/lmms-eval.md: which id serves which).
+FAMILIES: dict[str, str] = {
+    "llava_hf": "lmms_eval.models.simple.llava_hf.LlavaHf",  # LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision
+    "qwen2_vl": "lmms_eval.models.simple.qwen2_vl.Qwen2_VL",
+    "qwen2_5_vl": "lmms_eval.models.simple.qwen2_5_vl.Qwen2_5_VL",
+    "qwen3_vl": "lmms_eval.models.simple.qwen3_vl.Qwen3_VL",
+    "gemma3": "lmms_eval.models.simple.gemma3.Gemma3",
+    "mistral3_vl": "lmms_eval.models.simple.mistral3_vl.Mistral3_VL",
+    "internvl_hf": "lmms_eval.models.chat.internvl_hf.InternVLHf",  # InternVLForConditionalGeneration; batch 1
+    "idefics3": "st3.plugins.lmms_hf.ImageTextToText",  # st3's own: Idefics3, SmolVLM (no lmms-eval class loads them)
 }
 PLUGIN_ARGS = ("method", "budget", "figures")
 IMAGE_TOKEN = "<image>"
@@ -55,13 +68,13 @@ def manifests() -> list:
 
 
 def __getattr__(name: str):
-    """Build `St3<Family>` on first access: lmms-eval's class with `St3Model` (and batching) in front."""
-    for model_id, (path, batched) in FAMILIES.items():
+    """Build `St3<Family>` on first access: lmms-eval's class with `St3Model` and `BatchedHF` in front."""
+    for model_id, path in FAMILIES.items():
         if name == class_name(model_id):
             module, _, base_name = path.rpartition(".")
             base = getattr(importlib.import_module(module), base_name)
-            bases = (St3Model, BatchedHF, base) if batched else (St3Model, base)
-            cls = type(name, bases, {"__module__": __name__, "family": model_id, "__doc__": St3Model.__doc__})
+            attributes = {"__module__": __name__, "family": model_id, "__doc__": St3Model.__doc__}
+            cls = type(name, (St3Model, BatchedHF, base), attributes)
             globals()[name] = cls
             return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -81,6 +94,7 @@ class Figures:
     kv_bytes: int = 0
     kv_bytes_unpruned: int = 0
     notes: set[str] = field(default_factory=set)
+    settings: set[str] = field(default_factory=set)  # the knobs of each method applied (JSON)
     wall_seconds: float = 0.0
     requests: int = 0
 
@@ -158,7 +172,7 @@ class St3Model:
     def __init__(self, method: str = "st3", budget: float | None = None, figures: str | None = None, **kwargs):
         base = next(c for c in type(self).__mro__[1:] if c not in (St3Model, BatchedHF))
         base_params = {p for p in inspect.signature(base.__init__).parameters if p not in ("self", "kwargs")}
-        self.st3_method, knobs, base_kwargs = split_args(str(method), kwargs, base_params, self.family)
+        self.st3_method, self.st3_knobs, base_kwargs = split_args(str(method), kwargs, base_params, self.family)
         if budget is not None:
             budget = float(budget)
             if self.st3_method is None or not 0.0 < budget <= 1.0:
@@ -166,36 +180,66 @@ class St3Model:
         if "device" in base_params and base_kwargs.get("device") is None:
             base_kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         if "device_map" in base_params and "device_map" not in base_kwargs and single_process():
-            # llava_hf passes its default device_map="" to from_pretrained, which transformers 5 rejects;
-            # under data parallel (several processes) it picks cuda:<rank> itself
+            # llava_hf passes its default device_map="" to from_pretrained, which transformers 5 rejects, and the
+            # Qwen/Gemma classes default to "auto"; under data parallel they pick cuda:<rank> themselves
             base_kwargs["device_map"] = str(base_kwargs["device"])
         super().__init__(**base_kwargs)
         self.st3_budget, self.st3_figures_path = budget, figures
-        if budget is not None:
-            self.st3_method = matched(self.st3_method.name, knobs, budget, self.model)
+        self.st3_pretrained = base_kwargs.get("pretrained")
+        self.st3_matched: dict[tuple, st3.Method | None] = {}  # a batch's visual counts -> its method
         if self.st3_method is not None:
             self.st3_method(self.model)  # checks the model family and the method's depth now, not mid-run
+        if budget is not None:
+            from st3.adapters import adapter_for
+
+            per_image = adapter_for(self.model).tokens_per_image()
+            if per_image is not None:  # a budget out of reach fails now, not mid-run (one image, any text)
+                matched(self.st3_method.name, self.st3_knobs, budget, self.model, [per_image], [60])
         self.st3_figures = Figures()
 
+    def _st3_for(self, inputs) -> st3.Method | None:
+        """The method for one batch: as given, or matched to `budget` from the visual tokens its inputs hold.
+
+        Visual tokens per layer do not depend on the text nor on the order of the samples, so the setting is
+        cached per sorted visual counts (a new one costs about 0.5 s of planning for 16 samples on one core).
+        """
+        from st3.adapters import adapter_for
+
+        if self.st3_budget is None or self.st3_method is None:
+            return self.st3_method
+        ids = inputs["input_ids"]
+        real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(ids, dtype=bool)
+        seen = adapter_for(self.model).visual_mask(ids) & real
+        visual, text = seen.sum(-1).tolist(), (real & ~seen).sum(-1).tolist()
+        key = tuple(sorted(visual))
+        if key not in self.st3_matched:
+            self.st3_matched[key] = matched(self.st3_method.name, self.st3_knobs, self.st3_budget, self.model,
+                                            visual, text)  # fmt: skip
+        return self.st3_matched[key]
+
     @contextmanager
-    def _st3_applied(self, requests: int):
-        """Apply the method around one batch of requests; add every forward call's trace to the figures."""
+    def _st3_applied(self, requests: int, inputs):
+        """Apply the method (matched to this batch's inputs under `budget=`) around one batch of requests; add
+        every forward call's trace to the figures."""
         start, last = time.perf_counter(), []
+        method = self._st3_for(inputs)
+        if method is not None:
+            self.st3_figures.settings.add(json.dumps(method.knobs(), sort_keys=True, default=str))
 
         def collect(module, args, output) -> None:
-            trace = self.st3_method.trace
+            trace = method.trace
             if not last or last[0] is not trace:
                 if last:
                     self.st3_figures.add(last[0].summary())
                 last[:] = [trace]
 
         try:
-            if self.st3_method is None:
+            if method is None:
                 yield
             else:
                 hook = self.model.register_forward_hook(collect)
                 try:
-                    with self.st3_method(self.model):
+                    with method(self.model):
                         yield
                 finally:
                     hook.remove()
@@ -206,23 +250,18 @@ class St3Model:
             self.st3_figures.requests += requests
             self.write_figures()
 
-    def generate_until(self, requests):
-        with self._st3_applied(len(requests)):
-            return super().generate_until(requests)
-
-    def loglikelihood(self, requests):
-        with self._st3_applied(len(requests)):
-            return super().loglikelihood(requests)
-
     def st3_report(self) -> dict:
-        """The run's figures: method and knobs, visual tokens per layer, FLOPs and KV ratios, wall time."""
+        """The run's figures: method and knobs (each setting matched under `budget=`), visual tokens per layer,
+        FLOPs and KV ratios, wall time."""
         method = self.st3_method
+        settings = [json.loads(s) for s in sorted(self.st3_figures.settings)]
         return {
             "model": f"st3_{self.family}",
-            "pretrained": getattr(self, "pretrained", None),
+            "pretrained": self.st3_pretrained,
             "method": "none" if method is None else method.name,
-            "knobs": {} if method is None else {k: v for k, v in method.knobs().items()},
+            "knobs": settings[0] if len(settings) == 1 else ({} if method is None else method.knobs()),
             "budget": self.st3_budget,
+            "matched_knobs": settings if self.st3_budget is not None else None,
             "rank": getattr(self, "rank", 0),
             "st3_version": st3.__version__,
             **self._digest(),
@@ -256,16 +295,17 @@ def single_process() -> bool:
     return PartialState().num_processes == 1
 
 
-def matched(name: str, knobs: dict, budget: float, model) -> st3.Method | None:
-    """Method `name` with `knobs` at `budget` (share of visual tokens per layer), configured exactly as
-    `st3 eval --budget` does (None at a budget of 1: unpruned, as there)."""
+def matched(name: str, knobs: dict, budget: float, model, visual: list[int], text: list[int]) -> st3.Method | None:
+    """Method `name` with `knobs` at `budget` (share of visual tokens per layer) for samples of `visual` and `text`
+    tokens (counted in the processor's output by the family's adapter), configured exactly as `st3 eval --budget`
+    does (None at a budget of 1, or for a batch without images: unpruned)."""
     from st3.adapters import adapter_for
     from st3.budget import at_budget
 
-    adapter = adapter_for(model)
-    visual = adapter.tokens_per_image() or 576  # Qwen-VL's tokens per image vary: matched as for LLaVA-1.5's
+    if not any(visual):
+        return None
     try:
-        return at_budget(name, knobs, budget, adapter.shape, visual, 60)
+        return at_budget(name, knobs, budget, adapter_for(model).shape, visual, text)
     except ValueError as error:
         raise ValueError(f"budget={budget}: {error}") from None
 
@@ -274,15 +314,27 @@ def matched(name: str, knobs: dict, budget: float, model) -> st3.Method | None:
 class BatchedHF:
     """`generate_until` and `loglikelihood` for models with a Hugging Face processor, in left-padded batches.
 
-    lmms-eval's `llava_hf` answers one request at a time and renders prompts through the tokenizer's chat
-    template with the image as text; this renders the processor's chat template with the images as content
-    (what the model was trained on) and batches up to `batch_size` requests with the same generation
-    arguments. Errors propagate: an answer st3 cannot compute is refused, never scored as empty.
+    The wrapped class loads the model and its processor; this answers lmms-eval's (simple) requests the same
+    way for every family: the processor's chat template rendered with the images as content (what the model was
+    trained on), up to `batch_size` requests with the same generation arguments at once, the method applied
+    (and matched to the batch under `budget=`) around each batch. lmms-eval's classes differ in how they render
+    prompts (`llava_hf` the image as text, one request at a time; the Qwen ones through qwen_vl_utils) and
+    some catch errors; here errors propagate: an answer st3 cannot compute is refused, never scored as empty.
     """
 
+    is_simple = True  # lmms-eval sends (context, gen_kwargs, doc_to_visual, doc_id, task, split) requests
+
+    @property
+    def _st3_processor(self):
+        """The wrapped class's processor (`llava_hf`: `_image_processor`, Mistral3: `_processor`, else `processor`)."""
+        for name in ("_image_processor", "processor", "_processor"):
+            if getattr(self, name, None) is not None:
+                return getattr(self, name)
+        raise ValueError(f"st3_{self.family}: the wrapped class loaded no processor")
+
     def _prompt(self, context: str, images: int) -> str:
-        processor = self._image_processor
-        template = self.chat_template or getattr(processor, "chat_template", None)
+        processor = self._st3_processor
+        template = getattr(self, "chat_template", None) or getattr(processor, "chat_template", None)
         if template is None:
             raise ValueError(f"st3_{self.family}: the processor has no chat template; pass chat_template=...")
         text = context.replace(IMAGE_TOKEN, "").strip()
@@ -292,9 +344,11 @@ class BatchedHF:
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
 
-    def _inputs(self, texts: list[str], images: list):
-        kwargs = {"images": images} if images else {}
-        inputs = self._image_processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+    def _inputs(self, texts: list[str], images: list[list]):
+        kwargs = {"images": images} if any(images) else {}
+        processor = self._st3_processor
+        processor.tokenizer.padding_side = "left"  # st3 refuses right padding
+        inputs = processor(text=texts, return_tensors="pt", padding=True, **kwargs)
         return inputs.to(self.device, self.model.dtype)
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
@@ -325,8 +379,12 @@ class BatchedHF:
         for context, _, doc_to_visual, doc_id, task, split in batch:
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             texts.append(self._prompt(context, len(visuals)))
-            images.extend(visuals)
+            images.append(visuals)  # per sample: Gemma 3's processor checks each prompt's images
         inputs = self._inputs(texts, images)
+        with self._st3_applied(len(batch), inputs):
+            return self._decoded(inputs, gen, until)
+
+    def _decoded(self, inputs, gen: dict, until: list[str]) -> list[str]:
         temperature = float(gen.get("temperature", 0) or 0)
         sample = bool(gen.get("do_sample", temperature > 0))
         options = {"temperature": temperature, "top_p": gen.get("top_p")} if sample else {}
@@ -363,8 +421,8 @@ class BatchedHF:
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             prompt = self._prompt(context, len(visuals))
-            context_ids = self._inputs([prompt], visuals)["input_ids"]
-            inputs = self._inputs([prompt + continuation], visuals)
+            context_ids = self._inputs([prompt], [visuals])["input_ids"]
+            inputs = self._inputs([prompt + continuation], [visuals])
             ids = inputs["input_ids"]
             n = ids.shape[1] - context_ids.shape[1]
             if n <= 0 or not torch.equal(ids[0, : context_ids.shape[1]], context_ids[0]):
@@ -372,7 +430,8 @@ class BatchedHF:
                     f"st3_{self.family}: the continuation {continuation!r} does not tokenize as a suffix of its "
                     "context; its log-likelihood would not be that of the continuation alone"
                 )
-            logits = self.model(**inputs).logits[0, -n - 1 : -1].float()
+            with self._st3_applied(1, inputs):
+                logits = self.model(**inputs).logits[0, -n - 1 : -1].float()
             target = ids[0, -n:].to(logits.device)
             logprob = torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum()
             results.append((float(logprob), bool((logits.argmax(-1) == target).all())))

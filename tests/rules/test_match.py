@@ -89,3 +89,15 @@ def test_a_budget_out_of_reach_in_st3_eval_points_at_the_spec():
         at_budget("pyramiddrop", {}, 0.11, LLAVA_15_7B, 576, 60)
     assert "tolerance" not in str(error.value)
     assert str(error.value).endswith("change its other knobs in the method spec (pyramiddrop:knob=value,...)")
+
+
+def test_at_budget_matches_a_batch_on_its_mean_visual_tokens():
+    """`at_budget` with one count per sample (the lmms-eval plugin's batches) keeps the share of their mean."""
+    from st3.budget import at_budget, batch_cost
+    from st3.plan import LLAVA_15_7B
+
+    visual = [100, 300]
+    method = at_budget("fastv", {}, 0.5, LLAVA_15_7B, visual, [60, 60])
+    assert batch_cost(method, "visual_per_layer", LLAVA_15_7B, visual, 60, 1) == pytest.approx(100, abs=1.0)
+    alone = at_budget("fastv", {}, 0.5, LLAVA_15_7B, 100, 60)
+    assert batch_cost(alone, "visual_per_layer", LLAVA_15_7B, [100], 60, 1) == pytest.approx(50, abs=1.0)
