@@ -264,6 +264,8 @@ def test_every_family_prunes_at_the_budget_of_its_own_visual_tokens(family, mode
         pytest.importorskip("torchvision", reason="Pixtral's processor needs torchvision (absent from the lmms venv)")
     if family == "smolvlm":
         pytest.importorskip("num2words", reason="SmolVLM's processor needs num2words")
+        pytest.importorskip("torchvision", reason="SmolVLM's processor reads its video half (torchvision) in "
+                                                  "apply_chat_template")
     model, processor = family_checkpoint(family)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
