@@ -171,14 +171,22 @@ class Adapter:
                 "windows as the config declares them); no soft-capping."
             )
 
+    #: Why this family cannot compress visual tokens inside its vision tower (VisionZip and kin), for the refusal.
+    compression_refused: str = "it has no [CLS] token to rank patches by"
+
+    @classmethod
+    def compression_refusal(cls, method_name: str, model_name: str) -> str:
+        """The error of a method that compresses in the vision tower on this family (also raised before loading)."""
+        return (
+            f"{method_name} compresses visual tokens inside the vision tower, which st3 supports on LLaVA-1.5 (a CLIP "
+            f"tower with a [CLS] token) only; {model_name}: {cls.compression_refused}. Use a method that prunes "
+            "inside the decoder (e.g. spread, st3, fastv, divprune: `st3 methods` lists them)."
+        )
+
     def check_method(self, method) -> None:
         """Raise ValueError if `method` needs something this family does not have."""
         if method.compresses_vision and not self.compresses_vision:
-            raise ValueError(
-                f"{type(method).__name__} compresses visual tokens inside the vision tower, which st3 supports on "
-                f"LLaVA (CLIP tower with a [CLS] token) only; {self.model_name} has no [CLS] token to rank patches "
-                "by. Use a method that prunes inside the decoder (e.g. spread, st3, fastv: `st3 methods` lists them)."
-            )
+            raise ValueError(self.compression_refusal(type(method).__name__, self.model_name))
 
     def check_inputs(self, kwargs: dict, continuing: bool) -> None:
         """Inspect the top-level model's keyword arguments and refuse what cannot run exactly.

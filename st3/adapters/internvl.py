@@ -29,6 +29,10 @@ class InternVLAdapter(Adapter):
     model_classes = ("InternVLForConditionalGeneration",)
     decoder_layers = LlavaAdapter.decoder_layers
     ignored_kwargs = ("image_sizes",)
+    compression_refused = (
+        "InternVL merges four patches into each token it feeds the decoder (pixel shuffle), so no [CLS] attention "
+        "ranks them"
+    )
 
     @property
     def language_model(self) -> nn.Module:
@@ -39,15 +43,6 @@ class InternVLAdapter(Adapter):
 
     def tokens_per_image(self) -> None:
         return None  # tiles x image_seq_length: the processor sets the tiles per image
-
-    def check_method(self, method) -> None:
-        if method.compresses_vision:
-            raise ValueError(
-                f"{type(method).__name__} compresses visual tokens inside the vision tower by its [CLS] attention; "
-                f"{self.model_name} (InternVL) merges four patches into each token it feeds the decoder (pixel "
-                "shuffle), so no [CLS] attention ranks them. Use a method that prunes inside the decoder (e.g. "
-                "spread, st3, fastv, divprune: `st3 methods` lists them)."
-            )
 
     def image_layout(self, inputs: dict, visual: torch.Tensor, position_ids: torch.Tensor) -> list[list[Grid]]:
         """Per sample, one grid per run of image tokens: its tiles as frames of a square grid."""

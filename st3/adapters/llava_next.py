@@ -23,6 +23,10 @@ class LlavaNextAdapter(Adapter):
 
     model_classes = ("LlavaNextForConditionalGeneration",)
     decoder_layers = LlavaAdapter.decoder_layers
+    compression_refused = (
+        "LLaVA-NeXT has a [CLS] token, but it places its anyres tiles unpadded and interleaved with newline tokens, "
+        "which that compression does not map"
+    )
 
     @property
     def language_model(self) -> nn.Module:
@@ -30,15 +34,6 @@ class LlavaNextAdapter(Adapter):
 
     def visual_token_ids(self) -> tuple[int, ...]:
         return (self.model.config.image_token_id,)
-
-    def check_method(self, method) -> None:
-        if method.compresses_vision:
-            raise ValueError(
-                f"{type(method).__name__} compresses visual tokens inside the vision tower, which st3 supports on "
-                f"LLaVA-1.5 only; {self.model_name} (LLaVA-NeXT) places its anyres tiles unpadded and interleaved "
-                "with newline tokens, which that compression does not map. Use a method that prunes inside the "
-                "decoder (e.g. spread, st3, fastv, divprune: `st3 methods` lists them)."
-            )
 
     def image_grids(self, image_size) -> list[Grid]:
         """The grids of one image of `image_size` (height, width): base image, then its unpadded tiles."""

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from st3.adapters.base import Grid
+from st3.adapters.base import Adapter, Grid
 from st3.adapters.llava_next import LlavaNextAdapter
 
 #: A newline token on its own (after a whole image or video): one row of no patches, ended by a newline.
@@ -28,13 +28,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     ignored_kwargs = ("logits_to_keep",)
+    compression_refused = Adapter.compression_refused  # SigLIP: no [CLS] token
 
     def visual_token_ids(self) -> tuple[int, ...]:
         config = self.model.config
         return (config.image_token_id, config.video_token_id)
-
-    def check_method(self, method) -> None:
-        super(LlavaNextAdapter, self).check_method(method)  # the base refusal: no [CLS] token
 
     def _side(self) -> int:
         vision = self.model.config.vision_config

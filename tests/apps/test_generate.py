@@ -166,3 +166,17 @@ def test_load_picks_the_checkpoints_own_supported_class_and_refuses_others(tmp_p
     BertModel(config).save_pretrained(bert)
     with pytest.raises(ValueError, match="st3 does not support BertModel; supported: LlavaForConditionalGeneration"):
         load(str(bert))
+
+
+def test_compression_is_refused_before_loading_with_the_familys_own_reason(tmp_path):
+    """LLaVA-NeXT has a [CLS] token: VisionZip is refused there for its anyres layout, not for a missing [CLS]."""
+    import st3
+    from st3.compare import load
+    from st3.testing import tiny_llava_next
+
+    config = tiny_llava_next(layers=1).config
+    config.architectures = ["LlavaNextForConditionalGeneration"]
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="^method: VisionZip .*LLaVA-NeXT has a \\[CLS\\] token, but .*newline") as err:
+        load(str(tmp_path), method=st3.VisionZip())
+    assert "does not have" not in str(err.value)
