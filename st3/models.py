@@ -38,6 +38,8 @@ class ModelSpec:
     vision_hidden: int = 1024
     """CLIP-L's width: the projector's input dimension."""
     vision_layers: int = 1
+    tower_layers: int | None = None
+    """The real vision tower's depth (for the bench's note: it builds `vision_layers` of them)."""
     note: str = ""
     architecture: str = "LlavaForConditionalGeneration"
     """The transformers class the shape is built with; its adapter holds the family's builders."""
@@ -75,47 +77,49 @@ class ModelSpec:
 SPECS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("llava-1.5-7b", 4096, 32, 32, 32, 11008, 32064, image_size=336),
-        ModelSpec("llava-1.5-13b", 5120, 40, 40, 40, 13824, 32064, image_size=336),
+        ModelSpec("llava-1.5-7b", 4096, 32, 32, 32, 11008, 32064, image_size=336, tower_layers=24),
+        ModelSpec("llava-1.5-13b", 5120, 40, 40, 40, 13824, 32064, image_size=336, tower_layers=24),
         ModelSpec(
             "llava-next-7b", 4096, 32, 32, 32, 11008, 32064, image_size=336, feature_layer=-2,
-            architecture="LlavaNextForConditionalGeneration", image=(672, 672),
+            architecture="LlavaNextForConditionalGeneration", image=(672, 672), tower_layers=24,
             note="LLaVA-1.6-Vicuna-7B's decoder; a 672x672 image: base 24x24 + 2x2 anyres tiles (48x48) + 48 newline "
                  "tokens = 2928; one CLIP layer",
         ),
         ModelSpec(
             "llava-onevision-7b", 3584, 28, 28, 4, 18944, 152128, image_size=384, vision_hidden=1152, vision_heads=16,
             vision_intermediate=4304, rope_theta=1e6, max_positions=32768, text_model="qwen2",
-            architecture="LlavaOnevisionForConditionalGeneration", image=(768, 768),
+            architecture="LlavaOnevisionForConditionalGeneration", image=(768, 768), tower_layers=26,
             note="LLaVA-OneVision-Qwen2-7B's decoder; a 768x768 image: base 27x27 + 2x2 anyres tiles (54x54) + 54 "
                  "newline tokens = 3699; one SigLIP layer",
         ),
         ModelSpec(
             "internvl3-8b", 3584, 28, 28, 4, 18944, 151674, image_size=448, vision_heads=16, rope_theta=1e6,
             max_positions=32768, text_model="qwen2", architecture="InternVLForConditionalGeneration", image=(896, 896),
+            tower_layers=24,
             note="InternVL3-8B's decoder (Qwen2.5-7B); an 896x896 image: 2x2 tiles + a thumbnail of 256 tokens each "
                  "= 1280; one InternViT layer",
         ),
         ModelSpec(
             "smolvlm-2b", 2048, 24, 32, 32, 8192, 49155, image_size=384, vision_hidden=1152, vision_heads=16,
             vision_intermediate=4304, rope_theta=273768.0, max_positions=16384,
-            architecture="Idefics3ForConditionalGeneration", image=(1536, 1536),
+            architecture="Idefics3ForConditionalGeneration", image=(1536, 1536), tower_layers=27,
             note="SmolVLM-Instruct's decoder (SmolLM2-1.7B); a square image resized to 1536 px: 4x4 crops + the "
                  "global image of 81 tokens each = 1377; one SigLIP layer",
         ),
         ModelSpec(
             "qwen2.5-vl-7b", 3584, 28, 28, 4, 18944, 152064, image_size=0, vision_hidden=1280,
-            architecture="Qwen2_5_VLForConditionalGeneration", image=(784, 1064), rope_theta=1e6,
+            architecture="Qwen2_5_VLForConditionalGeneration", image=(784, 1064), rope_theta=1e6, tower_layers=32,
             note="Qwen2.5-VL-7B-Instruct's decoder; a 784x1064 image: 56x76 patches of 14, merged 2x2 to 1064 tokens",
         ),
         ModelSpec(
             "qwen3-vl-8b", 4096, 36, 32, 8, 12288, 151936, image_size=0, patch_size=16, vision_hidden=1152,
             architecture="Qwen3VLForConditionalGeneration", image=(768, 1408), head_dim=128, rope_theta=5e6,
+            tower_layers=27,
             note="Qwen3-VL-8B-Instruct's decoder; a 768x1408 image: 48x88 patches of 16, merged 2x2 to 1056 tokens",
         ),
         ModelSpec(
             "gemma3-4b", 2560, 34, 8, 4, 10240, 262208, image_size=896, vision_hidden=1152,
-            architecture="Gemma3ForConditionalGeneration",
+            architecture="Gemma3ForConditionalGeneration", tower_layers=27,
             head_dim=256, rope_theta=1e6, vision_heads=16, vision_intermediate=4304,
             note="Gemma 3 4B's decoder (5 sliding-window layers of 1024 columns per full one); an 896x896 image "
                  "pooled to 256 tokens; one SigLIP layer",
