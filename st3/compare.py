@@ -152,7 +152,7 @@ def timed_generate(
 def prompts(processor, image: Image.Image, questions: list[str], model) -> dict:
     """The processor's left-padded batch of `questions` about `image`, on the model's device and dtype."""
     inputs = processor(
-        images=[image] * len(questions),
+        images=[[image] for _ in questions],  # one image per prompt (processors that count images per sample need it)
         text=[chat_prompt(processor, q) for q in questions],
         return_tensors="pt",
         padding=True,

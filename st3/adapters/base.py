@@ -391,6 +391,13 @@ class Adapter:
         side = 2 * _side_of(config.vision_config.image_size)
         return side, side
 
+    @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        """The family's own processor class for a tiny model of it (a word-level tokenizer, w0 w1 ...; the image
+        processor at the tiny tower's size), for a saved checkpoint `st3 generate` can run; it needs no torchvision.
+        Raise NotImplementedError where the family's processor needs torchvision, saying so."""
+        raise NotImplementedError(f"{cls.__name__} declares no tiny processor")
+
     def bench_inputs(self, size: tuple[int, int], batch_size: int, text_before: int, text_after: int,
                      generator: torch.Generator) -> dict[str, torch.Tensor]:  # fmt: skip
         """A batch of identical prompts for `st3 bench`: text, one image of `size` pixels, text; no padding."""

@@ -102,3 +102,24 @@ def bench_prompt(image: torch.Tensor, batch: int, before: int, after: int, vocab
     text = random_text(generator, batch, before + after, vocab, avoid)
     ids = torch.cat([text[:, :before], image.expand(batch, -1), text[:, before:]], dim=1)
     return ids, torch.ones_like(ids)
+
+
+def word_tokenizer(specials: list[str], vocab: int = 128, **special_attributes):
+    """A word-level tokenizer of `vocab` ids for a tiny model's saved checkpoint: `specials` first (id 0 pads; each
+    is matched whole inside text, as a real tokenizer's added tokens are), then the words w0, w1, ...;
+    `special_attributes` name special tokens the family's processor reads (e.g. boi_token="<boi>")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(vocab - len(specials))])}
+    backend = Tokenizer(models.WordLevel(vocab=words, unk_token=specials[1]))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=specials[0], unk_token=specials[1],
+                                   extra_special_tokens=special_attributes or None)  # fmt: skip
+
+
+#: A chat template that writes each image as `image` and each text as itself (the tiny checkpoints' processors).
+def chat_template(image: str) -> str:
+    return ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}" + image + " "
+            "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")  # fmt: skip

@@ -175,6 +175,20 @@ class Gemma3Adapter(Adapter):
         }
 
     @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        """`Gemma3Processor` with its PIL image processor at the tiny tower's size (image, begin and end tokens 3-5)."""
+        from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+        config = model.config
+        side = config.vision_config.image_size
+        specials = ["<pad>", "<unk>", "<s>", "<img>", "<boi>", "<eoi>"]
+        tokenizer = build.word_tokenizer(specials, config.text_config.vocab_size, image_token="<img>",
+                                         boi_token="<boi>", eoi_token="<eoi>")  # fmt: skip
+        images = Gemma3ImageProcessorPil(size={"height": side, "width": side})
+        return Gemma3Processor(image_processor=images, tokenizer=tokenizer, chat_template=build.chat_template("<boi>"),
+                               image_seq_length=config.mm_tokens_per_image)  # fmt: skip
+
+    @classmethod
     def real_config(cls, spec: ModelSpec):
         """The spec's decoder (Gemma 3's layer pattern, window and rotary) and a SigLIP tower."""
         import transformers as tf

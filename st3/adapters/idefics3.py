@@ -109,6 +109,24 @@ class Idefics3Adapter(Adapter):
         return out
 
     @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        """`Idefics3Processor` with its PIL image processor cutting images into crops of the tiny tower's size (up to
+        2 x 2 and the global image), its image and crop tokens special; SmolVLM's processor needs torchvision."""
+        from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+        if type(model).__name__.startswith("SmolVLM"):
+            raise NotImplementedError("SmolVLMProcessor has a video processor, which needs torchvision")
+        config = model.config
+        side = config.vision_config.image_size
+        crops = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+        specials = ["<pad>", "<unk>", "<s>", "<image>", "<fake_token_around_image>", "<global-img>",
+                    "<end_of_utterance>", *crops]  # fmt: skip
+        tokenizer = build.word_tokenizer(specials, config.text_config.vocab_size)
+        images = Idefics3ImageProcessorPil(size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side})
+        return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=_per_crop(config),
+                                 chat_template=build.chat_template("<image>"))  # fmt: skip
+
+    @classmethod
     def real_config(cls, spec: ModelSpec):
         """The spec's decoder and SigLIP tower, pixel shuffle 3 (SmolVLM-Instruct's: 81 tokens per 384 px crop)."""
         import transformers as tf

@@ -102,6 +102,10 @@ class InternVLAdapter(Adapter):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
     @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        raise NotImplementedError("InternVLProcessor has a video processor, which needs torchvision")
+
+    @classmethod
     def real_config(cls, spec: ModelSpec):
         """The spec's decoder and an InternViT tower of its width, pixel shuffle 0.5: (side / 2)^2 tokens per tile
         (256 at 448 px, patch 14); the hf checkpoints' image token id."""

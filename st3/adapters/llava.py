@@ -212,6 +212,19 @@ class LlavaAdapter(Adapter):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
     @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        """`LlavaProcessor` with CLIP's PIL image processor at the tiny tower's size."""
+        from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+        config = model.config
+        side, patch = config.vision_config.image_size, config.vision_config.patch_size
+        images = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        tokenizer = build.word_tokenizer(["<pad>", "<unk>", "<s>", "<image>"], config.text_config.vocab_size)
+        return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              image_token="<image>", chat_template=build.chat_template("<image>"))  # fmt: skip
+
+    @classmethod
     def real_config(cls, spec: ModelSpec):
         return llava_config(spec)
 

@@ -140,6 +140,21 @@ class LlavaNextAdapter(Adapter):
                 "image_sizes": sizes}  # fmt: skip
 
     @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        """`LlavaNextProcessor` with its PIL image processor at the tiny tower's size and pinpoints."""
+        from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+        config = model.config
+        side, patch = config.vision_config.image_size, config.vision_config.patch_size
+        images = LlavaNextImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                            image_grid_pinpoints=config.image_grid_pinpoints)  # fmt: skip
+        tokenizer = build.word_tokenizer(["<pad>", "<unk>", "<s>", "<image>"], config.text_config.vocab_size)
+        return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch,
+                                  vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                  chat_template=build.chat_template("<image>"), image_token="<image>",
+                                  num_additional_image_tokens=1)  # fmt: skip
+
+    @classmethod
     def real_config(cls, spec: ModelSpec):
         """LLaVA-NeXT's anyres pinpoints (the stock config's: 336 px tiles up to 672 x 672 or 1008 x 336) with the
         spec's decoder and CLIP tower; the feature layer and strategy of the 1.6 checkpoints (-2, default)."""

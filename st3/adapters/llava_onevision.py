@@ -171,6 +171,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return out
 
     @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        raise NotImplementedError("LlavaOnevisionProcessor has a video processor, which needs torchvision")
+
+    @classmethod
     def real_config(cls, spec: ModelSpec):
         """The stock config's anyres_max_9 layout (384 px tiles, pinpoints up to 6 x 6 tiles; image and video ids of
         the hf checkpoints) with the spec's decoder (Qwen2) and SigLIP tower."""

@@ -125,6 +125,10 @@ class Mistral3Adapter(Adapter):
                 "image_sizes": sizes}  # fmt: skip
 
     @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        raise NotImplementedError("PixtralProcessor needs torchvision")
+
+    @classmethod
     def image_tokens(cls, config, size: tuple[int, int]) -> int:
         """Merged patches of an image within the tower's size (its sides multiples of patch x merge)."""
         merged = config.vision_config.patch_size * config.spatial_merge_size

@@ -184,6 +184,13 @@ class QwenVLAdapter(Adapter):
         return out
 
     @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        raise NotImplementedError(
+            "Qwen-VL processors have a video processor, which needs torchvision (st3 generate then loads the same "
+            "processor without its video slot: tests/apps/test_generate.py builds such a checkpoint)"
+        )
+
+    @classmethod
     def real_config(cls, spec: ModelSpec):
         """A config with the spec's decoder and a vision tower of the spec's width (Qwen2.5-VL or Qwen3-VL)."""
         import transformers as tf
