@@ -288,7 +288,8 @@ class Adapter:
         return torch.isin(input_ids, ids)
 
     def tokens_per_image(self) -> int | None:
-        """Visual tokens one image takes where the config fixes it (LLaVA); None where the image decides (Qwen-VL)."""
+        """Visual tokens one image takes where the config fixes it (LLaVA); None where the image decides (Qwen-VL):
+        `typical_visual_tokens()` answers for every family."""
         return None
 
     def typical_visual_tokens(self) -> int:
