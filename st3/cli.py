@@ -51,7 +51,8 @@ def demo(
 def bench(
     model: str = typer.Option(
         "llava-1.5-7b",
-        help="Shape: llava-1.5-7b, llava-1.5-13b, llava-next-7b, qwen2.5-vl-7b, qwen3-vl-8b, gemma3-4b or tiny.",
+        help="Shape (`st3.models.SPECS`): llava-1.5-7b, llava-1.5-13b, llava-next-7b, llava-onevision-7b, "
+        "internvl3-8b, smolvlm-2b, qwen2.5-vl-7b, qwen3-vl-8b, gemma3-4b or tiny.",
     ),
     model_dir: str = typer.Option("", help="A local LLaVA checkpoint to load instead of a random shape."),
     layers: int = typer.Option(0, help="Keep only the first N decoder layers (quick runs; reported)."),
@@ -115,7 +116,7 @@ def plan(
     method: str = typer.Option("st3", "--method", "-m", help=METHOD),
     knob: list[str] = typer.Option([], "--knob", help=KNOB),
     shape: str = typer.Option("llava-1.5-7b", help="Decoder shape: one of `st3.models.SPECS` (see st3 bench --model)."),
-    visual: int = typer.Option(576, help="Visual tokens in the prompt."),
+    visual: int = typer.Option(None, help="Visual tokens in the prompt (default: the shape's bench image's)."),
     text: int = typer.Option(60, help="Other prompt tokens."),
     new_tokens: int = typer.Option(64, help="Generated tokens."),
     tokens: float = typer.Option(None, help="Match the budget knob to this many visual tokens per layer (st3.match)."),
@@ -126,11 +127,14 @@ def plan(
     import dataclasses
     import json
 
+    from st3.models import SPECS
     from st3.plan import SHAPES
     from st3.plan import plan as make_plan
 
     if shape not in SHAPES:
         raise typer.BadParameter(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}", param_hint="--shape")
+    if visual is None:
+        visual = SPECS[shape].visual_tokens  # counted by the family's adapter (anyres, tiles, crops, merged patches)
     chosen = chosen_method(method, knob)
     try:
         if tokens is not None or budget is not None:

@@ -48,8 +48,7 @@ def load(model_id: str, dtype: str = "auto", method: Method | None = None):
     if method is not None:
         adapter = next(a for a in ADAPTERS if architecture in a.model_classes)
         if method.compresses_vision and not adapter.compresses_vision:
-            raise ValueError(f"method: {type(method).__name__} merges patches by the vision tower's [CLS] token, "
-                             f"which {architecture} does not have; st3 supports it on LLaVA")  # fmt: skip
+            raise ValueError(f"method: {adapter.compression_refusal(type(method).__name__, architecture)}")
         method.validate_for(config.get_text_config().num_hidden_layers)
     processor = processor_for(model_id, config, architecture)
     try:
@@ -153,7 +152,7 @@ def timed_generate(
 def prompts(processor, image: Image.Image, questions: list[str], model) -> dict:
     """The processor's left-padded batch of `questions` about `image`, on the model's device and dtype."""
     inputs = processor(
-        images=[image] * len(questions),
+        images=[[image] for _ in questions],  # one image per prompt (processors that count images per sample need it)
         text=[chat_prompt(processor, q) for q in questions],
         return_tensors="pt",
         padding=True,

@@ -150,13 +150,14 @@ def evaluate(
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, **LOAD_KWARGS).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     adapter = adapter_for(model)
-    shape, visual = adapter.shape, adapter.tokens_per_image()
+    shape = adapter.shape
     tasks = {
         "qa": [example(split, first + i, "qa") for i in range(qa)],
         "caption": [example(split, first + i, "caption") for i in range(captions)],
     }
     tasks = {task: examples for task, examples in tasks.items() if examples}
     probe = processor(images=[tasks[next(iter(tasks))][0].image], text=[prompt("what?")], return_tensors="pt")
+    visual = int(adapter.visual_mask(probe["input_ids"]).sum())  # what the processor gave, whatever the family
     text = probe["input_ids"].shape[1] - visual
 
     plans = [("unpruned", 1.0)] + [(m, b) for m in methods for b in budgets if b < 1.0]

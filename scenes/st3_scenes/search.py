@@ -34,7 +34,7 @@ def search(model_dir: str, qa: int = 200, tolerance: float = 0.01, first_layer: 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, **LOAD_KWARGS).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     adapter = adapter_for(model)
-    layers, visual = adapter.shape.num_layers, adapter.tokens_per_image()
+    layers, visual = adapter.shape.num_layers, adapter.typical_visual_tokens()
     if not 0 <= first_layer < layers:
         raise ValueError(f"first_layer: must be in [0, {layers}), got {first_layer}")
     examples = [example("validation", first + i, "qa") for i in range(qa)]

@@ -24,6 +24,14 @@ def supported_models() -> list[str]:
     return [name for adapter in ADAPTERS for name in adapter.model_classes]
 
 
+def adapter_class(model_class: str) -> type[Adapter]:
+    """The adapter class that serves the top-level model class named `model_class` (its family's facts)."""
+    for adapter in ADAPTERS:
+        if model_class in adapter.model_classes:
+            return adapter
+    raise UnsupportedModel(f"st3 does not support {model_class}. Supported models: {', '.join(supported_models())}.")
+
+
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter for `model`, or an `UnsupportedModel` (a TypeError) naming what is supported."""
     name = type(model).__name__
@@ -40,5 +48,5 @@ __all__ = [
     "Adapter", "Gemma3Adapter", "Grid", "Idefics3Adapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter",
     "LlavaOnevisionAdapter", "MaskRule", "Mistral3Adapter",
     "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "UnsupportedModel",
-    "adapter_for", "supported_models",
+    "adapter_class", "adapter_for", "supported_models",
 ]  # fmt: skip

@@ -15,12 +15,16 @@ unsupported and what is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from st3 import compat
 from st3.accounting import Shape
+
+if TYPE_CHECKING:
+    from st3.models import ModelSpec
 
 
 class UnsupportedModel(TypeError):
@@ -171,14 +175,22 @@ class Adapter:
                 "windows as the config declares them); no soft-capping."
             )
 
+    #: Why this family cannot compress visual tokens inside its vision tower (VisionZip and kin), for the refusal.
+    compression_refused: str = "it has no [CLS] token to rank patches by"
+
+    @classmethod
+    def compression_refusal(cls, method_name: str, model_name: str) -> str:
+        """The error of a method that compresses in the vision tower on this family (also raised before loading)."""
+        return (
+            f"{method_name} compresses visual tokens inside the vision tower, which st3 supports on LLaVA-1.5 (a CLIP "
+            f"tower with a [CLS] token) only; {model_name}: {cls.compression_refused}. Use a method that prunes "
+            "inside the decoder (e.g. spread, st3, fastv, divprune: `st3 methods` lists them)."
+        )
+
     def check_method(self, method) -> None:
         """Raise ValueError if `method` needs something this family does not have."""
         if method.compresses_vision and not self.compresses_vision:
-            raise ValueError(
-                f"{type(method).__name__} compresses visual tokens inside the vision tower, which st3 supports on "
-                f"LLaVA (CLIP tower with a [CLS] token) only; {self.model_name} has no [CLS] token to rank patches "
-                "by. Use a method that prunes inside the decoder (e.g. spread, st3, fastv: `st3 methods` lists them)."
-            )
+            raise ValueError(self.compression_refusal(type(method).__name__, self.model_name))
 
     def check_inputs(self, kwargs: dict, continuing: bool) -> None:
         """Inspect the top-level model's keyword arguments and refuse what cannot run exactly.
@@ -276,8 +288,15 @@ class Adapter:
         return torch.isin(input_ids, ids)
 
     def tokens_per_image(self) -> int | None:
-        """Visual tokens one image takes where the config fixes it (LLaVA); None where the image decides (Qwen-VL)."""
+        """Visual tokens one image takes where the config fixes it (LLaVA); None where the image decides (Qwen-VL):
+        `typical_visual_tokens()` answers for every family."""
         return None
+
+    def typical_visual_tokens(self) -> int:
+        """Visual tokens of one typical image (`typical_image`): the fixed count where the config fixes it, else a
+        figure to size budgets by, never a prompt's count (count those with `visual_mask`)."""
+        config = self.model.config
+        return self.image_tokens(config, self.typical_image(config))
 
     def image_layout(self, inputs: dict, visual: torch.Tensor, position_ids: torch.Tensor) -> list[list[Grid]]:
         """Per sample, the grids its visual tokens tile, in prompt order.
@@ -337,3 +356,55 @@ class Adapter:
             num_kv_heads=cfg.num_key_value_heads,
             head_dim=head_dim,
         )
+
+    # ------------------------------------------------ the family's facts: tests, bench shapes, plans and docs
+    #: The family's row of the README's supported-models table: (family, classes and decoders, status).
+    summary: tuple[str, str, str] = ("", "", "")
+    #: A batch of 3 samples in `tiny_inputs`'s form whose visual-token counts differ (the family matrix's batch).
+    example_samples: tuple = ()
+
+    @classmethod
+    def tiny(cls, *, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0, **options) -> nn.Module:
+        """A tiny random model of this family, built from config (fp32, eval mode): nothing is downloaded."""
+        raise NotImplementedError(f"{cls.__name__} declares no tiny model")
+
+    @classmethod
+    def tiny_inputs(cls, model: nn.Module, samples=None, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A left-padded batch for a tiny model of this family, built without a processor (default samples:
+        `example_samples`)."""
+        raise NotImplementedError(f"{cls.__name__} declares no example inputs")
+
+    @classmethod
+    def real_config(cls, spec: ModelSpec):
+        """The transformers config of a real model's shape (`st3.models.SPECS`) of this family."""
+        raise NotImplementedError(f"{cls.__name__} declares no real shape's config")
+
+    @classmethod
+    def image_tokens(cls, config, size: tuple[int, int]) -> int:
+        """Visual tokens of one image of `size` (height, width) pixels under `config`, as the family's processor
+        sizes it (sides that are multiples of its tile or patch)."""
+        raise NotImplementedError(f"{cls.__name__} does not count an image's visual tokens")
+
+    @classmethod
+    def typical_image(cls, config) -> tuple[int, int]:
+        """The (height, width) of a typical image under `config` (a square of twice the tower's input side where
+        the image decides the count; see each family)."""
+        side = 2 * _side_of(config.vision_config.image_size)
+        return side, side
+
+    @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        """The family's own processor class for a tiny model of it (a word-level tokenizer, w0 w1 ...; the image
+        processor at the tiny tower's size), for a saved checkpoint `st3 generate` can run; it needs no torchvision.
+        Raise NotImplementedError where the family's processor needs torchvision, saying so."""
+        raise NotImplementedError(f"{cls.__name__} declares no tiny processor")
+
+    def bench_inputs(self, size: tuple[int, int], batch_size: int, text_before: int, text_after: int,
+                     generator: torch.Generator) -> dict[str, torch.Tensor]:  # fmt: skip
+        """A batch of identical prompts for `st3 bench`: text, one image of `size` pixels, text; no padding."""
+        raise NotImplementedError(f"{self.model_name}: no bench inputs")
+
+
+def _side_of(size) -> int:
+    """An image size given as an int or a (height, width) pair, as one side."""
+    return size if isinstance(size, int) else size[0]

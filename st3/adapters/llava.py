@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+import st3.adapters.build as build
 from st3.adapters.base import Adapter, Grid, MaskRule
+
+if TYPE_CHECKING:
+    from st3.models import ModelSpec
+
+LLAVA_IMAGE_TOKEN = 32000
+"""LLaVA-1.5's `<image>` id; used when the vocabulary is larger (else the tiny models' 3)."""
 
 
 def cls_saliency(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -30,6 +38,13 @@ class LlavaAdapter(Adapter):
     }
     compresses_vision = True
     layer_kinds = ("full_attention", "sliding_attention")  # Mistral's and Qwen2's windows, counted in columns
+    summary = (
+        "LLaVA-1.5 and friends",
+        "`LlavaForConditionalGeneration` with a Llama, Mistral, Qwen2 (sliding windows included) or Qwen3 decoder",
+        "supported, proven by the test matrix (sliding windows: `tests/proofs/test_windows.py`)",
+    )
+    #: (text before, text after) the image, per sample: every image is 36 tokens (48 px, patch 8).
+    example_samples = ((4, 6), (2, 9), (5, 3))
 
     @property
     def layer_types(self) -> tuple[str, ...]:
@@ -161,3 +176,114 @@ class LlavaAdapter(Adapter):
         kept = torch.zeros_like(visual)
         kept[positions] = keep.reshape(-1)
         return hidden, kept
+
+    # ----------------------------------------------------------------------------------- family facts
+    @classmethod
+    def tiny(cls, *, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0, heads: int = 4,
+             kv_heads: int = 2, vocab: int = 128, image_size: int = 48, patch_size: int = 8, text_model: str = "llama",
+             **text_overrides) -> nn.Module:  # fmt: skip
+        """A LLaVA-1.5-shaped model (CLIP tower, MLP projector, Llama decoder with GQA), fp32, eval mode.
+
+        text_model picks another decoder ("qwen2", "qwen3", "mistral"); text_overrides go to its config.
+        """
+        from transformers import LlavaForConditionalGeneration
+
+        torch.manual_seed(seed)
+        text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                    num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                    tie_word_embeddings=False, max_position_embeddings=1024, pad_token_id=build.PAD_TOKEN)  # fmt: skip
+        vision = build.tiny_vision(image_size, patch_size)
+        config = make_llava_config(text | text_overrides, vision, text_model, build.IMAGE_TOKEN, feature_layer=-2)
+        return build.finish(LlavaForConditionalGeneration(config), attn)
+
+    @classmethod
+    def tiny_inputs(cls, model: nn.Module, samples=None, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A left-padded batch: per sample, (text before, text after) the image tokens, plus pixel values."""
+        generator = torch.Generator().manual_seed(seed)
+        vocab = model.config.text_config.vocab_size
+        image_tokens = model.config.image_seq_length  # builds inputs for any LLaVA, also ones the adapters refuse
+        rows = []
+        for before, after in samples or cls.example_samples:
+            text = torch.randint(build.IMAGE_TOKEN + 1, vocab, (before + after,), generator=generator)
+            rows.append(torch.cat([text[:before], torch.full((image_tokens,), build.IMAGE_TOKEN), text[before:]]))
+        input_ids, attention_mask = build.left_padded(rows)
+        size = model.config.vision_config.image_size
+        pixel_values = torch.randn(len(rows), 3, size, size, generator=generator)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+    @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        """`LlavaProcessor` with CLIP's PIL image processor at the tiny tower's size."""
+        from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+        config = model.config
+        side, patch = config.vision_config.image_size, config.vision_config.patch_size
+        images = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        tokenizer = build.word_tokenizer(["<pad>", "<unk>", "<s>", "<image>"], config.text_config.vocab_size)
+        return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              image_token="<image>", chat_template=build.chat_template("<image>"))  # fmt: skip
+
+    @classmethod
+    def real_config(cls, spec: ModelSpec):
+        return llava_config(spec)
+
+    @classmethod
+    def image_tokens(cls, config, size: tuple[int, int]) -> int:
+        return config.image_seq_length  # the processor resizes every image to the tower's input
+
+    @classmethod
+    def typical_image(cls, config) -> tuple[int, int]:
+        side = config.vision_config.image_size
+        return side, side
+
+    def bench_inputs(self, size, batch_size, text_before, text_after, generator) -> dict[str, torch.Tensor]:
+        """Text, the image tokens, text (LLaVA-1.5's chat template puts about 35 tokens before the image)."""
+        config = self.model.config
+        [image_token] = self.visual_token_ids()
+        image = torch.full((self.image_tokens(config, size),), image_token)
+        ids, mask = build.bench_prompt(image, batch_size, text_before, text_after, config.text_config.vocab_size,
+                                       (image_token,), generator)  # fmt: skip
+        side = config.vision_config.image_size
+        pixel_values = torch.randn(batch_size, 3, side, side, generator=generator)
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+
+
+def llava_config(
+    spec: ModelSpec,
+    *,
+    image_token: int | None = None,
+    pad_token: int = build.PAD_TOKEN,
+    bos_token: int | None = None,
+    eos_token: int | None = None,
+    **text_overrides,
+):
+    """A LlavaConfig with the spec's decoder, projector width and vision tower (CLIP), from stock classes.
+
+    `image_token` defaults to LLaVA-1.5's id when the vocabulary holds it, else 3; `text_overrides` go to
+    the decoder's config. Every LLaVA st3 builds (bench shapes, tiny test models, the scenes LLaVA) comes from here.
+    """
+    if image_token is None:
+        image_token = LLAVA_IMAGE_TOKEN if spec.vocab > LLAVA_IMAGE_TOKEN else build.IMAGE_TOKEN
+    text = build.text_dims(spec, pad_token)
+    # Left out when unset, so each decoder config keeps its own default.
+    text |= {key: value for key, value in dict(bos_token_id=bos_token, eos_token_id=eos_token).items()
+             if value is not None}  # fmt: skip
+    return make_llava_config(text | text_overrides, build.vision_dims(spec), spec.text_model, image_token,
+                             spec.feature_layer, pad_token)  # fmt: skip
+
+
+def make_llava_config(text: dict, vision: dict, text_model: str, image_token: int, feature_layer: int = -1,
+                      pad_token: int = build.PAD_TOKEN):  # fmt: skip
+    """A LlavaConfig from a decoder's and a CLIP tower's keywords; one image is the tower's patch grid."""
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=build.text_config_class(text_model)(**text),
+        image_token_index=image_token,
+        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy="default",
+        pad_token_id=pad_token,
+    )

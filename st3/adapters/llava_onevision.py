@@ -13,11 +13,20 @@ What differs from LLaVA-NeXT, and where it is handled:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-from st3.adapters.base import Grid
-from st3.adapters.llava_next import LlavaNextAdapter
+import st3.adapters.build as build
+from st3.adapters.base import Adapter, Grid
+from st3.adapters.llava_next import LlavaNextAdapter, anyres_grids
+
+if TYPE_CHECKING:
+    from st3.models import ModelSpec
+
+OV_IMAGE, OV_VIDEO = 3, 4
+"""The tiny LLaVA-OneVision's image and video tokens."""
 
 #: A newline token on its own (after a whole image or video): one row of no patches, ended by a newline.
 NEWLINE = Grid(1, 1, 0, newline=True)
@@ -28,13 +37,19 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     ignored_kwargs = ("logits_to_keep",)
+    compression_refused = Adapter.compression_refused  # SigLIP: no [CLS] token
+    summary = (
+        "LLaVA-OneVision",
+        "`LlavaOnevisionForConditionalGeneration` (images and video)",
+        "as LLaVA-NeXT (VisionZip refused: SigLIP has no [CLS])",
+    )
+    #: (text before, text after, kind, (height, width) or frames): 30 and 29 image tokens (the second's 6 x 6 tiles
+    #: shrunk to 4 x 4 by anyres_max_2), a video of 4 frames of 2 x 2 pooled patches plus a newline (17).
+    example_samples = ((4, 6, "image", (12, 24)), (2, 9, "image", (24, 24)), (5, 3, "video", 4))
 
     def visual_token_ids(self) -> tuple[int, ...]:
         config = self.model.config
         return (config.image_token_id, config.video_token_id)
-
-    def check_method(self, method) -> None:
-        super(LlavaNextAdapter, self).check_method(method)  # the base refusal: no [CLS] token
 
     def _side(self) -> int:
         vision = self.model.config.vision_config
@@ -42,16 +57,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def image_grids(self, image_size, patched: bool = True, aspect: str | None = None) -> list[Grid]:
         """The grids of one image of `image_size` (height, width), as `pack_image_features` lays it out."""
-        side = self._side()
-        if not patched:
-            return [Grid(1, side, side), NEWLINE]
-        base, tiles = super().image_grids(image_size)
-        rows, cols = tiles.rows, tiles.cols
-        most = int((aspect or self.model.config.vision_aspect_ratio).removeprefix("anyres_max_"))
-        ratio = math.sqrt(rows * cols / (most * side**2))
-        if ratio > 1.1:
-            rows, cols = int(rows // ratio), int(cols // ratio)
-        return [base, Grid(1, rows, cols, newline=True)]
+        return onevision_grids(self.model.config, image_size, patched, aspect)
 
     def grids_of_features(self, features: torch.Tensor) -> list[Grid]:
         side = self._side()
@@ -102,6 +108,111 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                     raise ValueError(f"a run of {count} visual tokens is not whole images or videos")
             layout.append(grids)
         return layout
+
+
+    # ----------------------------------------------------------------------------------- family facts
+    @classmethod
+    def tiny(cls, *, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0, **options) -> nn.Module:
+        """A LLaVA-OneVision model (SigLIP tower 12 px / patch 4, anyres_max_2 so large tile grids shrink, Qwen2
+        decoder with GQA), fp32, eval mode."""
+        import transformers as tf
+
+        torch.manual_seed(seed)
+        config = tf.LlavaOnevisionConfig(
+            vision_config=tf.SiglipVisionConfig(**build.tiny_vision(12)),
+            text_config=tf.Qwen2Config(**build.tiny_text(hidden, layers)),
+            image_grid_pinpoints=[[12, 24], [24, 12], [24, 24]], image_token_index=OV_IMAGE, video_token_index=OV_VIDEO,
+            vision_aspect_ratio="anyres_max_2", vision_feature_layer=-1, vision_feature_select_strategy="full",
+            pad_token_id=build.PAD_TOKEN,
+        )  # fmt: skip
+        return build.finish(tf.LlavaOnevisionForConditionalGeneration(config), attn)
+
+    @classmethod
+    def tiny_inputs(cls, model: nn.Module, samples=None, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A left-padded batch built without a processor: per sample (text before, text after, kind, what).
+
+        kind "image": what is its (height, width) in pixels (one image per sample, anyres crops padded to the
+        batch's most); kind "video": what is its number of frames. Token counts are the model's own feature counts.
+        """
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        samples = samples or cls.example_samples
+        generator = torch.Generator().manual_seed(seed)
+        config = model.config
+        side = config.vision_config.image_size
+        images = [what for _, _, kind, what in samples if kind == "image"]
+        videos = [what for _, _, kind, what in samples if kind == "video"]
+        out: dict[str, torch.Tensor] = {}
+        counts: dict[str, list[int]] = {"image": [], "video": []}
+        with torch.no_grad():
+            if images:
+                sizes = torch.tensor(images)
+                crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, side) for size in images]
+                pixels = torch.zeros(len(images), max(crops), 3, side, side)
+                for i, n in enumerate(crops):
+                    pixels[i, :n] = torch.randn(n, 3, side, side, generator=generator)
+                per_sample = torch.tensor([int(kind == "image") for _, _, kind, _ in samples])
+                out |= {"pixel_values": pixels, "image_sizes": sizes, "batch_num_images": per_sample}
+                features = model.model.get_image_features(pixels, sizes, batch_num_images=per_sample).pooler_output
+                counts["image"] = [len(f) for f in features]
+            if videos:
+                if len(set(videos)) > 1:
+                    raise ValueError("the videos of one batch share their number of frames (one tensor)")
+                clips = torch.randn(len(videos), videos[0], 3, side, side, generator=generator)
+                out["pixel_values_videos"] = clips
+                counts["video"] = [f.shape[0] for f in model.model.get_video_features(clips).pooler_output]
+        rows = []
+        vocab = config.text_config.vocab_size
+        for before, after, kind, _ in samples:
+            token = OV_IMAGE if kind == "image" else OV_VIDEO
+            text = torch.randint(OV_VIDEO + 1, vocab, (before + after,), generator=generator)
+            rows.append(torch.cat([text[:before], torch.full((counts[kind].pop(0),), token), text[before:]]))
+        out["input_ids"], out["attention_mask"] = build.left_padded(rows)
+        return out
+
+    @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        raise NotImplementedError("LlavaOnevisionProcessor has a video processor, which needs torchvision")
+
+    @classmethod
+    def real_config(cls, spec: ModelSpec):
+        """The stock config's anyres_max_9 layout (384 px tiles, pinpoints up to 6 x 6 tiles; image and video ids of
+        the hf checkpoints) with the spec's decoder (Qwen2) and SigLIP tower."""
+        import transformers as tf
+
+        return tf.LlavaOnevisionConfig(
+            vision_config=tf.SiglipVisionConfig(**build.vision_dims(spec)),
+            text_config=build.text_config_class(spec.text_model)(**build.text_dims(spec)),
+            vision_feature_layer=spec.feature_layer, vision_feature_select_strategy="full",
+            pad_token_id=build.PAD_TOKEN,
+        )  # fmt: skip
+
+    @classmethod
+    def image_tokens(cls, config, size: tuple[int, int]) -> int:
+        """Base grid + the unpadded tiles, shrunk to anyres_max_N base grids' area, one newline per row."""
+        return sum(g.tokens for g in onevision_grids(config, size))
+
+    def bench_inputs(self, size, batch_size, text_before, text_after, generator) -> dict[str, torch.Tensor]:
+        """Text, one anyres image's tokens, text; its crops, `image_sizes` and one image per sample."""
+        inputs = super().bench_inputs(size, batch_size, text_before, text_after, generator)
+        return inputs | {"batch_num_images": torch.ones(batch_size, dtype=torch.long)}
+
+
+def onevision_grids(config, image_size, patched: bool = True, aspect: str | None = None) -> list[Grid]:
+    """The grids of one image of `image_size` (height, width) under a LLaVA-OneVision `config`: its base grid and
+    newline where the image is one of several (not `patched`), else the base grid and the tile grid (as LLaVA-NeXT's)
+    shrunk to at most `anyres_max_N` base grids' area, one newline per row."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size  # SigLIP: every patch is a feature (strategy "full")
+    if not patched:
+        return [Grid(1, side, side), NEWLINE]
+    base, tiles = anyres_grids(config, image_size, side)
+    rows, cols = tiles.rows, tiles.cols
+    most = int((aspect or config.vision_aspect_ratio).removeprefix("anyres_max_"))
+    ratio = math.sqrt(rows * cols / (most * side**2))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return [base, Grid(1, rows, cols, newline=True)]
 
 
 def runs(tokens: list[int]) -> list[tuple[int, int]]:

@@ -15,8 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import st3.adapters.build as build
 from st3.adapters.base import Adapter, Grid
 from st3.adapters.llava import LlavaAdapter
+
+MISTRAL_BREAK, MISTRAL_END = 4, 5
+"""The tiny Mistral3's `[IMG_BREAK]` and `[IMG_END]` tokens."""
 
 
 class Mistral3Adapter(Adapter):
@@ -27,6 +31,14 @@ class Mistral3Adapter(Adapter):
     layer_kinds = LlavaAdapter.layer_kinds
     layer_types = LlavaAdapter.layer_types  # the same decoders, so the same window convention
     mask_rule = LlavaAdapter.mask_rule
+    summary = (
+        "Mistral3",
+        "`Mistral3ForConditionalGeneration` (Pixtral tower)",
+        "supported, its sliding window included (declared as LLaVA's Mistral; proven with a 16-column window); "
+        "attention ranking refused where every layer slides; otherwise as LLaVA-NeXT",
+    )
+    #: (text before, text after, image (height, width)): 4 x 6, 6 x 6 and 8 x 5 merged patches (24, 36, 40 tokens).
+    example_samples = ((4, 6, (32, 48)), (2, 9, (48, 48)), (5, 3, (64, 40)))
 
     @property
     def language_model(self) -> nn.Module:
@@ -71,3 +83,59 @@ class Mistral3Adapter(Adapter):
                 grids.append(Grid(1, rows, cols))
             layout.append(grids)
         return layout
+
+    # ----------------------------------------------------------------------------------- family facts
+    @classmethod
+    def tiny(cls, *, layers: int = 6, hidden: int = 64, attn: str = "sdpa", seed: int = 0, **text_overrides):
+        """A Mistral3 model (Pixtral tower up to 64 px / patch 4, merge 2, Mistral decoder with GQA and, unless
+        `text_overrides` set one, no sliding window), fp32, eval mode."""
+        import transformers as tf
+
+        torch.manual_seed(seed)
+        text = build.tiny_text(hidden, layers, sliding_window=None)
+        config = tf.Mistral3Config(
+            vision_config=tf.PixtralVisionConfig(**build.tiny_vision(64)),
+            text_config=tf.MistralConfig(**(text | text_overrides)),
+            image_token_index=build.IMAGE_TOKEN, spatial_merge_size=2, pad_token_id=build.PAD_TOKEN,
+        )  # fmt: skip
+        return build.finish(tf.Mistral3ForConditionalGeneration(config), attn)
+
+    @classmethod
+    def tiny_inputs(cls, model: nn.Module, samples=None, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A left-padded batch built without a processor (Pixtral's needs torchvision): per sample (text before, text
+        after, (height, width) in pixels). Each row of merged patches is followed by `[IMG_BREAK]`, the last by
+        `[IMG_END]`; pixel values are random images zero-padded to the batch's largest, with `image_sizes`."""
+        samples = samples or cls.example_samples
+        generator = torch.Generator().manual_seed(seed)
+        config = model.config
+        merged = config.vision_config.patch_size * config.spatial_merge_size
+        sizes = torch.tensor([size for _, _, size in samples])
+        height, width = (int(v) for v in sizes.max(0).values)
+        pixel_values = torch.zeros(len(samples), 3, height, width)
+        rows = []
+        for i, (before, after, (h, w)) in enumerate(samples):
+            pixel_values[i, :, :h, :w] = torch.randn(3, h, w, generator=generator)
+            text = torch.randint(MISTRAL_END + 1, config.text_config.vocab_size, (before + after,), generator=generator)
+            image = []
+            for r in range(h // merged):
+                image += [build.IMAGE_TOKEN] * (w // merged) + [MISTRAL_END if r == h // merged - 1 else MISTRAL_BREAK]
+            rows.append(torch.cat([text[:before], torch.tensor(image), text[before:]]))
+        input_ids, attention_mask = build.left_padded(rows)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                "image_sizes": sizes}  # fmt: skip
+
+    @classmethod
+    def tiny_processor(cls, model: nn.Module):
+        raise NotImplementedError("PixtralProcessor needs torchvision")
+
+    @classmethod
+    def image_tokens(cls, config, size: tuple[int, int]) -> int:
+        """Merged patches of an image within the tower's size (its sides multiples of patch x merge)."""
+        merged = config.vision_config.patch_size * config.spatial_merge_size
+        return (size[0] // merged) * (size[1] // merged)
+
+    @classmethod
+    def typical_image(cls, config) -> tuple[int, int]:
+        """The tower's largest image (1024 x 1024 px for Pixtral: 1024 tokens)."""
+        side = config.vision_config.image_size
+        return side, side

@@ -88,7 +88,8 @@ def load(config: BenchConfig, device: torch.device):
     spec = spec_for(config.model, config.layers)
     model = build_model(spec, dtype, device, config.attn)
     full = spec_for(config.model).layers
-    return model, {"source": spec.name, "visual_tokens": spec.visual_tokens, "full_layers": full, "note": spec.note}
+    return model, {"source": spec.name, "visual_tokens": spec.visual_tokens, "full_layers": full, "note": spec.note,
+                   "tower_layers": spec.tower_layers}  # fmt: skip
 
 
 def run_bench(config: BenchConfig) -> dict:
@@ -216,10 +217,8 @@ def meta(config: BenchConfig, model, shape, source: dict, device: torch.device, 
     if not config.model_dir:
         vision = model.config.vision_config
         depth = getattr(vision, "num_hidden_layers", None) or vision.depth
-        kind, real = ("CLIP", "LLaVA's: 24 of width 1024") if hasattr(vision, "num_hidden_layers") else (
-            "ViT", "the real tower has 32 (Qwen2.5-VL) or 27 (Qwen3-VL)")  # fmt: skip
-        if getattr(vision, "model_type", "") == "siglip_vision_model":
-            kind, real = "SigLIP", "Gemma 3's: 27"
+        kind = type(vision).__name__.removesuffix("Config")
+        real = f"the real model's has {source['tower_layers']}" if source.get("tower_layers") else "the real is deeper"
         notes.append(
             f"random weights; vision tower: {depth} {kind} layer(s) of width {vision.hidden_size} ({real}), "
             "projector at the model's shape; its cost is paid alike by every method, so measured speed-ups are "

@@ -18,8 +18,9 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from st3.adapters import adapter_for
+from st3.adapters.build import PAD_TOKEN
 from st3.compat import LOAD_KWARGS
-from st3.models import PAD_TOKEN, ModelSpec, config_for, model_class
+from st3.models import ModelSpec, config_for, model_class
 
 FILL_STD = 0.02
 """Standard deviation of the random weights: small enough that activations stay finite in bf16."""
@@ -40,7 +41,7 @@ def build_model(
     """
     with init_empty_weights(include_buffers=False):
         model = model_class(spec)(config_for(spec))
-    model.bench_grid = spec.grid  # the Qwen-VL image grid bench_inputs builds
+    model.bench_image = spec.bench_image  # the image bench_inputs builds prompts around
     materialize(model, dtype, torch.device(device))
     fill_random(model)
     return prepare(model, attn)
@@ -148,52 +149,13 @@ def shape_name(model: LlavaForConditionalGeneration) -> str:
 def bench_inputs(
     model: LlavaForConditionalGeneration, batch_size: int, text_before: int = 35, text_after: int = 40, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """A batch of identical-length prompts: text, the image tokens, text (LLaVA-1.5's chat template puts
-    about 35 system/user tokens before the image), with random pixel values. No padding, so every sample
-    costs the same and tokens per second is well defined."""
-    config = model.config
-    generator = torch.Generator().manual_seed(seed)
-    if getattr(config, "video_token_id", None) is not None:
-        return qwen_bench_inputs(model, batch_size, text_before, text_after, generator)
+    """A batch of identical-length prompts: text, one image's visual tokens, text (LLaVA-1.5's chat template puts
+    about 35 system/user tokens before the image), with random pixel values, as the model's family lays them out
+    (`Adapter.bench_inputs`). No padding, so every sample costs the same and tokens per second is well defined.
+
+    The image is the shape's (`ModelSpec.image`) for a built shape, else the family's typical image."""
     adapter = adapter_for(model)
-    vocab = config.text_config.vocab_size
-    [image_token] = adapter.visual_token_ids()
-    low = 1
-    text = torch.randint(low, vocab, (batch_size, text_before + text_after), generator=generator)
-    text[text == image_token] = low  # random text must not contain extra image tokens
-    image = torch.full((batch_size, adapter.tokens_per_image()), image_token)
-    input_ids = torch.cat([text[:, :text_before], image, text[:, text_before:]], dim=1)
-    size = config.vision_config.image_size
-    device, dtype = model.device, model.dtype
-    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator).to(device, dtype)
-    inputs = {
-        "input_ids": input_ids.to(device),
-        "attention_mask": torch.ones_like(input_ids, device=device),
-        "pixel_values": pixel_values,
-    }
-    if getattr(config, "mm_tokens_per_image", None) is not None:  # Gemma 3: each image attends to itself both ways
-        inputs["token_type_ids"] = (input_ids == image_token).long().to(device)
-    return inputs
-
-
-def qwen_bench_inputs(model, batch_size: int, text_before: int, text_after: int, generator) -> dict[str, torch.Tensor]:
-    """The same prompt layout for Qwen-VL: text, <vision_start>, the merged image tokens, <vision_end>, text,
-    with flattened patches, the image grid and the token types M-RoPE needs."""
-    config = model.config
-    rows, cols = model.bench_grid
-    vision = config.vision_config
-    visual = rows * cols // vision.spatial_merge_size**2
-    text = torch.randint(1, config.vision_start_token_id, (batch_size, text_before + text_after), generator=generator)
-    image = torch.tensor([config.vision_start_token_id, *[config.image_token_id] * visual, config.vision_end_token_id])
-    input_ids = torch.cat([text[:, :text_before], image.expand(batch_size, -1), text[:, text_before:]], dim=1)
-    types = (input_ids == config.image_token_id).long()
-    per_patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-    device, dtype = model.device, model.dtype
-    pixels = torch.randn(batch_size * rows * cols, per_patch, generator=generator).to(device, dtype)
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": torch.ones_like(input_ids, device=device),
-        "mm_token_type_ids": types.to(device),
-        "pixel_values": pixels,
-        "image_grid_thw": torch.tensor([[1, rows, cols]] * batch_size, device=device),
-    }
+    size = getattr(model, "bench_image", None) or adapter.typical_image(model.config)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = adapter.bench_inputs(size, batch_size, text_before, text_after, generator)
+    return {k: v.to(model.device, model.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}

@@ -168,7 +168,6 @@ def test_builder_makes_the_requested_shape_with_no_meta_tensors():
     [
         ("llava-1.5-7b", Shape(32, 4096, 11008, 32, 32, 128), 576),
         ("llava-1.5-13b", Shape(40, 5120, 13824, 40, 40, 128), 576),
-        ("llava-next-7b", Shape(32, 4096, 11008, 32, 32, 128), 2916),
     ],
 )
 def test_real_shapes(name, shape, visual):
@@ -187,29 +186,37 @@ def test_real_shapes(name, shape, visual):
 @pytest.mark.parametrize(
     "name, shape, visual",
     [
+        ("llava-next-7b", Shape(32, 4096, 11008, 32, 32, 128), 2928),  # 576 + 48 x 48 tiles + 48 newlines
+        ("llava-onevision-7b", Shape(28, 3584, 18944, 28, 4, 128), 3699),  # 729 + 54 x 54 tiles + 54 newlines
+        ("internvl3-8b", Shape(28, 3584, 18944, 28, 4, 128), 1280),  # (2 x 2 tiles + thumbnail) x 256
+        ("smolvlm-2b", Shape(24, 2048, 8192, 32, 32, 64), 1377),  # (4 x 4 crops + global image) x 81
         ("qwen2.5-vl-7b", Shape(28, 3584, 18944, 28, 4, 128), 1064),
         ("qwen3-vl-8b", Shape(36, 4096, 12288, 32, 8, 128), 1056),
+        ("gemma3-4b", Shape(34, 2560, 10240, 8, 4, 256), 256),
     ],
 )
-def test_qwen_vl_shapes(name, shape, visual):
+def test_every_family_shape_builds_with_its_own_class_and_counts_its_visual_tokens(name, shape, visual):
+    """Each shape is built with its family's class from its adapter's config; a copy at small dimensions runs the
+    bench prompt (the family's own layout: anyres crops, tiles, crops, M-RoPE grids) and prunes it."""
     from st3.adapters import adapter_for
-    from st3.models import model_class, qwen_config
+    from st3.models import model_class
 
     spec = spec_for(name)
     with init_empty_weights():
-        model = model_class(spec)(qwen_config(spec))
+        model = model_class(spec)(config_for(spec))
+    assert type(model).__name__ == spec.architecture
     assert adapter_for(model).shape == shape and spec.visual_tokens == visual
-    tiny = replace(spec, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32,
-                   head_dim=16 if spec.head_dim else None, grid=(8, 12))  # fmt: skip
+    tiny = replace(spec, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_heads=2,
+                   vision_intermediate=64, head_dim=16 if spec.head_dim else None)  # fmt: skip
     model = build_model(tiny, torch.float32)
     inputs = bench_inputs(model, 2, 3, 4)
-    assert int(adapter_for(model).visual_mask(inputs["input_ids"]).sum()) == 2 * 24
+    assert int(adapter_for(model).visual_mask(inputs["input_ids"]).sum()) == 2 * visual
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
         method = st3.FastV(layer=1, ratio=0.5)
         with method(model):
             pruned = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    assert out.shape == pruned.shape and method.trace.visual_tokens == [24, 24]
+    assert out.shape == pruned.shape and method.trace.visual_tokens == [visual, visual]
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -303,23 +310,14 @@ def test_bad_options_fail_before_building():
     assert run.exit_code != 0 and "--repeats" in run.output
 
 
-def test_gemma3_shape():
-    from st3.adapters import adapter_for
+def test_gemma3_shape_keeps_its_layer_pattern_and_image_blocks():
     from st3.models import model_class
 
     spec = spec_for("gemma3-4b")
     with init_empty_weights():
         model = model_class(spec)(config_for(spec))
-    assert adapter_for(model).shape == Shape(34, 2560, 10240, 8, 4, 256) and spec.visual_tokens == 256
     assert model.config.text_config.layer_types.count("full_attention") == 5  # one full layer in six
-    tiny = replace(spec, hidden=64, layers=3, heads=4, kv_heads=2, intermediate=128, vocab=262208, vision_hidden=32,
-                   vision_heads=2, vision_intermediate=64, head_dim=16, image_size=64, patch_size=4)  # fmt: skip
-    model = build_model(tiny, torch.float32)
-    inputs = bench_inputs(model, 2, 3, 4)
+    tiny = replace(spec, hidden=64, layers=3, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_heads=2,
+                   vision_intermediate=64, head_dim=16, image_size=64, patch_size=4)  # fmt: skip
+    inputs = bench_inputs(build_model(tiny, torch.float32), 2, 3, 4)
     assert int(inputs["token_type_ids"].sum()) == 2 * 256
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        method = st3.FastV(layer=1, ratio=0.5)
-        with method(model):
-            pruned = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    assert out.shape == pruned.shape and method.trace.visual_tokens == [256, 256]

@@ -153,6 +153,14 @@ def test_plan_prints_the_default_arithmetic(tmp_path):
     assert json.loads(path.read_text())["prefill_visual"][:3] == [576, 576, 461]
 
 
+def test_plan_prices_each_shape_at_its_familys_visual_tokens():
+    """Without --visual, a shape is priced at its bench image's tokens as its adapter counts them (anyres newlines,
+    tiles, crops), not LLaVA-1.5's 576."""
+    for shape, visual in (("llava-1.5-7b", 576), ("llava-next-7b", 2928), ("internvl3-8b", 1280)):
+        result = runner.invoke(app, ["plan", "--shape", shape])
+        assert result.exit_code == 0 and f"on {shape}: {visual} visual" in result.output, result.output
+
+
 def test_plan_rejects_bad_input_clearly():
     for args, message in [
         (["--knob", "ratio=2"], "ratio: must be in [0, 1)"),

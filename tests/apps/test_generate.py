@@ -166,3 +166,49 @@ def test_load_picks_the_checkpoints_own_supported_class_and_refuses_others(tmp_p
     BertModel(config).save_pretrained(bert)
     with pytest.raises(ValueError, match="st3 does not support BertModel; supported: LlavaForConditionalGeneration"):
         load(str(bert))
+
+
+def test_compression_is_refused_before_loading_with_the_familys_own_reason(tmp_path):
+    """LLaVA-NeXT has a [CLS] token: VisionZip is refused there for its anyres layout, not for a missing [CLS]."""
+    import st3
+    from st3.compare import load
+    from st3.testing import tiny_llava_next
+
+    config = tiny_llava_next(layers=1).config
+    config.architectures = ["LlavaNextForConditionalGeneration"]
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="^method: VisionZip .*LLaVA-NeXT has a \\[CLS\\] token, but .*newline") as err:
+        load(str(tmp_path), method=st3.VisionZip())
+    assert "does not have" not in str(err.value)
+
+
+def _families():
+    from st3.adapters import ADAPTERS
+
+    return [pytest.param(adapter, id=adapter.__name__) for adapter in ADAPTERS]
+
+
+@pytest.mark.parametrize("adapter", _families())
+def test_generate_runs_a_tiny_checkpoint_of_each_family_with_its_own_processor(adapter, tmp_path, image_path):
+    """Each family's tiny model saved with its real processor class (where that imports without torchvision) runs
+    under `st3 generate`; where the processor needs torchvision, the family says so."""
+    import importlib.util
+
+    from st3.adapters import adapter_for
+
+    model = adapter.tiny(layers=2)
+    try:
+        processor = adapter.tiny_processor(model)
+    except NotImplementedError as error:
+        assert "torchvision" in str(error) and importlib.util.find_spec("torchvision") is None
+        return
+    processor.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    out = tmp_path / "answers.json"
+    args = ["generate", str(tmp_path), "--image", image_path, "-p", "w1 w2", "-p", "w3", "-m", "spread:keep=4",
+            "--max-new-tokens", "2", "--repeats", "0", "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["trace"]["visual_per_layer"] == [4.0, 4.0] and len(report["unpruned"]["answers"]) == 2
+    assert type(adapter_for(model)) is adapter

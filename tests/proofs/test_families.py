@@ -1,8 +1,10 @@
 """Every model family x every method case (tests/cases.py): the correctness proofs, one row per family.
 
-A family row builds a tiny random model (sdpa and eager) and a left-padded batch of 3 whose visual token
-counts differ (images of different sizes; a video sample where the family has video), and says how to cut
-one sample out of the batch. Adding a family is adding a row to `FAMILIES`.
+A family row names its adapter, whose tiny random model (sdpa and eager) and example batch of 3 (left-padded, visual
+token counts that differ: images of different sizes, a video sample where the family has video) the proofs run on,
+and says how to cut one sample out of the batch and which methods the family refuses. Adding a family is its adapter
+file and one row in `FAMILIES` (`test_every_adapter_has_a_row_and_declares_its_facts` checks that nothing else is
+needed).
 """
 
 from __future__ import annotations
@@ -18,46 +20,35 @@ from cases import NEW_TOKENS, generate, new_tokens
 from reference import attention_weights, full_positions, reference_logits, visual_token_ids
 
 import st3
-from st3.adapters import UnsupportedModel, adapter_for
+from st3.adapters import (
+    ADAPTERS,
+    Adapter,
+    Gemma3Adapter,
+    Idefics3Adapter,
+    InternVLAdapter,
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    Mistral3Adapter,
+    Qwen2VLAdapter,
+    Qwen3VLAdapter,
+    Qwen25VLAdapter,
+    UnsupportedModel,
+    adapter_for,
+)
 from st3.compat import cache_kwargs as compat_cache
 from st3.compat import cache_of
-from st3.testing import (
-    tiny_gemma3,
-    tiny_gemma3_inputs,
-    tiny_idefics3,
-    tiny_idefics3_inputs,
-    tiny_inputs,
-    tiny_internvl,
-    tiny_internvl_inputs,
-    tiny_llava,
-    tiny_llava_next,
-    tiny_llava_onevision,
-    tiny_mistral3,
-    tiny_mistral3_inputs,
-    tiny_next_inputs,
-    tiny_onevision_inputs,
-    tiny_qwen_inputs,
-    tiny_qwen_vl,
-)  # fmt: skip
+from st3.testing import tiny_llava
 
-LLAVA_BATCH = ((4, 6), (2, 9), (5, 3))
-#: (text before, text after, kind, (t, h, w) patch grid): 16, 24 and 32 visual tokens after the 2x2 merge.
-QWEN_BATCH = ((3, 5, "image", (1, 8, 8)), (2, 7, "image", (1, 8, 12)), (4, 2, "video", (2, 8, 8)))
-#: (text before, text after, image (height, width)): 30, 37 and 51 visual tokens (base 3 x 3 + tiles + newlines).
-NEXT_BATCH = ((4, 6, (12, 24)), (2, 9, (16, 24)), (5, 3, (24, 24)))
-#: (text before, text after, kind, (height, width) or frames): 30 and 29 image tokens (the second's 6 x 6 tiles
-#: shrunk to 4 x 4 by anyres_max_2), a video of 4 frames of 2 x 2 pooled patches plus a newline (17).
-ONEVISION_BATCH = ((4, 6, "image", (12, 24)), (2, 9, "image", (24, 24)), (5, 3, "video", 4))
-#: (text before, text after, tiles per image): 16, 48 (three tiles) and 32 (two images of one tile) image tokens.
-INTERNVL_BATCH = ((4, 6, [1]), (2, 9, [3]), (5, 3, [1, 1]))
-#: (text before, text after, crops): 16, 48 and 32 image tokens; the batch pads to 3 crops with all-zero ones.
-IDEFICS3_BATCH = ((4, 6, 1), (2, 9, 3), (5, 3, 2))
-#: (text before, text after, image (height, width)): 4 x 6, 6 x 6 and 8 x 5 merged patches (24, 36, 40 tokens).
-MISTRAL3_BATCH = ((4, 6, (32, 48)), (2, 9, (48, 48)), (5, 3, (64, 40)))
-#: (text before, images, text after): 16, 32 and 48 visual tokens; 31, 43 and 61 tokens. With tiny_gemma3's window
-#: of 56 columns the last prompt's early text leaves the sliding layers' window at prefill, and its first image
-#: leaves it while decoding; every prompt's last token still sees every image (attention scoring is defined).
-GEMMA_BATCH = ((8, 1, 5), (3, 2, 4), (5, 3, 2))
+#: Each family's example batch (its adapter's `example_samples`; the comments there give the visual-token counts).
+LLAVA_BATCH = LlavaAdapter.example_samples
+QWEN_BATCH = Qwen2VLAdapter.example_samples
+NEXT_BATCH = LlavaNextAdapter.example_samples
+ONEVISION_BATCH = LlavaOnevisionAdapter.example_samples
+INTERNVL_BATCH = InternVLAdapter.example_samples
+IDEFICS3_BATCH = Idefics3Adapter.example_samples
+MISTRAL3_BATCH = Mistral3Adapter.example_samples
+GEMMA_BATCH = Gemma3Adapter.example_samples
 
 
 def llava_single(inputs: dict, b: int) -> dict:
@@ -125,13 +116,20 @@ def qwen_single(inputs: dict, b: int) -> dict:
 
 @dataclass(frozen=True)
 class Family:
-    build: Callable[[str], torch.nn.Module]
-    inputs: Callable[[torch.nn.Module], dict]
+    adapter: type[Adapter]
     single: Callable[[dict, int], dict]
     #: methods refused on this family, with a phrase of the error
     refused: tuple[tuple[str, str], ...] = ()
     #: the cases of this row in `make test` (None: EVERY_FAMILY); the rest of the row is `slow`
     fast: tuple[str, ...] | None = None
+    #: options of the adapter's tiny model (e.g. another decoder)
+    options: tuple[tuple[str, object], ...] = ()
+
+    def build(self, attn: str) -> torch.nn.Module:
+        return self.adapter.tiny(attn=attn, **dict(self.options))
+
+    def inputs(self, model: torch.nn.Module) -> dict:
+        return self.adapter.tiny_inputs(model)
 
 
 #: The fast cases of the families added with issue 29 (keeping `make test` short): progressive pruning with
@@ -150,59 +148,17 @@ def compressing_refused(phrase: str) -> tuple[tuple[str, str], ...]:
 
 QWEN_REFUSED = compressing_refused("no \\[CLS\\] token")
 FAMILIES = {
-    "llava": Family(lambda attn: tiny_llava(attn=attn), lambda m: tiny_inputs(m, LLAVA_BATCH), llava_single),
-    "llava-qwen3": Family(
-        lambda attn: tiny_llava(attn=attn, text_model="qwen3", head_dim=16),
-        lambda m: tiny_inputs(m, LLAVA_BATCH),
-        llava_single,
-    ),
-    **{
-        name: Family(
-            lambda attn, name=name: tiny_qwen_vl(name, layers=6, attn=attn),
-            lambda m: tiny_qwen_inputs(m, QWEN_BATCH),
-            qwen_single,
-            QWEN_REFUSED,
-        )  # fmt: skip
-        for name in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
-    },
-    "llava-next": Family(
-        lambda attn: tiny_llava_next(attn=attn),
-        lambda m: tiny_next_inputs(m, NEXT_BATCH),
-        per_image_single,
-        compressing_refused("LLaVA-NeXT"),
-        NEW_FAMILY_FAST,
-    ),
-    "llava-onevision": Family(
-        lambda attn: tiny_llava_onevision(attn=attn),
-        lambda m: tiny_onevision_inputs(m, ONEVISION_BATCH),
-        onevision_single,
-        QWEN_REFUSED,
-        NEW_FAMILY_FAST,
-    ),
-    "internvl": Family(
-        lambda attn: tiny_internvl(attn=attn),
-        lambda m: tiny_internvl_inputs(m, INTERNVL_BATCH),
-        internvl_single,
-        compressing_refused("pixel shuffle"),
-        NEW_FAMILY_FAST,
-    ),
-    "idefics3": Family(
-        lambda attn: tiny_idefics3(attn=attn),
-        lambda m: tiny_idefics3_inputs(m, IDEFICS3_BATCH),
-        per_image_single,
-        QWEN_REFUSED,
-        NEW_FAMILY_FAST,
-    ),
-    "mistral3": Family(
-        lambda attn: tiny_mistral3(attn=attn),
-        lambda m: tiny_mistral3_inputs(m, MISTRAL3_BATCH),
-        per_image_single,
-        QWEN_REFUSED,
-        NEW_FAMILY_FAST,
-    ),
-    "gemma3": Family(
-        lambda attn: tiny_gemma3(attn=attn), lambda m: tiny_gemma3_inputs(m, GEMMA_BATCH), gemma_single, QWEN_REFUSED,
-    ),
+    "llava": Family(LlavaAdapter, llava_single),
+    "llava-qwen3": Family(LlavaAdapter, llava_single, options=(("text_model", "qwen3"), ("head_dim", 16))),
+    "qwen2-vl": Family(Qwen2VLAdapter, qwen_single, QWEN_REFUSED, options=(("layers", 6),)),
+    "qwen2.5-vl": Family(Qwen25VLAdapter, qwen_single, QWEN_REFUSED, options=(("layers", 6),)),
+    "qwen3-vl": Family(Qwen3VLAdapter, qwen_single, QWEN_REFUSED, options=(("layers", 6),)),
+    "llava-next": Family(LlavaNextAdapter, per_image_single, compressing_refused("LLaVA-NeXT"), NEW_FAMILY_FAST),
+    "llava-onevision": Family(LlavaOnevisionAdapter, onevision_single, QWEN_REFUSED, NEW_FAMILY_FAST),
+    "internvl": Family(InternVLAdapter, internvl_single, compressing_refused("pixel shuffle"), NEW_FAMILY_FAST),
+    "idefics3": Family(Idefics3Adapter, per_image_single, QWEN_REFUSED, NEW_FAMILY_FAST),
+    "mistral3": Family(Mistral3Adapter, per_image_single, QWEN_REFUSED, NEW_FAMILY_FAST),
+    "gemma3": Family(Gemma3Adapter, gemma_single, QWEN_REFUSED),
 }
 
 _MODELS: dict = {}
@@ -248,6 +204,28 @@ def matrix() -> list:
 
 
 MATRIX = matrix()
+
+
+# --------------------------------------------------------------------------------- a family is one file
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda a: a.__name__)
+def test_every_adapter_has_a_row_and_declares_its_facts(adapter):
+    """Every adapter is a row here, and declares what tests, bench, plans and docs need: its tiny model (found by the
+    registry), an example batch whose layout covers every visual token, a typical visual-token count and its README
+    row. A new family is its adapter file plus its row; nothing else has to change."""
+    rows = [name for name, row in FAMILIES.items() if row.adapter is adapter]
+    assert rows, f"{adapter.__name__} has no row in FAMILIES"
+    assert all(adapter.summary) and len(adapter.example_samples) == 3
+    sdpa, _, inputs = models(rows[0])
+    assert type(adapter_for(sdpa)) is adapter
+    counts = adapter_for(sdpa).visual_mask(inputs["input_ids"]).sum(-1).tolist()
+    method = st3.Lattice(keep=2, layer=1)
+    generate(sdpa, inputs, method, max_new_tokens=1)
+    assert [sum(grid.tokens for grid in grids) for grids in method.trace.image_grids] == counts
+    assert len(set(counts)) == 3 or adapter.tokens_per_image is not Adapter.tokens_per_image  # fixed per image
+    typical = adapter_for(sdpa).typical_visual_tokens()
+    assert isinstance(typical, int) and typical > 0
+    fixed = adapter_for(sdpa).tokens_per_image()
+    assert fixed is None or fixed == typical
 
 
 # ------------------------------------------------------------------------------------ pruning nothing

@@ -21,6 +21,18 @@ def test_the_readme_methods_table_is_the_registry():
     assert sorted(rows) == sorted(name for name in st3.methods() if "+" not in name)
 
 
+def test_the_readme_models_table_is_the_adapters():
+    """The supported-models table is generated from the adapters (`python -m st3.catalogue` rewrites it): every
+    served class appears in it, and a README edited by hand, or an adapter changed without regenerating, fails."""
+    from st3.adapters import supported_models
+    from st3.catalogue import models_table, readme_with_table
+
+    text = README.read_text()
+    assert readme_with_table(text) == text, "the README's supported-models table is stale: run python -m st3.catalogue"
+    assert all(f"`{name}`" in models_table() for name in supported_models())
+    assert readme_with_table(text.replace("| Gemma 3 |", "| Gemma |")) != text.replace("| Gemma 3 |", "| Gemma |")
+
+
 def test_the_readme_lists_every_selector():
     text = README.read_text()
     paragraph = text[text.index("× a **selector**") :].split("\n\n")[0]
