@@ -127,6 +127,9 @@ class Engine:
                 rows.columns, rows.valid, rows.visual, counts.real, counts.held, self.method.accumulates, width
             )
             trace.log_prefill_layer(rows.columns, rows.valid, rows.visual)
+            if index > 0:  # the layer before is read no more (scores and keys come from the one before this one)
+                cache.layers[index - 1].slide()  # a sliding layer drops what no later token sees
+        cache.layers[-1].slide()
         trace.explain(self.method)  # why a sample kept every visual token, if one did
         self._measure_kv(cache)
         return rows.hidden
@@ -295,10 +298,9 @@ class Engine:
             current = self._current_attention(index, layer, layer_input, cos, sin) if method.accumulates else None
             if current is not None:
                 layer.receive(current)
-            budget = method.host_decode_budget(index, step, layer.held_after_prefill)
-            if budget is not None and any(h > b for h, b in zip(layer.held, budget)) and layer.window is not None:
-                layer.drop_outside_window()  # what no later token can see is gone first; eviction ranks the rest
+            if layer.slide():  # a sliding layer drops what no later token sees; eviction ranks the rest
                 current = None  # computed over the slots before the drop
+            budget = method.host_decode_budget(index, step, layer.held_after_prefill)
             if budget is not None and any(h > b for h, b in zip(layer.held, budget)):
                 evictions.append(self._evict(index, layer, layer_input, cos, sin, budget, current, budgets))
         if evictions and not method.evicts_exactly:  # one sync for every evicting layer of the step
