@@ -17,6 +17,7 @@ from __future__ import annotations
 from bisect import bisect_right
 
 import torch
+from transformers import cache_utils
 
 from st3.compat import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -86,6 +87,24 @@ def _blocks(lead: torch.Size, device: torch.device) -> torch.Tensor:
         with torch.inference_mode(False):  # usable inside and outside inference mode
             blocks = _BLOCKS[key] = torch.arange(lead.numel(), device=device).view(lead[0], -1, 1)
     return blocks
+
+
+#: Cache layer types whose `keys` and `values` tensors are all the data they hold (a quantized layer's are not).
+_MEASURED = tuple(
+    getattr(cache_utils, name)
+    for name in ("DynamicLayer", "DynamicSlidingWindowLayer", "StaticLayer", "StaticSlidingWindowLayer")
+    if hasattr(cache_utils, name)
+)
+
+
+def cache_bytes(cache) -> int | None:
+    """Bytes the key and value tensors of `cache` occupy (a static layer: its whole buffer, used or not); None
+    where a layer keeps data elsewhere (quantized, or a kind st3 does not know): not measured, rather than a
+    figure that reads as one."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(not isinstance(layer, PrunableLayer) and type(layer) not in _MEASURED for layer in layers):
+        return None
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in layers if getattr(layer, "keys", None) is not None)
 
 
 def make_prunable(cache: DynamicCache, windows: list[int | None]) -> None:

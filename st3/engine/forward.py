@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from st3 import compat
 from st3.adapters.base import Adapter
 from st3.compat import DynamicCache
-from st3.engine.cache import PrunableLayer, gather, make_prunable, pack_index
+from st3.engine.cache import PrunableLayer, cache_bytes, gather, make_prunable, pack_index
 from st3.engine.masks import DecodeMasks, allowed, rule_mask
 from st3.engine.rows import Rows
 from st3.engine.scoring import attention_of_one_row, attention_received
@@ -303,8 +303,10 @@ class Engine:
             budget = method.host_decode_budget(index, step, layer.held_after_prefill)
             if budget is not None and any(h > b for h, b in zip(layer.held, budget)):
                 evictions.append(self._evict(index, layer, layer_input, cos, sin, budget, current, budgets))
-        if evictions and not method.evicts_exactly:  # one sync for every evicting layer of the step
-            method.check_counts(evictions)
+        if evictions:
+            self.trace.evicted = True
+            if not method.evicts_exactly:  # one sync for every evicting layer of the step
+                method.check_counts(evictions)
         self.trace.log_decode_step(attended)
         self._measure_kv(cache)
         return hidden
@@ -347,6 +349,4 @@ class Engine:
         return selected, view
 
     def _measure_kv(self, cache: DynamicCache) -> None:
-        size = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
-        self.trace.kv_bytes = size
-        self.trace.kv_bytes_peak = max(self.trace.kv_bytes_peak, size)
+        self.trace.log_kv(cache_bytes(cache))

@@ -66,3 +66,41 @@ def test_flops_match_a_hand_count_for_two_layers():
     assert prefill_flops(shape, [5, 3]) == 2 * 8 * 576 + 4 * 8 * (15 + 6)
     assert decode_flops(shape, [7, 4]) == 2 * 2 * 576 + 4 * 8 * (7 + 4)
     assert shape.kv_bytes_per_token(2) == 2 * 1 * 4 * 2
+
+
+def test_a_sliding_layer_holds_exactly_what_later_tokens_can_see():
+    """Checked after prefill and every decode forward against the window's rule over original columns (k > next -
+    window), with padding, pruned gaps, visual slots, a beam reordering and an eviction in between."""
+    window = 8
+    layer = PrunableLayer(window)
+    columns = torch.tensor([[0, 1, 3, 4, 6, 7, 9], [0, 2, 3, 5, 6, 8, 9]])  # pruned columns are missing
+    valid = torch.tensor([[False, False, True, True, True, True, True], [True] * 7])  # sample 0: 2 padding slots
+    visual = torch.tensor([[0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    held = {b: {int(c): bool(v) for c, v, ok in zip(columns[b], visual[b], valid[b]) if ok} for b in range(2)}
+    keys = columns[:, None, :, None].float()  # each key remembers its column
+    layer.update(keys, keys.clone())
+    layer.end_prefill(columns, valid, visual, [5, 7], [3, 4], False, width=10)
+    layer.slide()
+    for step in range(12):
+        edge = layer.next_column - window
+        held = {b: {c: v for c, v in h.items() if c > edge} for b, h in held.items()}
+        for b in range(2):
+            real = layer.valid[b]
+            assert layer.columns[b][real].tolist() == sorted(held[b])
+            assert layer.keys[b, 0, :, 0][real].tolist() == sorted(held[b])  # keys moved with their columns
+            assert layer.visual[b][real].tolist() == [held[b][c] for c in sorted(held[b])]
+        assert layer.real == [len(h) for h in held.values()] and layer.held == [sum(h.values()) for h in held.values()]
+        assert layer.keys.shape[-2] == max(layer.real) <= window - 1  # nothing held that no later token sees
+        assert layer.padded == (min(layer.real) < max(layer.real))
+        if step == 1:  # beams swap: the host bookkeeping follows
+            layer.reorder_cache(torch.tensor([1, 0]))
+            held = {0: held[1], 1: held[0]}
+        if step == 2:  # an eviction repacks: the host reads the columns again at the next slide
+            assert layer.held == [3, 1]
+            layer.evict(layer.valid & layer.visual & (layer.columns == 8), [1, 0])
+            held = {b: {c: v for c, v in h.items() if not v or c == 8} for b, h in held.items()}
+        new = torch.full((2, 1, 1, 1), float(layer.next_column))
+        held = {b: h | {layer.next_column: False} for b, h in held.items()}
+        layer.update(new, new.clone())
+        layer.step()
+        layer.slide()
