@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from st3.accounting import Shape, decode_flops, prefill_flops
-from st3.engine.cache import PrunableLayer, gather, pack_index
+from st3.engine.cache import PrunableLayer, cache_bytes, gather, pack_index
 from st3.selectors import top_k_mask
+from st3.trace import Trace
 
 
 def test_pack_index_keeps_order_and_left_pads():
@@ -104,3 +105,25 @@ def test_a_sliding_layer_holds_exactly_what_later_tokens_can_see():
         layer.update(new, new.clone())
         layer.step()
         layer.slide()
+
+
+def test_a_cache_whose_data_st3_cannot_read_is_not_measured():
+    from transformers.cache_utils import DynamicCache, DynamicLayer, QuantizedLayer
+
+    cache = DynamicCache()
+    cache.layers[:] = [DynamicLayer(), PrunableLayer()]
+    for layer in cache.layers:
+        layer.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+    assert cache_bytes(cache) == 2 * 2 * 24 * 4  # two layers, keys and values, fp32
+    class Quantized(QuantizedLayer):  # holds its data outside `keys` and `values`
+        _quantize = _dequantize = None
+
+    cache.layers.append(Quantized.__new__(Quantized))
+    assert cache_bytes(cache) is None
+    shape = Shape(num_layers=3, hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=2, head_dim=4)
+    trace = Trace(method="m", shape=shape, batch_size=1, prompt_columns=3, prompt_tokens=[3], visual_tokens=[0],
+                  dtype_bytes=4)  # fmt: skip
+    for _ in range(3):
+        trace.log_prefill_layer(torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, 3).bool())
+    trace.log_kv(cache_bytes(cache))
+    assert trace.kv_bytes is None and trace.kv_bytes_peak is None and trace.summary()["kv_ratio"] is None
