@@ -13,7 +13,8 @@ Two translations keep the shortened prefill consistent with what `generate` trac
   the 4-D mask of a static cache. Positions need nothing: generate keeps the full prompt's positions.
 
 A decode forward (one that continues a cache) is passed through untouched, so a compiled forward sees the same
-shapes at every step and is not recompiled.
+shapes at every step and is not recompiled; after it, an eager function records it in the trace (what every
+layer attended to, known on the host; the cache's bytes, measured).
 """
 
 from __future__ import annotations
