@@ -41,6 +41,8 @@ class Trace:
     The per-layer lists are shared between steps until they change: never edit them in place."""
     decode_visual_positions: list[list[list[torch.Tensor]]] | None = None
     """[step][layer][sample]: columns of those visual tokens (only with `record_positions=True`)."""
+    windows: list[int | None] | None = None
+    """Each layer's sliding window in columns (None: full attention), where the engine knows them."""
     evicted: bool = False
     """Whether a decode forward evicted visual tokens (a sliding window's own drops are no eviction)."""
     kv_bytes: int | None = 0
@@ -155,10 +157,13 @@ class Trace:
 
     @property
     def kv_bytes_unpruned(self) -> int:
-        """Bytes the unpruned model's cache would hold after the same forwards (same padded batch)."""
+        """Bytes the unpruned model's cache would hold after the same forwards (same padded batch); a sliding layer
+        holds the last window - 1 tokens, as transformers' own sliding cache does."""
         per_token = self.shape.kv_bytes_per_token(self.dtype_bytes)
         tokens = self.prompt_columns + self.decode_steps
-        return self.shape.num_layers * self.batch_size * tokens * per_token
+        windows = self.windows or [None] * self.shape.num_layers
+        held = sum(tokens if window is None else min(tokens, window - 1) for window in windows)
+        return self.batch_size * held * per_token
 
     def summary(self) -> dict:
         """A JSON-ready digest: counts per layer, FLOPs and KV bytes with their ratios to unpruned."""

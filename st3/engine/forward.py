@@ -105,6 +105,7 @@ class Engine:
         trace = self._new_trace(rows, embeds.dtype, note)
         layers = self.adapter.layers
         rules = self.rules = [self.adapter.mask_rule(index) for index in range(len(layers))]
+        trace.windows = [rule.window for rule in rules]
         make_prunable(cache, [rule.window for rule in rules])
         if self.method.compresses_vision and bool(rows.visual.any()):
             rows = self._compress_before_decoder(rows)

@@ -120,6 +120,7 @@ def test_sliding_layers_hold_no_more_than_transformers_own_sliding_cache(narrow,
         sliding += 1
     nbytes = [sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) for cache in (ours, theirs)]
     assert trace.kv_bytes == nbytes[0] <= full + sliding * (window - 1) * slot and nbytes[0] < nbytes[1]
+    assert trace.kv_bytes_unpruned == nbytes[1]  # the unpruned baseline is transformers' own sliding cache
     # Before sliding layers dropped what left their window, each held the rows its prefill kept plus one per step.
     kept = sum(max(rows) + trace.decode_steps for rows in trace.prefill_rows) * slot
     assert trace.kv_bytes < kept
