@@ -41,12 +41,23 @@ class Trace:
     The per-layer lists are shared between steps until they change: never edit them in place."""
     decode_visual_positions: list[list[list[torch.Tensor]]] | None = None
     """[step][layer][sample]: columns of those visual tokens (only with `record_positions=True`)."""
-    kv_bytes: int = 0
-    """Bytes held by the KV cache after the last forward, measured from the cache tensors."""
-    kv_bytes_peak: int = 0
-    """Largest `kv_bytes` seen after any forward of the call."""
+    windows: list[int | None] | None = None
+    """Each layer's sliding window in columns (None: full attention), where the engine knows them."""
+    evicted: bool = False
+    """Whether a decode forward evicted visual tokens (a sliding window's own drops are no eviction)."""
+    kv_bytes: int | None = 0
+    """Bytes held by the KV cache after the last forward, measured from the cache tensors (a static cache: its
+    whole buffer); None where the cache keeps data st3 cannot read (e.g. quantized): not measured."""
+    kv_bytes_peak: int | None = 0
+    """Largest `kv_bytes` seen after any forward of the call (None once one was not measured)."""
 
     # ------------------------------------------------------------------------------------- the record
+    def log_kv(self, nbytes: int | None) -> None:
+        """Record the KV cache's bytes after a forward (None: not measured)."""
+        self.kv_bytes = nbytes
+        peak = self.kv_bytes_peak
+        self.kv_bytes_peak = None if nbytes is None or peak is None else max(peak, nbytes)
+
     def log_prefill_layer(self, columns: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> None:
         """Record the rows one layer processed during prefill, each [B, S] (kept as tensors)."""
         self._prefill_log.append((columns, valid, visual))
@@ -106,14 +117,13 @@ class Trace:
     # ----------------------------------------------------------------------------------------- derived
     @property
     def pruned(self) -> bool:
-        """Whether any layer ever held fewer visual tokens than the prompt had."""
+        """Whether any layer processed fewer visual tokens than the prompt had, or evicted some while decoding.
+
+        Not read from the decode log: a sliding layer attends to fewer visual tokens once they leave its window,
+        as it does unpruned."""
         full = torch.tensor(self.visual_tokens)
         held = [(valid & visual).sum(-1).cpu() for _, valid, visual in self._prefill_log]
-        if any(bool((counts < full).any()) for counts in held):
-            return True
-        return any(
-            c < n for visual, _ in self._decode_log for layer in visual for c, n in zip(layer, self.visual_tokens)
-        )
+        return self.evicted or any(bool((counts < full).any()) for counts in held)
 
     @property
     def decode_steps(self) -> int:
@@ -147,10 +157,13 @@ class Trace:
 
     @property
     def kv_bytes_unpruned(self) -> int:
-        """Bytes the unpruned model's cache would hold after the same forwards (same padded batch)."""
+        """Bytes the unpruned model's cache would hold after the same forwards (same padded batch); a sliding layer
+        holds the last window - 1 tokens, as transformers' own sliding cache does."""
         per_token = self.shape.kv_bytes_per_token(self.dtype_bytes)
         tokens = self.prompt_columns + self.decode_steps
-        return self.shape.num_layers * self.batch_size * tokens * per_token
+        windows = self.windows or [None] * self.shape.num_layers
+        held = sum(tokens if window is None else min(tokens, window - 1) for window in windows)
+        return self.batch_size * held * per_token
 
     def summary(self) -> dict:
         """A JSON-ready digest: counts per layer, FLOPs and KV bytes with their ratios to unpruned."""
@@ -172,7 +185,7 @@ class Trace:
             "kv_bytes": self.kv_bytes,
             "kv_bytes_peak": self.kv_bytes_peak,
             "kv_bytes_unpruned": self.kv_bytes_unpruned,
-            "kv_ratio": _ratio(self.kv_bytes, self.kv_bytes_unpruned),
+            "kv_ratio": None if self.kv_bytes is None else _ratio(self.kv_bytes, self.kv_bytes_unpruned),
         }
 
 

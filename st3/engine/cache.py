@@ -14,7 +14,10 @@ so budgets, packing widths and padding are decided without waiting for the devic
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 import torch
+from transformers import cache_utils
 
 from st3.compat import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -86,6 +89,24 @@ def _blocks(lead: torch.Size, device: torch.device) -> torch.Tensor:
     return blocks
 
 
+#: Cache layer types whose `keys` and `values` tensors are all the data they hold (a quantized layer's are not).
+_MEASURED = tuple(
+    getattr(cache_utils, name)
+    for name in ("DynamicLayer", "DynamicSlidingWindowLayer", "StaticLayer", "StaticSlidingWindowLayer")
+    if hasattr(cache_utils, name)
+)
+
+
+def cache_bytes(cache) -> int | None:
+    """Bytes the key and value tensors of `cache` occupy (a static layer: its whole buffer, used or not); None
+    where a layer keeps data elsewhere (quantized, or a kind st3 does not know): not measured, rather than a
+    figure that reads as one."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(not isinstance(layer, PrunableLayer) and type(layer) not in _MEASURED for layer in layers):
+        return None
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in layers if getattr(layer, "keys", None) is not None)
+
+
 def make_prunable(cache: DynamicCache, windows: list[int | None]) -> None:
     """Give an empty cache one `PrunableLayer` per decoder layer, with that layer's sliding window (None: full
     attention); refuse layer kinds st3 cannot prune (offloaded, quantized, static)."""
@@ -109,8 +130,9 @@ class PrunableLayer(DynamicLayer):
     def __init__(self, window: int | None = None) -> None:
         super().__init__()
         # A sliding-window layer counts its window in ORIGINAL columns (as the model's mask does), not in slots: a
-        # slot at column k is visible from column q iff k > q - window. It holds every slot it was given (the mask
-        # hides those beyond the window) until `drop_outside_window` removes the ones no later token can see.
+        # slot at column k is visible from column q iff k > q - window. `slide` removes, after prefill and after
+        # every decode forward, the slots no later token can see, so it holds at most window - 1 real slots per
+        # sample (what transformers' own sliding layer keeps) and everything it holds is visible to the next token.
         self.window = window
         self.is_sliding = window is not None
         # The recorded slots [B, S0]; the `appended` decode slots after them are implied (see the module doc).
@@ -129,6 +151,11 @@ class PrunableLayer(DynamicLayer):
         self.padded = False
         self.next_column = 0  # the column of the next token fed
         self.steps = 0  # decode forwards since prefill
+        # Sliding layers: per sample, the (columns, visual flags) of its real recorded slots, in order, and how many
+        # of them left the window; None when unknown (after any repacking). `oldest`: no real slot held is older.
+        self._sight: list[tuple[tuple[int, ...], tuple[bool, ...]]] | None = None
+        self._gone: list[int] = []
+        self.oldest = 0
 
     # ------------------------------------------------------------------------------------ the run
     def end_prefill(
@@ -167,15 +194,61 @@ class PrunableLayer(DynamicLayer):
         """Add one decode step's attention [B, S] to what each slot received."""
         self.received = self.received + attention
 
-    def drop_outside_window(self) -> None:
+    def slide(self) -> bool:
         """Sliding window: remove the slots the next token (and so every later one) cannot see, columns <=
-        next_column - window. Exact: windows only move forward, so those slots are never attended again. Reads
-        the kept counts from the device (one sync), so the engine calls it only before an eviction."""
-        if self.window is None or self.next_column - self.window < 0:
-            return
-        inside = self.columns > self.next_column - self.window
-        if not bool(inside.all()):
+        next_column - window; return whether any slot was removed or moved. Exact: windows only move forward.
+
+        Decided on the host: each sample's recorded columns are read once (`drop_outside_window`, one sync), then
+        at most one column leaves per forward and the host knows whether a sample holds it. A sample's real slots
+        are its last ones (left padding, `pack_index`), so the removed ones become padding and the leading slots
+        that are padding in every sample are sliced off (a view, as transformers' own sliding layer keeps).
+        """
+        if self.window is None:
+            return False
+        edge = self.next_column - self.window  # the newest column no later token sees
+        if edge < self.oldest:
+            return False
+        if self._sight is None:
+            return self.drop_outside_window()
+        gone = [bisect_right(columns, edge, lo) for (columns, _), lo in zip(self._sight, self._gone)]
+        leaving = max(0, min(self.appended, edge - self.appended_start + 1))  # decode slots: real in every sample
+        self.oldest = edge + 1
+        if not leaving and gone == self._gone:
+            return False
+        self.held = [h - sum(flags[lo:hi]) for h, (_, flags), lo, hi in zip(self.held, self._sight, self._gone, gone)]
+        self.real = [r - (hi - lo) - leaving for r, lo, hi in zip(self.real, self._gone, gone)]
+        self._gone = gone
+        recorded, width = self._columns.shape[-1], max(self.real, default=0)
+        lead = recorded + self.appended - width  # leading slots that are padding in every sample
+        self.padded = any(r < width for r in self.real)
+        if self.padded:  # else every slot kept is real (each sample's real slots are its last)
+            self._valid = self._valid & (self._columns > edge)
+        if lead:
+            cut = min(lead, recorded)
+            self._columns, self._valid, self._visual = (t[:, cut:] for t in (self._columns, self._valid, self._visual))
+            self.keys, self.values = self.keys[:, :, lead:], self.values[:, :, lead:]
+            if self.received is not None:
+                self.received = self.received[:, lead:]
+        self.appended, self.appended_start = self.appended - leaving, self.appended_start + leaving
+        self._full = None
+        return True
+
+    def drop_outside_window(self) -> bool:
+        """`slide` when the host does not know the columns held (after prefill or a repacking): remove what left
+        the window by the columns read from the device (one sync), pack each sample's real slots last, and keep
+        those columns on the host for the forwards that follow."""
+        columns, valid, _ = self._materialise()
+        inside = valid & (columns > self.next_column - self.window)
+        moved = self.padded or not bool(inside.all())
+        if moved:
             self.keep(inside)
+        rows = zip(self._columns.tolist(), self._valid.tolist(), self._visual.tolist())
+        self._sight = [(tuple(c for c, ok in zip(cs, oks) if ok), tuple(v for v, ok in zip(vs, oks) if ok))
+                       for cs, oks, vs in rows]  # fmt: skip
+        self._gone = [0] * len(self._sight)
+        firsts = [cs[0] if cs else self.appended_start if self.appended else self.next_column for cs, _ in self._sight]
+        self.oldest = min(firsts, default=self.next_column)
+        return moved
 
     def evict(self, selected: torch.Tensor, budget: list[int]) -> None:
         """Keep the visual slots where `selected` [B, S] holds (min(held, budget) per sample) and every other slot."""
@@ -207,6 +280,7 @@ class PrunableLayer(DynamicLayer):
         """Make (columns, valid, visual) [B, S] the description of every slot held."""
         self._columns, self._valid, self._visual = columns, valid, visual
         self.appended, self._full = 0, None
+        self._sight, self._gone, self.oldest = None, [], 0  # the columns held are the device's until read again
         self.real = real if real is not None else valid.sum(-1).tolist()
         self.held = held if held is not None else (valid & visual).sum(-1).tolist()
         self.padded = any(r < valid.shape[-1] for r in self.real)
@@ -273,7 +347,7 @@ class PrunableLayer(DynamicLayer):
             if value is not None:
                 setattr(self, name, fn(value))
         self._full = None
-        for name in ("real", "held", "held_after_prefill"):
+        for name in ("real", "held", "held_after_prefill", "_sight", "_gone"):
             if getattr(self, name):  # empty until recorded
                 setattr(self, name, host(getattr(self, name)))
 

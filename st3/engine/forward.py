@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from st3 import compat
 from st3.adapters.base import Adapter
 from st3.compat import DynamicCache
-from st3.engine.cache import PrunableLayer, gather, make_prunable, pack_index
+from st3.engine.cache import PrunableLayer, cache_bytes, gather, make_prunable, pack_index
 from st3.engine.masks import DecodeMasks, allowed, rule_mask
 from st3.engine.rows import Rows
 from st3.engine.scoring import attention_of_one_row, attention_received
@@ -105,6 +105,7 @@ class Engine:
         trace = self._new_trace(rows, embeds.dtype, note)
         layers = self.adapter.layers
         rules = self.rules = [self.adapter.mask_rule(index) for index in range(len(layers))]
+        trace.windows = [rule.window for rule in rules]
         make_prunable(cache, [rule.window for rule in rules])
         if self.method.compresses_vision and bool(rows.visual.any()):
             rows = self._compress_before_decoder(rows)
@@ -127,6 +128,9 @@ class Engine:
                 rows.columns, rows.valid, rows.visual, counts.real, counts.held, self.method.accumulates, width
             )
             trace.log_prefill_layer(rows.columns, rows.valid, rows.visual)
+            if index > 0:  # the layer before is read no more (scores and keys come from the one before this one)
+                cache.layers[index - 1].slide()  # a sliding layer drops what no later token sees
+        cache.layers[-1].slide()
         trace.explain(self.method)  # why a sample kept every visual token, if one did
         self._measure_kv(cache)
         return rows.hidden
@@ -302,14 +306,15 @@ class Engine:
             current = self._current_attention(index, layer, layer_input, cos, sin) if method.accumulates else None
             if current is not None:
                 layer.receive(current)
-            budget = method.host_decode_budget(index, step, layer.held_after_prefill)
-            if budget is not None and any(h > b for h, b in zip(layer.held, budget)) and layer.window is not None:
-                layer.drop_outside_window()  # what no later token can see is gone first; eviction ranks the rest
+            if layer.slide():  # a sliding layer drops what no later token sees; eviction ranks the rest
                 current = None  # computed over the slots before the drop
+            budget = method.host_decode_budget(index, step, layer.held_after_prefill)
             if budget is not None and any(h > b for h, b in zip(layer.held, budget)):
                 evictions.append(self._evict(index, layer, layer_input, cos, sin, budget, current, budgets))
-        if evictions and not method.evicts_exactly:  # one sync for every evicting layer of the step
-            method.check_counts(evictions)
+        if evictions:
+            self.trace.evicted = True
+            if not method.evicts_exactly:  # one sync for every evicting layer of the step
+                method.check_counts(evictions)
         self.trace.log_decode_step(attended)
         self._measure_kv(cache)
         return hidden
@@ -352,6 +357,4 @@ class Engine:
         return selected, view
 
     def _measure_kv(self, cache: DynamicCache) -> None:
-        size = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
-        self.trace.kv_bytes = size
-        self.trace.kv_bytes_peak = max(self.trace.kv_bytes_peak, size)
+        self.trace.log_kv(cache_bytes(cache))

@@ -67,13 +67,15 @@ class DecodeMasks:
         return hit[1]
 
     def _ruled(self, rule, hidden, layer: PrunableLayer):
-        owner = layer._columns  # with `appended`, it fixes every slot's column and validity
-        key = (rule, id(owner), layer.appended)
+        # A sliding layer holds only what the new row may see (`PrunableLayer.slide`), so its mask depends on the
+        # padding and the length alone, as a causal layer's: layers laid out alike share it.
+        owner = layer._valid if layer.padded else None
+        key = (rule, id(owner), layer.appended) if layer.padded else (rule, None, layer.get_seq_length())
         hit = self._masks.get(key)
         if hit is None or hit[0] is not owner:
-            batch = hidden.shape[0]
-            column = torch.full((batch, 1), layer.next_column, device=owner.device)
-            new = torch.ones(batch, 1, dtype=torch.bool, device=owner.device)
+            batch, device = hidden.shape[0], layer.keys.device
+            column = torch.full((batch, 1), layer.next_column, device=device)
+            new = torch.ones(batch, 1, dtype=torch.bool, device=device)
             valid = torch.cat([layer.valid, new], -1) if layer.padded else None
             hit = self._masks[key] = (owner, rule_mask(self.adapter, rule, hidden, column,
                                                        torch.cat([layer.columns, column], -1), valid))  # fmt: skip

@@ -13,7 +13,8 @@ Two translations keep the shortened prefill consistent with what `generate` trac
   the 4-D mask of a static cache. Positions need nothing: generate keeps the full prompt's positions.
 
 A decode forward (one that continues a cache) is passed through untouched, so a compiled forward sees the same
-shapes at every step and is not recompiled.
+shapes at every step and is not recompiled; after it, an eager function records it in the trace (what every
+layer attended to, known on the host; the cache's bytes, measured).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from st3 import compat
 from st3.compat import DynamicCache
+from st3.engine.cache import cache_bytes
 from st3.engine.forward import Engine
 from st3.engine.rows import Rows
 
@@ -40,6 +42,9 @@ class StockDecoder:
         self.mode = mode
         self.prompt_mask: torch.Tensor | None = None  # the full prompt's 2-D mask (from generate)
         self.kept_mask: torch.Tensor | None = None  # [B, K]: the survivors' mask, after a stock prefill
+        # After a stock prefill, per sample: the visual survivors, all survivors (host counts), and the visual
+        # survivors' columns where the method records positions: what every decode forward attends to, plus the fed.
+        self.survivors: tuple[list[int], list[int], list[torch.Tensor] | None] | None = None
 
     def uses_stock(self, cache) -> bool:
         """Whether this forward runs the stock decoder (the mode, else what st3's loop cannot run)."""
@@ -62,7 +67,9 @@ class StockDecoder:
                     "a forward that continues a cache shortened by st3 needs `position_ids` (the full prompt's "
                     "positions continue; the cache is shorter): generate passes them"
                 )
-            return self.stock(**kwargs)
+            out = self.stock(**kwargs)
+            self._log_decode(out)
+            return out
         return self._prefill(**kwargs)
 
     @torch.compiler.disable
@@ -85,8 +92,26 @@ class StockDecoder:
         kwargs.update(adapter.stock_inputs(rows.visual, rows.carried))
         dtype = attention_mask.dtype if attention_mask is not None else torch.long
         self.kept_mask = rows.valid.to(dtype)
-        return self.stock(inputs_embeds=rows.hidden, attention_mask=self.kept_mask, position_ids=rows.position_ids,
-                          **kwargs)  # fmt: skip
+        held = rows.valid & rows.visual
+        positions = [c[m] for c, m in zip(rows.columns, held)] if engine.method.record_positions else None
+        self.survivors = (held.sum(-1).tolist(), rows.valid.sum(-1).tolist(), positions)
+        out = self.stock(inputs_embeds=rows.hidden, attention_mask=self.kept_mask, position_ids=rows.position_ids,
+                         **kwargs)  # fmt: skip
+        trace.log_kv(0 if compat.cache_of(out) is None else cache_bytes(compat.cache_of(out)))
+        return out
+
+    @torch.compiler.disable
+    def _log_decode(self, out: BaseModelOutputWithPast) -> None:
+        """Record a decode forward of the stock decoder: every layer attended to the survivors and every token fed
+        so far (it evicts nothing, and has no window: see `Session`), and the cache's bytes measured after it.
+        Runs eagerly (a graph break under `torch.compile`; it reads only host state, so nothing recompiles)."""
+        trace = self.engine.trace
+        if trace is None or self.survivors is None:  # a cache this path did not fill: nothing to add to
+            return
+        held, real, positions = self.survivors
+        step = trace.decode_steps + 1
+        trace.log_decode_step([(held, [r + step for r in real], positions)] * len(self.engine.adapter.layers))
+        trace.log_kv(cache_bytes(compat.cache_of(out)))
 
     def _choose(self, rows: Rows) -> Rows:
         """The rows that enter the decoder: the method's choice at layer 0 (text, and padding dropped)."""

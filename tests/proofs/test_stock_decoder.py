@@ -55,6 +55,7 @@ def test_stock_decoder_equals_masked_reference_and_the_engine(family, name, cach
         return
     model, _, inputs = models(family)
     method = CASES[name]()
+    method.record_positions = True
     extra = {"cache_implementation": "static"} if cache == "static" else {}
     if not all(adapter_for(model).mask_rule(i).causal for i in range(len(adapter_for(model).layers))):
         with pytest.raises(ValueError, match="sliding windows or bidirectional image blocks"):
@@ -68,8 +69,14 @@ def test_stock_decoder_equals_masked_reference_and_the_engine(family, name, cach
     # The decoder's own cache holds the shortened prompt (the survivors, left-padded to the longest) + new tokens.
     if cache == "dynamic":
         assert cache_of(out).get_seq_length() == max(trace.prefill_rows[0]) + NEW_TOKENS - 1
-    # The masked reference: every layer and every decode step sees the prefill's survivors (nothing is evicted).
-    trace.decode_visual_positions = [trace.prefill_visual_positions] * (NEW_TOKENS - 1)
+    # The trace records every decode forward: each layer attended to the survivors and the tokens fed so far, and
+    # the cache's bytes (a static cache: its whole buffer) are measured after it.
+    survivors, layers = trace.prefill_rows[0], len(trace.prefill_rows)
+    assert trace.decode_keys == [[[n + step for n in survivors]] * layers for step in range(1, NEW_TOKENS)]
+    assert trace.decode_visual_counts == [[[len(p) for p in kept]] * layers] * (NEW_TOKENS - 1)
+    cached = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache_of(out).layers)
+    assert trace.kv_bytes == cached > 0 and trace.kv_bytes_peak == cached
+    # The masked reference, from the trace's own decode record: every step sees the prefill's survivors.
     fed = new_tokens(out, inputs)[:, :-1]
     with torch.no_grad():
         reference = reference_logits(model, inputs, trace, fed, method)

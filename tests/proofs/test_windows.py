@@ -93,6 +93,42 @@ def test_a_window_far_smaller_than_the_prompt_is_exact(narrow, build):
             torch.testing.assert_close(x[b], y[0], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "build",
+    [lambda: st3.get("spread", keep=10), lambda: st3.ST3(start_layer=3, stride=3, ratio=0.5, anneal_steps=6)],
+    ids=["spread", "st3-annealing"],
+)
+def test_sliding_layers_hold_no_more_than_transformers_own_sliding_cache(narrow, build):
+    """After the last decode forward a sliding layer holds only columns the next token sees (at most window - 1
+    per sample, what transformers' own `DynamicSlidingWindowLayer` keeps), and the trace's KV bytes say so."""
+    model, inputs = narrow
+    window = model.config.text_config.sliding_window
+    method = build()
+    ours = cache_of(generate(model, inputs, method))
+    theirs = cache_of(generate(model, inputs))  # the model alone, its own cache
+    trace, batch = method.trace, inputs["input_ids"].shape[0]
+    slot = trace.shape.kv_bytes_per_token(4) * batch  # fp32, one slot of every sample
+    full = sliding = 0
+    for mine, stock in zip(ours.layers, theirs.layers):
+        assert mine.keys.shape[-2] <= stock.keys.shape[-2]
+        if mine.window is None:
+            full += mine.keys.shape[-2] * slot
+            continue
+        assert stock.keys.shape[-2] == window - 1  # transformers keeps the last window - 1 columns
+        assert mine.keys.shape[-2] == max(mine.real) <= window - 1
+        assert (mine.columns[mine.valid] > mine.next_column - window).all()
+        sliding += 1
+    nbytes = [sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) for cache in (ours, theirs)]
+    assert trace.kv_bytes == nbytes[0] <= full + sliding * (window - 1) * slot and nbytes[0] < nbytes[1]
+    assert trace.kv_bytes_unpruned == nbytes[1]  # the unpruned baseline is transformers' own sliding cache
+    # Before sliding layers dropped what left their window, each held the rows its prefill kept plus one per step.
+    kept = sum(max(rows) + trace.decode_steps for rows in trace.prefill_rows) * slot
+    assert trace.kv_bytes < kept
+    # What the trace counts as attended (FLOPs) is what the window lets each decode row see.
+    sliding_layers = [i for i, layer in enumerate(ours.layers) if layer.window is not None]
+    assert all(step[i][b] <= window for step in trace.decode_keys for i in sliding_layers for b in range(batch))
+
+
 def test_attention_a_sliding_layer_never_computed_is_refused(narrow):
     model, inputs = narrow
     with pytest.raises(ValueError, match="sliding-window layer .* never computed"):
