@@ -287,8 +287,12 @@ def print_comparison(result: dict, console=None) -> None:
         ("visual tokens per layer (prefill)", summary["visual_tokens"][0], summary["mean_visual_per_layer"], ".1f"),
         ("prefill GFLOPs (decoder)", flops["prefill_unpruned"] / 1e9, flops["prefill"] / 1e9, ".3f"),
         ("total GFLOPs (decoder)", flops["total_unpruned"] / 1e9, flops["total"] / 1e9, ".3f"),
-        ("KV cache at the end (KiB)", summary["kv_bytes_unpruned"] / 1024, summary["kv_bytes"] / 1024, ".0f"),
+        ("KV cache at the end (KiB)", summary["kv_bytes_unpruned"] / 1024,
+         None if summary["kv_bytes"] is None else summary["kv_bytes"] / 1024, ".0f"),
     ):
+        if pruned is None:  # a cache st3 cannot read (quantized, unknown kind): not measured, not a 0
+            cost.add_row(label, format(full, fmt), "not measured", "")
+            continue
         cost.add_row(label, format(full, fmt), format(pruned, fmt), f"{pruned / full:.1%}" if full else "")
     console.print(cost)
     wall = result.get("wall")

@@ -91,7 +91,8 @@ class Figures:
     visual_per_layer_sum: list[float] = field(default_factory=list)
     prompt_visual: int = 0
     flops: dict[str, int] = field(default_factory=dict)
-    kv_bytes: int = 0
+    kv_bytes: int | None = 0
+    """None once a call's cache could not be measured (the ratio is then not shown)."""
     kv_bytes_unpruned: int = 0
     notes: set[str] = field(default_factory=set)
     settings: set[str] = field(default_factory=set)  # the knobs of each method applied (JSON)
@@ -110,7 +111,10 @@ class Figures:
         self.prompt_visual += sum(summary["visual_tokens"])
         for key, value in summary["flops"].items():
             self.flops[key] = self.flops.get(key, 0) + value
-        self.kv_bytes += summary["kv_bytes"]
+        if summary["kv_bytes"] is None or self.kv_bytes is None:  # one call's cache was not measured: none is
+            self.kv_bytes = None
+        else:
+            self.kv_bytes += summary["kv_bytes"]
         self.kv_bytes_unpruned += summary["kv_bytes_unpruned"]
         if summary["note"]:
             self.notes.add(summary["note"])
@@ -129,7 +133,8 @@ class Figures:
             "visual_per_layer": [v / n for v in self.visual_per_layer_sum],
             "prefill_flops_ratio": ratio("prefill", "prefill_unpruned"),
             "total_flops_ratio": ratio("total", "total_unpruned"),
-            "kv_ratio": self.kv_bytes / self.kv_bytes_unpruned if self.kv_bytes_unpruned else 1.0,
+            "kv_ratio": None if self.kv_bytes is None else (
+                self.kv_bytes / self.kv_bytes_unpruned if self.kv_bytes_unpruned else 1.0),
             "flops": dict(self.flops),
             "wall_seconds": self.wall_seconds,
             "notes": sorted(self.notes),
