@@ -83,19 +83,41 @@ def match(
 
     steps = new_tokens if metric == "total_flops_ratio" else 1  # prefill metrics need no decoding
 
+    refusals: list[str] = []
+
     def cost(setting) -> float | None:
         try:
             candidate = dataclasses.replace(base, **{knob: setting})
             return batch_cost(candidate, metric, shape, counts, texts, steps)
-        except ValueError:  # outside the knob's valid range
+        except ValueError as error:  # outside the knob's valid range
+            refusals.append(str(error))
             return None
 
     integer = isinstance(getattr(base, knob), int) or getattr(base, knob) is None
+
+    def nearest_valid(start, end):
+        """The valid setting nearest `start` on the way to `end` (e.g. ST3's ratio must stay below 1, VisionZip's
+        dominant counts [CLS]: at least 1), probed at doubling distances then bisected; None if none is valid."""
+        if cost(start) is not None:
+            return start
+        direction, step, bad = (1 if end > start else -1), (1 if integer else 1e-6), start
+        while True:
+            point = end if step >= abs(end - start) else start + direction * step
+            if cost(point) is not None:
+                break
+            if point == end:
+                return None
+            bad, step = point, step * 2
+        while abs(point - bad) > (1 if integer else 1e-6):
+            middle = (bad + point) // 2 if integer else (bad + point) / 2
+            bad, point = (middle, point) if cost(middle) is None else (bad, middle)
+        return point
+
     low, high = (0, max(max(counts), shape.num_layers)) if integer else (0.0, 1.0)
-    while cost(high) is None:  # e.g. ST3's ratio must stay below 1
-        high = high - 1 if integer else high - 1e-6
-    while cost(low) is None and low < high:  # e.g. VisionZip's dominant counts [CLS]: at least 1
-        low = low + 1 if integer else low + 1e-6
+    high = nearest_valid(high, low)
+    if high is None:
+        raise ValueError(f"{type(base).__name__}: no value of {knob} is valid on this model: {refusals[-1]}")
+    low = nearest_valid(low, high)
     best = _bisect(cost, low, high, value, integer)
     achieved = cost(best)
     tolerance = tolerance if tolerance is not None else (1.0 if metric == "visual_per_layer" else 0.01)

@@ -101,3 +101,11 @@ def test_at_budget_matches_a_batch_on_its_mean_visual_tokens():
     assert batch_cost(method, "visual_per_layer", LLAVA_15_7B, visual, 60, 1) == pytest.approx(100, abs=1.0)
     alone = at_budget("fastv", {}, 0.5, LLAVA_15_7B, 100, 60)
     assert batch_cost(alone, "visual_per_layer", LLAVA_15_7B, [100], 60, 1) == pytest.approx(50, abs=1.0)
+
+
+def test_a_knob_valid_nowhere_on_the_model_is_refused_at_once():
+    """A method whose other knobs do not fit the model (FastV's layer beyond its depth) has no valid budget
+    setting: `st3.match` says why, instead of stepping through a million candidate ratios."""
+    with pytest.raises(ValueError, match="no value of ratio is valid on this model: layer: 40 is beyond"):
+        shape = st3.accounting.Shape(6, 64, 128, 4, 2, 16)
+        st3.match("fastv", 0.5, metric="prefill_flops_ratio", layer=40, shape=shape, visual=16, text=8)
