@@ -261,7 +261,8 @@ def test_every_family_prunes_at_the_budget_of_its_own_visual_tokens(family, mode
     from st3.adapters import adapter_for
 
     if family == "mistral3":
-        pytest.importorskip("torchvision", reason="transformers declares PixtralProcessor itself torchvision-only (absent from the lmms venv)")
+        pytest.importorskip("torchvision", reason="transformers declares PixtralProcessor itself torchvision-only "
+                                                  "(absent from the lmms venv)")
     if family == "smolvlm":
         pytest.importorskip("num2words", reason="SmolVLM's processor needs num2words")
         pytest.importorskip("torchvision", reason="SmolVLM's processor reads its video half (torchvision) in "
