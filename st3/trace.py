@@ -45,6 +45,9 @@ class Trace:
     """Bytes held by the KV cache after the last forward, measured from the cache tensors."""
     kv_bytes_peak: int = 0
     """Largest `kv_bytes` seen after any forward of the call."""
+    guide_flops: int = 0
+    """FLOPs of a guide model the method ran besides the decoder (SGL's small VLM, its decoder at prefill):
+    `flops()["guide"]`, apart from the decoder's counts that the planner predicts."""
 
     # ------------------------------------------------------------------------------------- the record
     def log_prefill_layer(self, columns: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor) -> None:
@@ -143,7 +146,7 @@ class Trace:
         out["total"] = out["prefill"] + out["decode"]
         full = unpruned_flops(self.shape, list(self.prompt_tokens), len(decode_keys) + 1)
         out |= {"prefill_unpruned": full["prefill"], "decode_unpruned": full["decode"], "total_unpruned": full["total"]}
-        return out
+        return out | {"guide": self.guide_flops}
 
     @property
     def kv_bytes_unpruned(self) -> int:
