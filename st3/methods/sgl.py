@@ -46,6 +46,8 @@ GEOMETRY = (
 )  # fmt: skip
 #: The image and video encoders generate() calls before the first forward (their inputs then never reach it).
 ENCODERS = ("get_image_features", "get_video_features")
+#: Where generate() copies each sample for beams and return sequences (after encoding the images: they stay single).
+EXPAND = "_expand_inputs_for_generation"
 #: Top-level keyword arguments that are the large model's own state, not the inputs the guide runs.
 _NOT_INPUTS = frozenset({"cache", "past_key_values", "cache_position", "labels", "inputs_embeds"})
 
@@ -92,7 +94,8 @@ class SGL(Method):
         guide = self.guide
         if guide is not None:  # a model is no JSON: its class and checkpoint, or the builder's name
             path = getattr(getattr(guide, "config", None), "name_or_path", "")
-            knobs["guide"] = f"{type(guide).__name__}({path})" if isinstance(guide, nn.Module) else guide.__name__
+            name = getattr(guide, "__name__", repr(guide))
+            knobs["guide"] = f"{type(guide).__name__}({path})" if isinstance(guide, nn.Module) else name
         return knobs
 
     def __call__(self, model: nn.Module, decoder: str = "auto") -> Session:
@@ -121,21 +124,22 @@ class SGL(Method):
             raise RuntimeError("SGL's guide runs inside `with st3.SGL(guide=...)(model):` only")
         from st3.adapters import adapter_for
 
-        small, engine = self._small, self._engine
-        given = {**self._vision, **engine.inputs}  # generate() passes the images to the encoders only
-        inputs = {k: v for k, v in given.items() if isinstance(v, torch.Tensor) and k not in _NOT_INPUTS}
+        small, engine, seen = self._small, self._engine, self._vision
+        expand = seen.get("expand_size") or 1  # generate's copies of each sample (beams, return sequences)
+        rows = {k: v[..., ::expand, :] for k, v in engine.inputs.items()
+                if isinstance(v, torch.Tensor) and v.dim() >= 2 and k not in _NOT_INPUTS and k not in seen}  # fmt: skip
+        inputs = {**rows, **{k: v for k, v in seen.items() if isinstance(v, torch.Tensor)}}
         if not any(k.startswith("pixel_values") for k in inputs):
             raise ValueError("SGL runs its guide on the model's images: pass pixel_values, not encoder outputs")
-        ids = inputs.get("input_ids")
-        if ids is None:
+        if "input_ids" not in inputs:
             raise ValueError("SGL runs its guide on the same input_ids as the model: pass input_ids, not inputs_embeds")
         device = next(small.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        visual = engine.adapter.visual_mask(ids).to(device)
+        visual = engine.adapter.visual_mask(inputs["input_ids"])
         guide_adapter = adapter_for(small)
         if not torch.equal(guide_adapter.visual_mask(inputs["input_ids"]), visual):
             raise ValueError("guide: it finds visual tokens in other columns than the model does (token ids differ)")
-        out = small(**inputs, output_attentions=True, use_cache=False, return_dict=True)
+        out = small(**inputs, output_attentions=True, use_cache=False, logits_to_keep=1, return_dict=True)
         maps = out.attentions
         if not maps or any(m is None for m in maps):
             raise ValueError(
@@ -146,13 +150,14 @@ class SGL(Method):
         scores = aggregate(maps, visual, valid)
         shape = guide_adapter.shape
         self.trace.guide_flops += sum(prefill_flops(shape, [n] * shape.num_layers) for n in valid.sum(-1).tolist())
-        return scores
+        return scores.repeat_interleave(expand, 0)
 
 
 class _Guided:
-    """The method's session, plus recorders of what the model's image and video encoders are given: generate()
+    """The method's session, plus recorders of what the model's image and video encoders are given (generate()
     encodes the images before the first forward, so the pixels reach the encoders and not the forward the guide
-    copies. Instance attributes of the model only, restored on exit (as the session's own)."""
+    copies) and of how many copies of each sample generate() makes (the images are encoded once per sample).
+    Instance attributes of the model only, restored on exit (as the session's own)."""
 
     def __init__(self, session: Session, method: SGL, base: nn.Module):
         self.session, self.method, self.base = session, method, base
@@ -160,31 +165,38 @@ class _Guided:
 
     def __enter__(self) -> nn.Module:
         model = self.session.__enter__()
-        for name in ENCODERS:
-            encoder = getattr(self.base, name, None)
-            if encoder is not None:
-                self.saved[name] = self.base.__dict__.get(name, _ABSENT)
-                setattr(self.base, name, self._recorder(encoder))
+        for owner, name in [(self.base, name) for name in ENCODERS] + [(model, EXPAND)]:
+            function = getattr(owner, name, None)
+            if function is not None:
+                self.saved[owner, name] = owner.__dict__.get(name, _ABSENT)
+                setattr(owner, name, self._recorder(function, ("expand_size",) if name == EXPAND else None))
         return model
 
     def __exit__(self, *exc_info) -> bool:
-        for name, saved in self.saved.items():
+        for (owner, name), saved in self.saved.items():
             if saved is _ABSENT:
-                self.base.__dict__.pop(name, None)
+                owner.__dict__.pop(name, None)
             else:
-                setattr(self.base, name, saved)
+                setattr(owner, name, saved)
         self.saved.clear()
         return self.session.__exit__(*exc_info)
 
-    def _recorder(self, encoder: Callable) -> Callable:
-        signature = inspect.signature(encoder)
+    def __getattr__(self, name: str):
+        if name == "session":
+            raise AttributeError(name)
+        return getattr(self.session, name)  # the session's own attributes (engine, adapter, stock)
 
-        @functools.wraps(encoder)  # generate() reads the encoder's signature to pick its inputs
-        def encode(*args, **kwargs):
-            self.method._seen.update(signature.bind_partial(*args, **kwargs).arguments)
-            return encoder(*args, **kwargs)
+    def _recorder(self, function: Callable, only: tuple[str, ...] | None) -> Callable:
+        """`function`, recording its arguments (those named in `only`, else all) into the method's `_seen`."""
+        signature = inspect.signature(function)
 
-        return encode
+        @functools.wraps(function)  # generate() reads an encoder's signature to pick its inputs
+        def record(*args, **kwargs):
+            given = signature.bind_partial(*args, **kwargs).arguments
+            self.method._seen.update({k: v for k, v in given.items() if only is None or k in only})
+            return function(*args, **kwargs)
+
+        return record
 
 
 _ABSENT = object()

@@ -379,3 +379,24 @@ def test_sgl_aggregates_and_keeps_as_the_official_code():
         assert count.tolist() == [case["kept_count"]]
         kept = top_k_mask(quantised((prompt + answer)[None]), everything, count)[0]
         assert kept.nonzero().squeeze(-1).tolist() == case["kept"], case
+
+
+@torch.no_grad()
+def test_sgl_ranks_each_sample_once_under_beams_and_leaves_the_model_as_it_was():
+    """generate() encodes the images once per sample and then copies each sample per beam: the guide sees the images
+    and the samples once, and every beam of a sample keeps the tokens the sample keeps alone."""
+    from cases import guide_for
+
+    model = tiny_llava()
+    batch = tiny_inputs(model, ((4, 6), (2, 9)))
+    method = st3.SGL(guide=guide_for(model), layer=2, keep=0.5)
+    before = set(model.__dict__) | set(model.model.__dict__)
+    with method(model):
+        model.generate(**batch, max_new_tokens=2, num_beams=2, do_sample=False)
+        beams = [p.tolist() for p in method.trace.prefill_visual_positions[2]]
+        guide_flops = method.trace.flops()["guide"]
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+        greedy = [p.tolist() for p in method.trace.prefill_visual_positions[2]]
+    assert beams == [greedy[0], greedy[0], greedy[1], greedy[1]]
+    assert guide_flops == method.trace.flops()["guide"]  # one guide forward per sample, beams or not
+    assert set(model.__dict__) | set(model.model.__dict__) == before  # the encoders' recorders are gone
