@@ -120,7 +120,7 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     'sgl': (
         'SGL (arXiv 2412.03324): a small VLM of the same family reads the prompt; the visual tokens its '
         'attention favours, summed over its layers, are the ones the large model keeps entering `layer`.',
-        'guide=None, layer=12, keep=0.4',
+        'guide=None, layer=None, keep=0.4',
     ),
     'sparsevlm': (
         'SparseVLM v1.5 (arXiv 2410.04417) without recycling: text raters rank the visual tokens entering'

@@ -7,7 +7,8 @@
 At the large model's prefill the guide (a smaller VLM of the same family, so the same visual tokens in the same
 columns) runs the same inputs under `torch.no_grad`; each visual token's score is the attention it received in
 the guide, summed over every layer, every head and the query rows from the prompt's last visual token onward.
-Entering `layer` the large model keeps the floor(`keep` x n) visual tokens of highest score (n: the sample's).
+Entering `layer` (default int(0.4 x depth)) the large model keeps the floor(`keep` x n) visual tokens of highest
+score (n: the sample's).
 
 Facts from the official code (NUS-HPC-AI-Lab/SGL @7e76fd2, InternVL2, modeling_internlm2.py 956-1005,
 1033-1037): the raw sum over layers, heads and those rows; the large model prunes entering layer
@@ -64,8 +65,9 @@ class SGL(Method):
     guide: nn.Module | Callable | None = None
     """The small VLM (same family and image geometry as the model, eager attention), or a function building it
     from the model it is applied to; None is refused when applied."""
-    layer: int = 12
-    """The large model's layer entering which the visual tokens leave (official int(0.4 x depth): 12 of 32)."""
+    layer: int | None = None
+    """The large model's layer entering which the visual tokens leave; None: the official int(0.4 x depth) (12 of
+    32, 19 of 48)."""
     keep: float = 0.4
     """Share of each sample's visual tokens kept, floor(keep x n) (official 0.4)."""
 
@@ -75,17 +77,19 @@ class SGL(Method):
     _vision: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def validate(self) -> None:
-        check(self.layer >= 0, "layer", f"must be >= 0, got {self.layer}")
+        check(self.layer is None or self.layer >= 0, "layer", f"must be >= 0, got {self.layer}")
         check(0.0 <= self.keep <= 1.0, "keep", f"must be in [0, 1], got {self.keep}")
 
     def validate_for(self, num_layers: int) -> None:
-        check(self.layer < num_layers, "layer", f"{self.layer} is beyond the model's last layer ({num_layers - 1})")
+        last = self.pruning_layer(num_layers)
+        check(last < num_layers, "layer", f"{last} is beyond the model's last layer ({num_layers - 1})")
 
-    def depth_knobs(self) -> dict[str, int]:
-        return {"layer": self.layer}
+    def pruning_layer(self, num_layers: int) -> int:
+        """The layer entering which the visual tokens leave, on a model of `num_layers`."""
+        return int(num_layers * 0.4) if self.layer is None else self.layer
 
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
-        if layer != self.layer:
+        if layer != self.pruning_layer(num_layers):
             return None
         return torch.minimum(torch.floor(visual.double() * self.keep + 1e-9).long(), visual)
 

@@ -375,6 +375,8 @@ def test_sgl_aggregates_and_keeps_as_the_official_code():
         layer = int(case["large_layers"] * case["prune_layer"])
         method = st3.SGL(layer=layer, keep=case["ratio"])
         assert layer == case["K"]
+        if case["prune_layer"] == 0.4:  # the shipped script's, st3's default
+            assert st3.SGL().pruning_layer(case["large_layers"]) == case["K"]
         count = method.prefill_keep(layer, case["large_layers"], torch.tensor([visual_count]))
         assert count.tolist() == [case["kept_count"]]
         kept = top_k_mask(quantised((prompt + answer)[None]), everything, count)[0]
