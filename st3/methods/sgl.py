@@ -165,7 +165,8 @@ class _Guided:
 
     def __init__(self, session: Session, method: SGL, base: nn.Module):
         self.session, self.method, self.base = session, method, base
-        self.saved: dict[str, object] = {}
+        self.saved: dict[tuple[nn.Module, str], object] = {}
+        self.inside = 0  # recorded calls under way
 
     def __enter__(self) -> nn.Module:
         model = self.session.__enter__()
@@ -196,9 +197,14 @@ class _Guided:
 
         @functools.wraps(function)  # generate() reads an encoder's signature to pick its inputs
         def record(*args, **kwargs):
-            given = signature.bind_partial(*args, **kwargs).arguments
-            self.method._seen.update({k: v for k, v in given.items() if only is None or k in only})
-            return function(*args, **kwargs)
+            if not self.inside:  # an encoder calling another (Qwen3-VL's videos go through its image encoder)
+                given = signature.bind_partial(*args, **kwargs).arguments
+                self.method._seen.update({k: v for k, v in given.items() if only is None or k in only})
+            self.inside += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.inside -= 1
 
         return record
 
