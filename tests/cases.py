@@ -55,6 +55,11 @@ def guide_for(model):
     return _GUIDES[model]
 
 
+def with_guide(method: Method) -> Method:
+    """`method` with `guide_for` as its guide where it takes one (SGL: a registry default cannot name a model)."""
+    return dataclasses.replace(method, guide=guide_for) if "guide" in method.knobs() else method
+
+
 #: Settings scaled to the tiny model so that every one prunes (prefill, and decode where it anneals).
 SETTINGS: dict[str, Callable[[], Method]] = {
     "st3": lambda: st3.ST3(start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=6, anneal_every=2),
@@ -178,9 +183,7 @@ SELECTORS: dict[str, str] = _selector_cases()
 
 def noop(name: str) -> Method:
     """The registered method `name` set to prune nothing on the tiny model (see the module docstring)."""
-    method = matched(name, VISUAL, tolerance=0.0)
-    if "guide" in method.knobs():  # SGL: its guide, which a registry default cannot name
-        method = dataclasses.replace(method, guide=guide_for)
+    method = with_guide(matched(name, VISUAL, tolerance=0.0))
     if "anneal_final" in method.knobs():
         method = dataclasses.replace(method, anneal_final=1.0)
     elif method.decode is not None:
