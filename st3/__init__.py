@@ -22,7 +22,7 @@ _EXPORTS: dict[str, str] = {
         (
             "ST3", "FastV", "PyramidDrop", "VTW", "VisionZip", "Keep", "Random", "Lattice", "DivPrune", "DART",
             "CDPruner", "Spread", "Stratified", "Method", "VTA", "get", "methods", "register", "FasterVLM", "VTCCLS",
-            "Schedule", "SparseVLM",
+            "Schedule", "SparseVLM", "SGL",
         ),
         "st3.methods",
     ),

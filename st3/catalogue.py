@@ -143,11 +143,16 @@ CATALOGUE: dict[str, tuple[str, str]] = {
         '(default rule: attention).',
         "counts=None, scale=1.0, selector=attention(query='last', scored_at='before')",
     ),
+    'sgl': (
+        'SGL (arXiv 2412.03324): a small VLM of the same family reads the prompt; the visual tokens its '
+        'attention favours, summed over its layers, are the ones the large model keeps entering `layer`.',
+        'guide=None, layer=None, keep=0.4',
+    ),
     'sparsevlm': (
         'SparseVLM v1.5 (arXiv 2410.04417) without recycling: text raters rank the visual tokens entering'
         ' layers 3, 7 and 16, which keep the official counts for the budget `retain` (300 / 200 / 110 at '
         '192).',
-        'retain=192, counts=None, scale=1.0, selector=sparsevlm()',
+        'retain=192, recycle=False, counts=None, scale=1.0, selector=sparsevlm()',
     ),
     'spread': (
         "st3's best rule on its benchmark: before the decoder, `keep` visual tokens by greedy max-min "

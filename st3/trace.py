@@ -50,6 +50,9 @@ class Trace:
     whole buffer); None where the cache keeps data st3 cannot read (e.g. quantized): not measured."""
     kv_bytes_peak: int | None = 0
     """Largest `kv_bytes` seen after any forward of the call (None once one was not measured)."""
+    guide_flops: int = 0
+    """FLOPs of a guide model the method ran besides the decoder (SGL's small VLM, its decoder at prefill):
+    `flops()["guide"]`, apart from the decoder's counts that the planner predicts."""
 
     # ------------------------------------------------------------------------------------- the record
     def log_kv(self, nbytes: int | None) -> None:
@@ -153,7 +156,7 @@ class Trace:
         out["total"] = out["prefill"] + out["decode"]
         full = unpruned_flops(self.shape, list(self.prompt_tokens), len(decode_keys) + 1)
         out |= {"prefill_unpruned": full["prefill"], "decode_unpruned": full["decode"], "total_unpruned": full["total"]}
-        return out
+        return out | {"guide": self.guide_flops}
 
     @property
     def kv_bytes_unpruned(self) -> int:

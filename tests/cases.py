@@ -17,8 +17,10 @@ be declared in `NO_NOOP` with the reason; the no-op test fails, saying so, until
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
+from weakref import WeakKeyDictionary
 
 import torch
 
@@ -33,6 +35,31 @@ TINY = Shape(num_layers=6, hidden_size=64, intermediate_size=128, num_heads=4, n
 VISUAL, TEXT = 36, 10
 NEW_TOKENS = 6
 
+_GUIDES: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def guide_for(model):
+    """SGL's guide for a tiny test model: the same family and vision tower config with a 2-layer decoder of other
+    random weights, eager (built once per model, the global RNG untouched)."""
+    if model not in _GUIDES:
+        config = copy.deepcopy(model.config)
+        text = config.text_config
+        text.num_hidden_layers = 2
+        if isinstance(getattr(text, "layer_types", None), list):  # one entry per layer (windows, Gemma 3)
+            text.layer_types = text.layer_types[:2]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            guide = type(model)(config).eval().to(model.dtype)
+        guide.set_attn_implementation("eager")
+        _GUIDES[model] = guide
+    return _GUIDES[model]
+
+
+def with_guide(method: Method) -> Method:
+    """`method` with `guide_for` as its guide where it takes one (SGL: a registry default cannot name a model)."""
+    return dataclasses.replace(method, guide=guide_for) if "guide" in method.knobs() else method
+
+
 #: Settings scaled to the tiny model so that every one prunes (prefill, and decode where it anneals).
 SETTINGS: dict[str, Callable[[], Method]] = {
     "st3": lambda: st3.ST3(start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=6, anneal_every=2),
@@ -42,6 +69,7 @@ SETTINGS: dict[str, Callable[[], Method]] = {
     "pyramiddrop": lambda: st3.PyramidDrop(keep=0.5),
     "pyramiddrop-paper": lambda: st3.PyramidDrop(keep=0.5, variant="paper"),
     "vtw": lambda: st3.VTW(layer=3),
+    "sgl": lambda: st3.SGL(guide=guide_for, layer=2, keep=0.5),
     "random": lambda: st3.Random(keep=12, layer=1, seed=3),
     "lattice": lambda: st3.Lattice(keep=10, layer=0),
     "visionzip": lambda: st3.VisionZip(dominant=7, contextual=4),
@@ -155,7 +183,7 @@ SELECTORS: dict[str, str] = _selector_cases()
 
 def noop(name: str) -> Method:
     """The registered method `name` set to prune nothing on the tiny model (see the module docstring)."""
-    method = matched(name, VISUAL, tolerance=0.0)
+    method = with_guide(matched(name, VISUAL, tolerance=0.0))
     if "anneal_final" in method.knobs():
         method = dataclasses.replace(method, anneal_final=1.0)
     elif method.decode is not None:

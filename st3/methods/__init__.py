@@ -11,6 +11,7 @@ from st3.methods.fastv import FastV
 from st3.methods.keep import DART, CDPruner, DivPrune, Keep, Lattice, Random, Spread, Stratified
 from st3.methods.pyramiddrop import PyramidDrop
 from st3.methods.schedule import Schedule, SparseVLM
+from st3.methods.sgl import SGL
 from st3.methods.st3 import ST3
 from st3.methods.visionzip import VisionZip
 from st3.methods.vtw import VTW
@@ -20,7 +21,7 @@ METHODS.rename("st3+uniform", "st3+raster")
 
 __all__ = [
     "DART", "VTA", "VTCCLS", "VTW", "CDPruner", "DivPrune", "FastV", "FasterVLM", "Keep", "Lattice", "Method",
-    "PyramidDrop", "Random", "Schedule", "SparseVLM",
+    "PyramidDrop", "Random", "SGL", "Schedule", "SparseVLM",
     "ST3", "Spread", "Stratified", "VisionZip", "get", "methods", "register",
 ]  # fmt: skip
 

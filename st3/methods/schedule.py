@@ -102,11 +102,20 @@ class SparseVLM(Schedule):
 
     retain: int = 192
     """The official equivalent budget (`RETAIN_TOKN`): 192, 128, 96 or 64 picks its counts (when `counts` is None)."""
+    recycle: bool = False
+    """Merge part of the pruned tokens into new rows, as the official v1.5 does by default: not implemented (True is
+    refused; the design is in docs/methods.md)."""
 
     def validate(self) -> None:
         super().validate()
         allowed = sorted(SPARSEVLM_COUNTS)
         check(self.retain in allowed, "retain", f"must be one of {allowed}, got {self.retain}")
+        check(
+            not self.recycle,
+            "recycle",
+            "not implemented: the merged tokens would be rows the engine cannot add yet (it only removes rows), and "
+            "no masked reference proves them (design: docs/methods.md, SparseVLM); use recycle=False (the default)",
+        )
 
     def default_counts(self) -> tuple[tuple[int, int], ...]:
         return tuple(zip(SPARSEVLM_LAYERS, SPARSEVLM_COUNTS[self.retain]))

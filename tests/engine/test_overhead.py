@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from cases import SETTINGS as METHODS
+from cases import with_guide
 from conftest import BATCH, single
 
 import st3
@@ -64,7 +65,7 @@ class Syncs:
 #: (each eviction rule, each selector, the compositions), all of which evict while decoding on the tiny model.
 CONFIGURATIONS = {
     "noop": lambda: st3.ST3(ratio=0.0, anneal_final=1.0),
-    **{f"registry-{name}": (lambda name=name: st3.get(name)) for name in st3.methods()},
+    **{f"registry-{name}": (lambda name=name: with_guide(st3.get(name))) for name in st3.methods()},
     **METHODS,
 }
 

@@ -118,9 +118,17 @@ def test_cdpruner_in_the_model_is_batch_independent(model, inputs):
     assert kept(inputs, 1) == kept(single(inputs, 1), 0) == kept(swapped, 1)
 
 
+#: Methods whose schedule cannot average 192 of 576 visual tokens per layer through the budget knob, and why.
+OUT_OF_REACH = {"sgl": "one pruning layer at int(0.4 x 32) = 12: keep=0 still averages 216 of 576 per layer"}
+
+
 @pytest.mark.parametrize("name", st3.methods())
 def test_every_registered_method_and_composition_matches_a_budget(name):
     step = 576 / 32 if name == "vtw" else 8.0  # VTW's average moves a whole layer's tokens at a time
+    if name in OUT_OF_REACH:
+        with pytest.raises(st3.budget.OutOfReach, match="the closest is 216"):
+            st3.match(name, 192, tolerance=step)
+        return
     matched = st3.match(name, 192, tolerance=step)
     assert type(matched) is type(st3.get(name))
 

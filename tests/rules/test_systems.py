@@ -3,9 +3,11 @@ and the LLaVA adapter's [CLS] saliency is the tower's own attention, at one laye
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,13 +15,16 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 import st3
+from st3.accounting import prefill_flops
 from st3.adapters import adapter_for
 from st3.adapters.llava import cls_saliency
+from st3.methods.sgl import aggregate
 from st3.models import ModelSpec, llava_config
 from st3.selectors import SparseVLM as SparseVLMRule
 from st3.selectors import View
+from st3.selectors.base import quantised, top_k_mask
 from st3.selectors.sparsevlm import raters
-from st3.testing import IMAGE_TOKEN, PAD_TOKEN, tiny_inputs, tiny_llava, tiny_qwen_vl
+from st3.testing import IMAGE_TOKEN, PAD_TOKEN, tiny_inputs, tiny_llava, tiny_qwen_inputs, tiny_qwen_vl
 
 HERE = Path(__file__).parents[1] / "fixtures" / "systems"
 # Loaded under a name of its own: the peer fixtures' module is also called `inputs` (tests/fixtures/peers).
@@ -235,3 +240,165 @@ def test_sparsevlm_raters_in_the_engine_are_chosen_once_from_the_prompt():
         model(**batch)
     assert len(seen) == 3 and seen[0] == seen[1] == seen[2]
     assert all(len(columns) > 0 for columns in seen[0])  # every sample has raters
+
+
+def test_sparsevlm_recycling_is_refused_saying_why():
+    with pytest.raises(ValueError, match=r"^recycle: not implemented: the merged tokens .* docs/methods\.md"):
+        st3.SparseVLM(recycle=True)
+
+
+# ---------------------------------------------------------------------------------------------------- SGL
+def _sgl_family(family: str):
+    """(model, its batch of 3 left-padded samples with different visual token counts) of a tiny family."""
+    if family == "llava":
+        model = tiny_llava()
+        return model, tiny_inputs(model, ((4, 6), (2, 9), (5, 3)))
+    model = tiny_qwen_vl(family, layers=6)
+    return model, tiny_qwen_inputs(model, ((3, 5, "image", (1, 8, 8)), (2, 7, "image", (1, 8, 12))))
+
+
+@torch.no_grad()
+def _guide_kept(guide, inputs: dict, keep: float) -> list[list[int]]:
+    """SGL done by hand, one sample at a time from the guide's own eager attention maps: per sample, the columns of
+    the floor(keep x n) visual tokens that received the most attention (summed over layers, heads and the rows
+    from the last visual token on), in column order."""
+    ids = inputs["input_ids"]
+    out = guide(**inputs, output_attentions=True, use_cache=False)
+    visual_ids = torch.tensor(adapter_for(guide).visual_token_ids())
+    kept = []
+    for b in range(ids.shape[0]):
+        columns = torch.isin(ids[b], visual_ids).nonzero().squeeze(-1).tolist()
+        scores = {c: 0.0 for c in columns}
+        for layer in out.attentions:
+            for c in columns:
+                scores[c] += float(layer[b, :, columns[-1] :, c].double().sum())
+        count = math.floor(len(columns) * keep + 1e-9)
+        kept.append(sorted(sorted(columns, key=lambda c: -scores[c])[:count]))
+    return kept
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_sgl_keeps_the_guides_top_tokens_and_equals_the_masked_reference(family):
+    """The kept set is the one the guide's own attention maps give, and the run equals the unpruned model masked
+    to it (the same `reference_logits` as the family matrix, where batch == alone and eager == sdpa are proven)."""
+    from cases import generate, guide_for, new_tokens
+    from reference import reference_logits
+
+    model, batch = _sgl_family(family)
+    guide = guide_for(model)
+    method = st3.SGL(guide=guide, layer=2, keep=0.4, record_positions=True)
+    out = generate(model, batch, method)
+    trace = method.trace
+    expected = _guide_kept(guide, batch, 0.4)
+    assert [p.tolist() for p in trace.prefill_visual_positions[2]] == expected
+    assert [p.tolist() for p in trace.prefill_visual_positions[1]] != expected  # layers before `layer` hold all
+    with torch.no_grad():
+        reference = reference_logits(model, batch, trace, new_tokens(out, batch)[:, :-1], method)
+    start = batch["input_ids"].shape[1] - 1
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, reference[:, start + step], atol=1e-4, rtol=0)
+
+
+def test_sgl_runs_its_guide_without_autograd_and_counts_its_flops():
+    from cases import guide_for
+
+    model = tiny_llava()
+    batch = tiny_inputs(model, ((4, 6), (2, 9)))
+    guide = guide_for(model)
+    grad = []
+    hook = guide.register_forward_hook(lambda *_: grad.append(torch.is_grad_enabled()))
+    method = st3.SGL(guide=guide, layer=2, keep=0.5)
+    try:
+        with method(model):
+            model(**batch)  # autograd on for the model's own forward
+    finally:
+        hook.remove()
+    assert grad == [False]  # the guide ran once, under no_grad
+    shape = adapter_for(guide).shape
+    want = sum(prefill_flops(shape, [n] * shape.num_layers) for n in batch["attention_mask"].sum(-1).tolist())
+    flops = method.trace.flops()
+    assert flops["guide"] == want > 0
+    assert flops["prefill"] < flops["prefill_unpruned"]  # the decoder's own counts, as the planner predicts them
+
+
+def _llava_guide(**change):
+    """A 2-layer eager LLaVA guide whose config differs from tiny_llava's by `change` (vision_config.x: the tower's)."""
+    from cases import guide_for
+
+    config = copy.deepcopy(guide_for(tiny_llava()).config)
+    for key, value in change.items():
+        owner, _, name = key.rpartition(".")
+        setattr(getattr(config, owner) if owner else config, name, value)
+    torch.manual_seed(0)
+    guide = LlavaForConditionalGeneration(config).eval()
+    guide.set_attn_implementation("eager")
+    return guide
+
+
+@pytest.mark.parametrize(
+    ("guide", "message"),
+    [
+        (lambda: None, r"guide: SGL ranks the visual tokens by a small model's attention; pass st3\.SGL\(guide="),
+        (lambda: tiny_qwen_vl("qwen2-vl", layers=2, attn="eager"), r"guide: Qwen2VL\w+ is not of the model's family"),
+        (lambda: _llava_guide(image_token_id=IMAGE_TOKEN + 1), r"guide: its visual token ids \[\d+\] differ from"),
+        (lambda: _llava_guide(**{"vision_config.image_size": 64}), r"guide: its images become other visual tokens "
+         r"\(count or grid\) than the model's: vision_config\.image_size 64 vs 48"),
+        (lambda: tiny_llava(layers=2), r"guide: SGL reads the guide's attention maps, which 'sdpa' attention"),
+        (lambda: lambda model: "a path", r"guide: the builder must return a model, got str"),
+    ],
+)  # fmt: skip
+def test_sgl_refuses_a_guide_that_cannot_rank_the_models_tokens(guide, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        st3.SGL(guide=guide(), layer=2)(tiny_llava())
+
+
+def test_sgl_aggregates_and_keeps_as_the_official_code():
+    """On the fixture's guide maps, st3's sum over the prompt rows plus the rows of the guide's generated tokens (st3's
+    guide generates none; added here) is the official importance, and the official kept sets follow from it with
+    st3's count (floor(keep x V)) and layer (int(depth x prune_layer))."""
+    data = json.loads((HERE / "sgl.json").read_text())
+    seed, prefix, visual_count = data["inputs"]["seed"], data["inputs"]["prefix"], data["inputs"]["visual"]
+    maps = tuple(inputs.sgl_prefill_attention(seed, layer) for layer in range(inputs.SGL_LAYERS))
+    assert inputs.checksum(maps[0]) == data["inputs"]["checksums"]["prefill_layer0"], "inputs no longer rebuild"
+    visual = torch.zeros(1, maps[0].shape[-1], dtype=torch.bool)
+    visual[0, prefix : prefix + visual_count] = True
+    prompt = aggregate(maps, visual, torch.ones_like(visual))[0, prefix : prefix + visual_count]
+    answer = sum(
+        inputs.sgl_decode_attention(seed, layer, step)[0, :, 0, prefix : prefix + visual_count].sum(0)
+        for layer in range(inputs.SGL_LAYERS)
+        for step in range(inputs.SGL_STEPS)
+    )
+    importance = torch.tensor(data["importance"])
+    torch.testing.assert_close(prompt + answer, importance, rtol=1e-5, atol=1e-6)
+    everything = torch.ones(1, visual_count, dtype=torch.bool)
+    for case in data["cases"]:
+        layer = int(case["large_layers"] * case["prune_layer"])
+        method = st3.SGL(layer=layer, keep=case["ratio"])
+        assert layer == case["K"]
+        if case["prune_layer"] == 0.4:  # the shipped script's, st3's default
+            assert st3.SGL().pruning_layer(case["large_layers"]) == case["K"]
+        count = method.prefill_keep(layer, case["large_layers"], torch.tensor([visual_count]))
+        assert count.tolist() == [case["kept_count"]]
+        kept = top_k_mask(quantised((prompt + answer)[None]), everything, count)[0]
+        assert kept.nonzero().squeeze(-1).tolist() == case["kept"], case
+
+
+@torch.no_grad()
+def test_sgl_ranks_each_sample_once_under_beams_and_leaves_the_model_as_it_was():
+    """generate() encodes the images once per sample and then copies each sample per beam: the guide sees the images
+    and the samples once, and every beam of a sample keeps the tokens the sample keeps alone."""
+    from cases import guide_for
+
+    model = tiny_llava()
+    batch = tiny_inputs(model, ((4, 6), (2, 9)))
+    method = st3.SGL(guide=guide_for(model), layer=2, keep=0.5)
+    before = set(model.__dict__) | set(model.model.__dict__)
+    with method(model):
+        model.generate(**batch, max_new_tokens=2, num_beams=2, do_sample=False)
+        beams = [p.tolist() for p in method.trace.prefill_visual_positions[2]]
+        guide_flops = method.trace.flops()["guide"]
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+        greedy = [p.tolist() for p in method.trace.prefill_visual_positions[2]]
+    assert beams == [greedy[0], greedy[0], greedy[1], greedy[1]]
+    assert guide_flops == method.trace.flops()["guide"]  # one guide forward per sample, beams or not
+    assert set(model.__dict__) | set(model.model.__dict__) == before  # the encoders' recorders are gone
