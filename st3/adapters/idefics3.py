@@ -37,7 +37,7 @@ class Idefics3Adapter(Adapter):
     summary = (
         "Idefics3, SmolVLM",
         "`Idefics3ForConditionalGeneration`, `SmolVLMForConditionalGeneration` (crops)",
-        "as LLaVA-NeXT (SmolVLM: no-op and layout tests, not the whole matrix)",
+        "as LLaVA-NeXT (both a row of the family matrix)",
     )
     #: (text before, text after, crops): 16, 48 and 32 image tokens; the batch pads to 3 crops with all-zero ones.
     example_samples = ((4, 6, 1), (2, 9, 3), (5, 3, 2))

@@ -157,6 +157,7 @@ FAMILIES = {
     "llava-onevision": Family(LlavaOnevisionAdapter, onevision_single, QWEN_REFUSED, NEW_FAMILY_FAST),
     "internvl": Family(InternVLAdapter, internvl_single, compressing_refused("pixel shuffle"), NEW_FAMILY_FAST),
     "idefics3": Family(Idefics3Adapter, per_image_single, QWEN_REFUSED, NEW_FAMILY_FAST),
+    "smolvlm": Family(Idefics3Adapter, per_image_single, QWEN_REFUSED, ("st3",), options=(("smolvlm", True),)),
     "mistral3": Family(Mistral3Adapter, per_image_single, QWEN_REFUSED, NEW_FAMILY_FAST),
     "gemma3": Family(Gemma3Adapter, gemma_single, QWEN_REFUSED),
 }
