@@ -389,7 +389,7 @@ class Adapter:
     def typical_image(cls, config) -> tuple[int, int]:
         """The (height, width) of a typical image under `config` (a square of twice the tower's input side where
         the image decides the count; see each family)."""
-        side = 2 * _side_of(config.vision_config.image_size)
+        side = 2 * tower_square(config)[0]
         return side, side
 
     @classmethod
@@ -405,6 +405,8 @@ class Adapter:
         raise NotImplementedError(f"{self.model_name}: no bench inputs")
 
 
-def _side_of(size) -> int:
-    """An image size given as an int or a (height, width) pair, as one side."""
-    return size if isinstance(size, int) else size[0]
+def tower_square(config) -> tuple[int, int]:
+    """The vision tower's square input (height, width); its size may be given as an int or a pair."""
+    size = config.vision_config.image_size
+    side = size if isinstance(size, int) else size[0]
+    return side, side

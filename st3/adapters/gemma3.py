@@ -34,7 +34,7 @@ from torch import nn
 
 import st3.adapters.build as build
 from st3 import compat
-from st3.adapters.base import Adapter, Grid, MaskRule, UnsupportedModel
+from st3.adapters.base import Adapter, Grid, MaskRule, UnsupportedModel, tower_square
 
 if TYPE_CHECKING:
     from st3.models import ModelSpec
@@ -209,8 +209,7 @@ class Gemma3Adapter(Adapter):
 
     @classmethod
     def typical_image(cls, config) -> tuple[int, int]:
-        side = config.vision_config.image_size
-        return side, side
+        return tower_square(config)
 
     def bench_inputs(self, size, batch_size, text_before, text_after, generator) -> dict[str, torch.Tensor]:
         """Text, the image tokens, text; `token_type_ids` so that the image attends to itself both ways."""

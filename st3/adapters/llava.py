@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import st3.adapters.build as build
-from st3.adapters.base import Adapter, Grid, MaskRule
+from st3.adapters.base import Adapter, Grid, MaskRule, tower_square
 
 if TYPE_CHECKING:
     from st3.models import ModelSpec
@@ -234,8 +234,7 @@ class LlavaAdapter(Adapter):
 
     @classmethod
     def typical_image(cls, config) -> tuple[int, int]:
-        side = config.vision_config.image_size
-        return side, side
+        return tower_square(config)
 
     def bench_inputs(self, size, batch_size, text_before, text_after, generator) -> dict[str, torch.Tensor]:
         """Text, the image tokens, text (LLaVA-1.5's chat template puts about 35 tokens before the image)."""

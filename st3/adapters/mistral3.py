@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import st3.adapters.build as build
-from st3.adapters.base import Adapter, Grid
+from st3.adapters.base import Adapter, Grid, tower_square
 from st3.adapters.llava import LlavaAdapter
 
 MISTRAL_BREAK, MISTRAL_END = 4, 5
@@ -137,5 +137,4 @@ class Mistral3Adapter(Adapter):
     @classmethod
     def typical_image(cls, config) -> tuple[int, int]:
         """The tower's largest image (1024 x 1024 px for Pixtral: 1024 tokens)."""
-        side = config.vision_config.image_size
-        return side, side
+        return tower_square(config)
