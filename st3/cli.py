@@ -270,7 +270,7 @@ def generate(
     print_comparison(result)
     if plot:
         plot_kept_patches(picture, result["run_trace"], result["image_columns"], plot,
-                          title=f"{chosen.label}: patches kept", grid=result.get("image_grid"))  # fmt: skip
+                          title=f"{chosen.label}: patches kept", grids=result.get("image_grids"))  # fmt: skip
         typer.echo(f"wrote {plot}")
     if json_out:
         with open(json_out, "w") as f:

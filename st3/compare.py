@@ -247,7 +247,7 @@ def compare(
         "trace": trace.summary(),
         "run_trace": trace,
         "image_columns": image_columns(model, inputs["input_ids"]),
-        "image_grid": grids[0][0] if (grids := trace.image_grids) else None,  # the first image's patch grid
+        "image_grids": grids[0] if (grids := trace.image_grids) else None,  # the first sample's grids (its parts)
     }
 
 

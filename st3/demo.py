@@ -116,7 +116,7 @@ def run_demo(
     print_comparison(result, console)
     if plot_path:
         plot_kept_patches(image, result["run_trace"], result["image_columns"], plot_path,
-                          title=f"{method.label}: patches kept", grid=result.get("image_grid"))  # fmt: skip
+                          title=f"{method.label}: patches kept", grids=result.get("image_grids"))  # fmt: skip
         console.print(f"wrote {plot_path}")
     if json_path:
         with open(json_path, "w") as f:

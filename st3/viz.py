@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import matplotlib
 
@@ -61,6 +62,28 @@ def stage_layers(trace: Trace, sample: int = 0, most: int = 8) -> list[int]:
     return layers
 
 
+def image_parts(
+    image_columns: torch.Tensor, grid=None, grids: list | None = None
+) -> list[tuple[str, torch.Tensor, Any]]:
+    """(label, columns, one-frame grid) of each part of an image to draw: every frame of `grids` (a base image,
+    its tiles as one grid, each video frame) where they lay out `image_columns` exactly, else the one `grid`."""
+    from st3.adapters import Grid
+    from st3.selectors.layout import frames
+
+    if not grids or sum(g.tokens for g in grids) != len(image_columns):
+        return [("", image_columns, grid)]
+    pieces = frames(grids)
+    if len(pieces) == 1:
+        return [("", image_columns, pieces[0])]
+    parts, start = [], 0
+    for index, part in enumerate(pieces):
+        size = part.rows * part.width
+        label = f"part {index}: {part.rows}x{part.cols}"
+        parts.append((label, image_columns[start : start + size], Grid(1, part.rows, part.cols, part.newline)))
+        start += size
+    return parts
+
+
 def plot_kept_patches(
     image: Image.Image,
     trace: Trace,
@@ -69,34 +92,49 @@ def plot_kept_patches(
     sample: int = 0,
     title: str = "",
     grid=None,
+    grids: list | None = None,
+    most_parts: int = 6,
 ) -> list[int]:
     """Write a PNG: the image once per stage, dropped patches dimmed; return the layers drawn.
 
-    Where the trace recorded decode-time positions (`record_positions=True`) and decoding evicted any, a second
-    row shows each of those layers at the last decode step, the patches evicted while decoding in red: the
-    tokens a long answer lost after it started, which the first row cannot show.
+    With the sample's `grids` (`trace.image_grids[sample]`) an image of several parts (LLaVA-NeXT's base image
+    and tiles, InternVL's tiles, a video's frames) gets one row per part (the first `most_parts`): the first part
+    over the image, the others as plain maps (where a tile or frame lies on the picture is the processor's and
+    does not reach the model). Where the trace recorded decode-time positions (`record_positions=True`) and
+    decoding evicted any, each part gets a second row: each of those layers at the last decode step, the patches
+    evicted while decoding in red.
     """
     layers = stage_layers(trace, sample)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    panels = [[(layer, kept_grid(trace, image_columns, layer, sample, grid).numpy(), None) for layer in layers]]
-    if trace.decode_visual_positions:
-        decoded = [decoded_grid(trace, image_columns, layer, sample, grid).numpy() for layer in layers]
-        if any((before & ~after).any() for (_, before, _), after in zip(panels[0], decoded)):
-            panels.append([(layer, after, before) for (layer, before, _), after in zip(panels[0], decoded)])
-    fig, axes = plt.subplots(len(panels), len(layers), figsize=(2.4 * len(layers), 2.8 * len(panels)), squeeze=False)
-    for row, (axes_row, panel_row) in enumerate(zip(axes, panels)):
-        for ax, (layer, kept, before) in zip(axes_row, panel_row):
-            ax.imshow(_shade(pixels, kept, before))
+    parts = image_parts(image_columns, grid, grids)
+    shown = parts[:most_parts]
+    rows, labels = [], []
+    for index, (label, columns, part_grid) in enumerate(shown):
+        kept = [kept_grid(trace, columns, layer, sample, part_grid).numpy() for layer in layers]
+        background = pixels if index == 0 else np.ones((kept[0].shape[0] * 16, kept[0].shape[1] * 16, 3), np.float32)
+        rows.append([(layer, k, None, background) for layer, k in zip(layers, kept)])
+        prefix = f"{label}\n" if label else ""
+        labels.append(f"{prefix}after prefill")
+        if trace.decode_visual_positions:
+            decoded = [decoded_grid(trace, columns, layer, sample, part_grid).numpy() for layer in layers]
+            if any((before & ~after).any() for before, after in zip(kept, decoded)):
+                rows.append([(layer, a, b, background) for layer, a, b in zip(layers, decoded, kept)])
+                labels.append(f"{prefix}after {trace.decode_steps} decode steps")
+    fig, axes = plt.subplots(len(rows), len(layers), figsize=(2.4 * len(layers), 2.8 * len(rows)), squeeze=False)
+    for axes_row, panel_row, label in zip(axes, rows, labels):
+        for ax, (layer, kept, before, background) in zip(axes_row, panel_row):
+            ax.imshow(_shade(background, kept, before))
             if before is None:
                 ax.set_title(f"layer {layer}: {int(kept.sum())}/{kept.size}", fontsize=9)
             else:
                 evicted = int((before & ~kept).sum())
                 ax.set_title(f"layer {layer}: {int(kept.sum())}/{kept.size}, {evicted} evicted", fontsize=9)
             ax.axis("off")
-        axes_row[0].text(-0.08, 0.5, ("after prefill", f"after {trace.decode_steps} decode steps")[row],
-                         transform=axes_row[0].transAxes, rotation=90, va="center", ha="right", fontsize=9)  # fmt: skip
-    suffix = "; red: evicted while decoding" if len(panels) > 1 else ""
-    fig.suptitle((title or f"{trace.method}: visual tokens kept") + suffix, fontsize=10)
+        axes_row[0].text(-0.08, 0.5, label, transform=axes_row[0].transAxes, rotation=90, va="center", ha="right",
+                         fontsize=9)  # fmt: skip
+    suffix = "; red: evicted while decoding" if any(b is not None for row in rows for _, _, b, _ in row) else ""
+    more = f"; the first {most_parts} of {len(parts)} parts" if len(parts) > most_parts else ""
+    fig.suptitle((title or f"{trace.method}: visual tokens kept") + suffix + more, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -58,3 +58,32 @@ def test_the_picture_shows_the_evictions_made_while_decoding(model, inputs, tmp_
         model.generate(**inputs, max_new_tokens=6, do_sample=False)
     plot_kept_patches(image, prefill_only.trace, columns, str(one_row))  # nothing evicted: one row
     assert Image.open(two_rows).size[1] > 1.8 * Image.open(one_row).size[1]
+
+
+def test_an_image_of_several_parts_gets_one_row_per_part(tmp_path):
+    """A base image and its tiles (LLaVA-NeXT's layout: two grids, the tiles' rows ending in newline tokens) are
+    drawn part by part, each part's map exactly the trace's kept columns of that part."""
+    from st3.adapters import Grid
+    from st3.trace import Trace
+    from st3.viz import image_parts
+
+    grids = [Grid(1, 2, 2), Grid(1, 2, 3, newline=True)]  # 4 base tokens, then 2 rows of 3 patches + a newline
+    columns = torch.arange(3, 15)
+    trace = Trace(method="m", shape=None, batch_size=1, prompt_columns=16, prompt_tokens=[16], visual_tokens=[12],
+                  dtype_bytes=4)  # fmt: skip
+    every = torch.ones(1, 12, dtype=torch.bool)
+    trace.log_prefill_layer(columns[None], every, every)
+    kept = torch.tensor([[3, 6, 7, 12]])
+    four = torch.ones(1, 4, dtype=torch.bool)
+    trace.log_prefill_layer(kept, four, four)
+    parts = image_parts(columns, grids=grids)
+    assert [label for label, _, _ in parts] == ["part 0: 2x2", "part 1: 2x3"]
+    assert kept_grid(trace, parts[0][1], 1, grid=parts[0][2]).tolist() == [[True, False], [False, True]]
+    assert kept_grid(trace, parts[1][1], 1, grid=parts[1][2]).tolist() == [[True, False, False], [False, True, False]]
+    [(label, part_columns, grid)] = image_parts(columns[:4], grids=grids[:1])  # one part: drawn as before
+    assert label == "" and torch.equal(part_columns, columns[:4]) and grid == grids[0]
+    image = Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy())
+    two, one = tmp_path / "parts.png", tmp_path / "one.png"
+    assert plot_kept_patches(image, trace, columns, str(two), grids=grids) == [0, 1]
+    plot_kept_patches(image, trace, columns[:4], str(one), grid=grids[0])
+    assert Image.open(two).size[1] > 1.8 * Image.open(one).size[1]
