@@ -122,10 +122,17 @@ ANNEALING = dict(start_layer=1, stride=2, ratio=0.5, min_keep=2, anneal_steps=6,
 #: loop on the host at each evicting layer (at most one sync each, in st3.selectors.diversity), and it is not exact by
 #: construction, so the kept counts of an evicting step are checked after it, all layers in one sync.
 #: Every other rule is made of top-k masks, whose counts the host knows: no sync in any decode step.
+#: `make test` counts cases.py's configurations (a case of nearly every registered method, the st3+ compositions
+#: with their own knobs); the `slow` run (CI) counts every registered method at its registry defaults too.
+CONFIGURATION_PARAMS = [
+    pytest.param(name, marks=pytest.mark.slow if name.startswith("registry-") else ())
+    for name in sorted(CONFIGURATIONS)
+]
+
 SYNCS_WHEN_EVICTING = {"st3+cdpruner-diverse"}
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGURATIONS))
+@pytest.mark.parametrize("name", CONFIGURATION_PARAMS)
 def test_at_most_one_sync_per_decode_step(name, model, inputs, syncs):
     method = CONFIGURATIONS[name]()
     generate(model, inputs, method)  # a padded batch of three: masks with padding, per-sample budgets
@@ -200,7 +207,7 @@ def test_noop_decode_issues_no_more_operations_than_vanilla(model, inputs):
     assert max(noop) < max(vanilla) + layers
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGURATIONS))
+@pytest.mark.parametrize("name", CONFIGURATION_PARAMS)
 def test_operations_per_step_do_not_grow_with_batch_or_tokens(name, model, inputs):
     make = CONFIGURATIONS[name]
     one = ops_per_decode_forward(model, single(inputs, 1), make())
