@@ -227,6 +227,11 @@ class Adapter:
         """Which keys layer `index`'s rows may see (see `MaskRule`); default: plain causal."""
         return MaskRule()
 
+    def causal_only(self) -> bool:
+        """Whether every layer's mask is plain causal (no sliding window, no image block): only such a decoder runs
+        exactly on a shortened prompt with the model's own masks, which count in slots, not original columns."""
+        return all(self.mask_rule(index).causal for index in range(len(self.layers)))
+
     def padding_mask(self, attention_mask, inputs: dict) -> torch.Tensor | None:
         """The 2-D padding mask [B, columns] of a decoder call. A model that prepares its decoder's masks itself
         (a dict of 4-D masks, one per layer type) hands the decoder no 2-D mask: read the top-level call's."""

@@ -71,7 +71,7 @@ class Engine:
         adapter = self.adapter
         cache = compat.take_cache(kwargs)
         if cache is not None and not isinstance(cache, DynamicCache):
-            if not all(rule.causal for rule in (adapter.mask_rule(i) for i in range(len(adapter.layers)))):
+            if not adapter.causal_only():
                 why = "this model's sliding windows or image blocks run exactly only on st3's own loop"
             else:
                 why = (f"{type(self.method).__name__} prunes inside the decoder or while decoding, which needs st3's "

@@ -44,7 +44,7 @@ class Session:
         self.stock: StockDecoder | None = None
         # The model's own masks count windows and image blocks in sequence slots; after pruning only st3's loop
         # evaluates them on original columns, so such decoders stay on it (docs/fast-paths.md).
-        plain = all(self.adapter.mask_rule(index).causal for index in range(num_layers))
+        plain = self.adapter.causal_only()
         if decoder == "stock" and not plain:
             raise ValueError(
                 f"decoder: 'stock' cannot run {type(model).__name__} exactly: its layers have sliding windows or "

@@ -97,7 +97,8 @@ class StockDecoder:
         self.survivors = (held.sum(-1).tolist(), rows.valid.sum(-1).tolist(), positions)
         out = self.stock(inputs_embeds=rows.hidden, attention_mask=self.kept_mask, position_ids=rows.position_ids,
                          **kwargs)  # fmt: skip
-        trace.log_kv(0 if compat.cache_of(out) is None else cache_bytes(compat.cache_of(out)))
+        cache = compat.cache_of(out)
+        trace.log_kv(0 if cache is None else cache_bytes(cache))  # no cache kept: nothing held
         return out
 
     @torch.compiler.disable
