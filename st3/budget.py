@@ -174,11 +174,7 @@ def _costed(model, inputs, shape, visual, text) -> tuple[Shape, list[int], list[
         if inputs is not None:
             if visual is not None or text is not None:
                 raise ValueError("visual: the inputs give the token counts; pass inputs= or visual= / text=, not both")
-            ids = inputs["input_ids"]
-            real = inputs.get("attention_mask")
-            real = real.bool() if real is not None else ids.new_ones(ids.shape, dtype=bool)
-            seen = adapter.visual_mask(ids) & real
-            visual, text = seen.sum(-1).tolist(), (real & ~seen).sum(-1).tolist()
+            visual, text = adapter.token_counts(inputs)
         elif visual is None:
             visual = adapter.tokens_per_image()
             if visual is None:

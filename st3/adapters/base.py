@@ -292,6 +292,14 @@ class Adapter:
         ids = torch.tensor(self.visual_token_ids(), device=input_ids.device)
         return torch.isin(input_ids, ids)
 
+    def token_counts(self, inputs: dict) -> tuple[list[int], list[int]]:
+        """Per sample of the processor's output `inputs`, its (visual, text) token counts, padding excluded."""
+        ids = inputs["input_ids"]
+        real = inputs.get("attention_mask")
+        real = real.bool() if real is not None else ids.new_ones(ids.shape, dtype=torch.bool)
+        seen = self.visual_mask(ids) & real
+        return seen.sum(-1).tolist(), (real & ~seen).sum(-1).tolist()
+
     def tokens_per_image(self) -> int | None:
         """Visual tokens one image takes where the config fixes it (LLaVA); None where the image decides (Qwen-VL):
         `typical_visual_tokens()` answers for every family."""

@@ -212,10 +212,7 @@ class St3Model:
 
         if self.st3_budget is None or self.st3_method is None:
             return self.st3_method
-        ids = inputs["input_ids"]
-        real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(ids, dtype=bool)
-        seen = adapter_for(self.model).visual_mask(ids) & real
-        visual, text = seen.sum(-1).tolist(), (real & ~seen).sum(-1).tolist()
+        visual, text = adapter_for(self.model).token_counts(inputs)
         key = tuple(sorted(visual))
         if key not in self.st3_matched:
             self.st3_matched[key] = matched(self.st3_method.name, self.st3_knobs, self.st3_budget, self.model,
