@@ -22,7 +22,7 @@ _EXPORTS: dict[str, str] = {
         (
             "ST3", "FastV", "PyramidDrop", "VTW", "VisionZip", "Keep", "Random", "Lattice", "DivPrune", "DART",
             "CDPruner", "Spread", "Stratified", "Method", "VTA", "get", "methods", "register", "FasterVLM", "VTCCLS",
-            "Schedule", "SparseVLM", "SGL",
+            "Schedule", "SparseVLM", "SGL", "PSigmoid",
         ),
         "st3.methods",
     ),

@@ -214,27 +214,45 @@ def scenes_eval(
 @app.command("search")
 def scenes_search(
     model_dir: str = typer.Argument(..., help="A scenes LLaVA directory (e.g. scenes/st3_scenes/assets/scenes-llava)."),
+    form: str = typer.Option("gsearch", help="gsearch (per-layer counts) or psigmoid (a sigmoid fitted to --budget)."),
     qa: int = typer.Option(200, help="Validation questions every trial schedule answers."),
-    tolerance: float = typer.Option(0.01, help="Accuracy a schedule may lose against the unpruned model."),
-    first_layer: int = typer.Option(1, help="The first layer searched (those before it keep every token)."),
+    tolerance: float = typer.Option(0.01, help="gsearch: accuracy a schedule may lose against the unpruned model."),
+    first_layer: int = typer.Option(1, help="gsearch: the first layer searched (those before it keep every token)."),
+    budget: float = typer.Option(0.33, help="psigmoid: the share of the visual tokens kept per layer on average."),
     batch_size: int = typer.Option(16),
-    json_out: str = typer.Option("", "--json", help="Write the schedule and its trials as JSON to this path."),
+    json_out: str = typer.Option("", "--json", help="Write the result and its trials as JSON to this path."),
 ) -> None:
-    """G-Search on the scenes validation split: the fewest visual tokens each layer needs (a `schedule` spec)."""
+    """G-Search or a P-Sigmoid fit on the scenes validation split: how many visual tokens each layer keeps (a
+    method spec)."""
     import importlib.util
     import json
 
+    if form not in ("gsearch", "psigmoid"):
+        raise typer.BadParameter(f"form: must be 'gsearch' or 'psigmoid', got {form!r}")
     if importlib.util.find_spec("st3_scenes") is None:
         raise SystemExit("st3 search runs on the scenes benchmark: `make install` (or `pip install --no-deps -e "
                          "scenes/`) installs it")  # fmt: skip
-    from st3_scenes.search import search
+    from st3_scenes.search import fit_psigmoid, search
 
     try:
-        result = search(model_dir, qa, tolerance, first_layer, batch_size)
+        if form == "gsearch":
+            result = search(model_dir, qa, tolerance, first_layer, batch_size)
+        else:
+            result = fit_psigmoid(model_dir, budget, qa, batch_size=batch_size)
     except (ValueError, OSError) as error:
         raise typer.BadParameter(str(error)) from None
-    typer.echo(f"unpruned {result['unpruned']:.1%}, schedule {result['accuracy']:.1%} on {qa} validation questions; "
-               f"visual tokens per layer {result['counts_per_layer']} ({result['trials']} trials)")  # fmt: skip
+    if form == "gsearch":
+        typer.echo(
+            f"unpruned {result['unpruned']:.1%}, schedule {result['accuracy']:.1%} on {qa} validation "
+            f"questions; visual tokens per layer {result['counts_per_layer']} ({result['trials']} trials)"
+        )
+    else:
+        best = result["best"]
+        typer.echo(
+            f"unpruned {result['unpruned']:.1%}, psigmoid {result['accuracy']:.1%} on {qa} validation "
+            f"questions at budget {budget:g} (steepness {best['steepness']:g}, floor {best['floor']:g}, "
+            f"midpoint {best['midpoint']:.3f}; {len(result['trials'])} trials)"
+        )
     typer.echo(f"-m {result['spec']}")
     if json_out:
         with open(json_out, "w") as handle:

@@ -123,7 +123,9 @@ SETTINGS: dict[str, Callable[[], Method]] = {
 }
 
 #: Registered methods with no no-op setting (budget knob at everything + annealing to 1), with the reason.
-NO_NOOP: dict[str, str] = {}
+NO_NOOP: dict[str, str] = {
+    "psigmoid": "a sigmoid never reaches 1: at midpoint=1 the deepest layers still prune (about a sixth of the tokens)",
+}
 
 
 #: How far a matched budget may miss its target: VTW moves a whole layer's tokens at a time.

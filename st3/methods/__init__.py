@@ -9,6 +9,7 @@ from st3.methods.base import METHODS, Method, get, methods, register
 from st3.methods.cls import VTCCLS, FasterVLM
 from st3.methods.fastv import FastV
 from st3.methods.keep import DART, CDPruner, DivPrune, Keep, Lattice, Random, Spread, Stratified
+from st3.methods.psigmoid import PSigmoid
 from st3.methods.pyramiddrop import PyramidDrop
 from st3.methods.schedule import Schedule, SparseVLM
 from st3.methods.sgl import SGL
@@ -21,7 +22,7 @@ METHODS.rename("st3+uniform", "st3+raster")
 
 __all__ = [
     "DART", "VTA", "VTCCLS", "VTW", "CDPruner", "DivPrune", "FastV", "FasterVLM", "Keep", "Lattice", "Method",
-    "PyramidDrop", "Random", "SGL", "Schedule", "SparseVLM",
+    "PSigmoid", "PyramidDrop", "Random", "SGL", "Schedule", "SparseVLM",
     "ST3", "Spread", "Stratified", "VisionZip", "get", "methods", "register",
 ]  # fmt: skip
 

@@ -54,3 +54,37 @@ def test_g_search_refuses_bad_arguments():
         g_search(lambda counts: 1.0, num_layers=4, visual=8, target=1.0, first=4)
     with pytest.raises(ValueError, match="^counts: must not grow with depth"):
         as_schedule([8, 4, 6], 8)
+
+
+@pytest.mark.parametrize(("midpoint", "steepness", "floor", "start_layer"), [(0.5, 10.0, 0.0, 2), (0.3, 4.0, 0.2, 1)])
+def test_psigmoid_keeps_about_n_times_the_sigmoid_share(midpoint, steepness, floor, start_layer):
+    """Each layer holds ceil-rounded n * s(l), s(l) = floor + (1 - floor) * sigmoid(steepness * (midpoint - l / L)),
+    within one token per pruning layer so far (each ceil can leave one more), and never more than the layer before."""
+    import math
+
+    model = tiny_llava()
+    inputs = tiny_inputs(model)
+    method = st3.PSigmoid(midpoint=midpoint, steepness=steepness, floor=floor, start_layer=start_layer)
+    with method(model):
+        model(**inputs)
+    held = [len(p[0]) for p in method.trace.prefill_visual_positions]
+    n, layers = 36, len(held)
+    for layer, count in enumerate(held):
+        if layer < start_layer:
+            assert count == 36
+            continue
+        share = floor + (1 - floor) / (1 + math.exp(-steepness * (midpoint - layer / layers)))
+        assert n * share - 1e-9 <= count <= math.ceil(n * share) + (layer - start_layer)
+    assert held == sorted(held, reverse=True) and held[-1] < 36
+
+
+def test_psigmoid_midpoint_is_matched_to_a_budget():
+    """`midpoint` is the budget knob: a lower budget moves the fall earlier, and the planner's mean is the target."""
+    from st3.accounting import Shape
+
+    shape = Shape(num_layers=32, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16)
+    half = st3.match("psigmoid", budget=0.5, shape=shape, visual=576, text=60)
+    third = st3.match("psigmoid", budget=0.33, shape=shape, visual=576, text=60)
+    assert 0.0 < third.midpoint < half.midpoint < 1.0
+    with pytest.raises(ValueError, match="cannot reach"):
+        st3.match("psigmoid", budget=0.05, shape=shape, visual=576, text=60)
