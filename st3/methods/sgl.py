@@ -62,9 +62,10 @@ class SGL(Method):
     budget_knob: ClassVar[str] = "keep"
     selectable: ClassVar[bool] = False
 
-    guide: nn.Module | Callable | None = None
-    """The small VLM (same family and image geometry as the model, eager attention), or a function building it
-    from the model it is applied to; None is refused when applied."""
+    guide: nn.Module | Callable | str | None = None
+    """The small VLM (same family and image geometry as the model, eager attention), a function building it from
+    the model it is applied to, or a checkpoint (a local directory or hub id: loaded once with the model's class,
+    dtype and device, eager; `-m sgl:guide=PATH` on the command line); None is refused when applied."""
     layer: int | None = None
     """The large model's layer entering which the visual tokens leave; None: the official int(0.4 x depth) (12 of
     32, 19 of 48)."""
@@ -75,6 +76,7 @@ class SGL(Method):
     _small: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
     _seen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _vision: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _loaded: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def validate(self) -> None:
         check(self.layer is None or self.layer >= 0, "layer", f"must be >= 0, got {self.layer}")
@@ -96,7 +98,7 @@ class SGL(Method):
     def knobs(self) -> dict:
         knobs = super().knobs()
         guide = self.guide
-        if guide is not None:  # a model is no JSON: its class and checkpoint, or the builder's name
+        if guide is not None and not isinstance(guide, str):  # a model is no JSON: its class and path, or a name
             path = getattr(getattr(guide, "config", None), "name_or_path", "")
             name = getattr(guide, "__name__", repr(guide))
             knobs["guide"] = f"{type(guide).__name__}({path})" if isinstance(guide, nn.Module) else name
@@ -104,10 +106,27 @@ class SGL(Method):
 
     def __call__(self, model: nn.Module, decoder: str = "auto") -> Session:
         session = super().__call__(model, decoder)
-        guide = self.guide if self.guide is None or isinstance(self.guide, nn.Module) else self.guide(model)
+        guide = self.guide
+        if isinstance(guide, str):
+            guide = self._from_checkpoint(guide, model)
+        elif guide is not None and not isinstance(guide, nn.Module):
+            guide = guide(model)
         check_guide(guide, session.adapter)
         self._small, self._engine = guide, session.engine
         return _Guided(session, self, model.base_model)  # type: ignore[return-value]
+
+    def _from_checkpoint(self, path: str, model: nn.Module) -> nn.Module:
+        """The guide at `path`, loaded as the model's class (dtype, device, eager attention) once per method."""
+        if path not in self._loaded:
+            from st3.compat import LOAD_KWARGS
+
+            device = next(model.parameters()).device
+            try:
+                guide = type(model).from_pretrained(path, dtype=model.dtype, attn_implementation="eager", **LOAD_KWARGS)
+            except OSError as error:
+                raise ValueError(f"guide: cannot load a {type(model).__name__} from {path!r}: {error}") from None
+            self._loaded[path] = guide.to(device).eval()
+        return self._loaded[path]
 
     def begin(self, trace) -> None:
         super().begin(trace)

@@ -321,6 +321,27 @@ def test_sgl_runs_its_guide_without_autograd_and_counts_its_flops():
     assert flops["prefill"] < flops["prefill_unpruned"]  # the decoder's own counts, as the planner predicts them
 
 
+def test_sgl_loads_a_guide_named_by_its_checkpoint_once(tmp_path):
+    """`guide=PATH` (as `-m sgl:guide=PATH` gives it) keeps what the same guide as a module keeps, loaded once."""
+    from cases import guide_for
+
+    model = tiny_llava()
+    batch = tiny_inputs(model, ((4, 6), (2, 9)))
+    guide = guide_for(model)
+    guide.save_pretrained(tmp_path)
+    by_module = st3.SGL(guide=guide, layer=2, keep=0.5)
+    by_path = st3.get("sgl", guide=str(tmp_path), layer=2, keep=0.5)
+    for method in (by_module, by_path, by_path):
+        with method(model):
+            model(**batch)
+    assert [p.tolist() for p in by_path.trace.prefill_visual_positions[2]] == [
+        p.tolist() for p in by_module.trace.prefill_visual_positions[2]
+    ]
+    assert len(by_path._loaded) == 1 and by_path.knobs()["guide"] == str(tmp_path)
+    with pytest.raises(ValueError, match="^guide: cannot load a LlavaForConditionalGeneration from"):
+        st3.SGL(guide=str(tmp_path / "missing"), layer=2)(model)
+
+
 def _llava_guide(**change):
     """A 2-layer eager LLaVA guide whose config differs from tiny_llava's by `change` (vision_config.x: the tower's)."""
     from cases import guide_for
