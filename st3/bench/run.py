@@ -178,7 +178,7 @@ def summarise(entry: Resolved, samples: list[Sample], vanilla_flops: dict[str, i
         "kv_bytes_per_layer": last.kv_bytes_per_layer,
         "flops": flops,
         "trace": trace,
-        "samples": [{k: v for k, v in row.items() if k not in ("trace", "kv_bytes_per_layer")} for row in rows],
+        "samples": [{k: v for k, v in row.items() if k not in ("trace", "kv_bytes_per_layer", "token_s")} for row in rows],
     }
 
 
