@@ -31,15 +31,23 @@ from st3.bench.shapes import bench_inputs
 
 BUDGETS = (0.5, 0.33, 0.22, 0.11)
 UNPRUNED = "unpruned"
-SHORT, LONG = 8, 64
-"""Answer lengths timed: a one-word answer and a long one, both read from one generate of LONG tokens."""
-TIMES = {"ttft": 1, f"e2e{SHORT}": SHORT, f"e2e{LONG}": LONG}
-"""What is timed: seconds from the start of generate to the logits of token k."""
-TIMING = (
-    f"one greedy generate of {LONG} tokens per run; TTFT, e2e@{SHORT} and e2e@{LONG} are the times at which tokens "
-    f"1, {SHORT} and {LONG} came out of that same run (the clock is read when each token's logits are ready), not "
-    f"separate {SHORT}-token generates"
-)
+ANSWERS = (8, 64)
+"""Answer lengths timed: a one-word answer and a long one, both read from one generate of the longer."""
+
+
+def times(config: FrontierConfig) -> dict[str, int]:
+    """What is timed: name -> k, the seconds from the start of generate to the logits of token k."""
+    short, long = config.answers
+    return {"ttft": 1, "short": short, "long": long}
+
+
+def timing(config: FrontierConfig) -> str:
+    short, long = config.answers
+    return (
+        f"one greedy generate of {long} tokens per run; TTFT, e2e@{short} and e2e@{long} are the times at which "
+        f"tokens 1, {short} and {long} came out of that same run (the clock is read when each token's logits are "
+        f"ready), not separate {short}-token generates"
+    )
 
 
 @dataclass
@@ -49,10 +57,14 @@ class FrontierConfig(BenchConfig):
     budgets: list[float] = field(default_factory=lambda: list(BUDGETS))
     accuracy: list[str] = field(default_factory=list)
     """`st3 eval --json` files: methods and accuracies to join."""
+    answers: tuple[int, int] = ANSWERS
+    """(short, long) answer lengths in tokens (tests shorten them)."""
 
     def __post_init__(self) -> None:
-        self.batch_sizes, self.new_tokens = [1], [LONG]
+        self.batch_sizes, self.new_tokens = [1], [self.answers[1]]
         super().__post_init__()
+        if not 1 < self.answers[0] <= self.answers[1]:
+            raise ValueError(f"answers: (short, long) with 1 < short <= long, got {self.answers}")
         for budget in self.budgets:
             if not 0.0 < budget < 1.0:
                 raise ValueError(f"--budget: each must be in (0, 1) (1 is the unpruned model), got {budget}")
@@ -146,23 +158,25 @@ def run_frontier(config: FrontierConfig) -> dict:
                disable=not config.progress, file=sys.stderr)  # fmt: skip
     samples = interleaved(
         range(len(entries)),
-        lambda i: measure_generate(model, inputs, LONG, entries[i].method, config.clock),
+        lambda i: measure_generate(model, inputs, config.answers[1], entries[i].method, config.clock),
         config.repeats,
         config.warmup,
-        warm=lambda i: measure_generate(model, inputs, WARMUP_TOKENS, entries[i].method, config.clock),
+        warm=lambda i: measure_generate(model, inputs, min(config.answers[1], WARMUP_TOKENS), entries[i].method,
+                                        config.clock),  # fmt: skip
         tick=bar.update,
     )
     bar.close()
-    flops = unpruned_flops(adapter.shape, [inputs["input_ids"].shape[1]], LONG)
-    runs = {e.label: summarise(e, samples[i], flops) | token_times(samples[i]) for i, e in enumerate(entries)}
+    flops = unpruned_flops(adapter.shape, [inputs["input_ids"].shape[1]], config.answers[1])
+    timed = times(config)
+    runs = {e.label: summarise(e, samples[i], flops) | token_times(samples[i], timed) for i, e in enumerate(entries)}
     shown = config.warmup >= 1 and config.repeats >= 2
-    rows = [row(spec, budget, why, runs, samples, entries, accuracy, shown) for spec, budget, _, why in plans]
-    notes = [TIMING, budget_note(visual, accuracy)]
+    rows = [row(spec, b, why, runs, samples, entries, accuracy, timed if shown else {}) for spec, b, _, why in plans]
+    notes = [timing(config), budget_note(visual, accuracy)]
     if not shown:
         notes.append("times not shown: they need a warm-up and at least 2 repeats (--warmup 1 --repeats 3); the "
                      "per-run samples are in the JSON for sizing a run only")  # fmt: skip
     header = meta(config, model, adapter.shape, source, device, build_s, started)
-    header["timing"] = TIMING
+    header["timing"] = timing(config)
     return {
         "meta": header,
         "visual_tokens": visual,
@@ -173,18 +187,20 @@ def run_frontier(config: FrontierConfig) -> dict:
         "rows": rows,
         "runs": runs,
         "notes": notes,
+        "answer_tokens": timed,
         "times_shown": shown,
     }
 
 
-def token_times(samples: list[Sample]) -> dict:
-    """Spread of the time to token 1, SHORT and LONG over the repeats, and each run's."""
-    runs = {name: [s.token_s[k - 1] for s in samples] for name, k in TIMES.items()}
+def token_times(samples: list[Sample], timed: dict[str, int]) -> dict:
+    """Spread of the time to each timed token over the repeats, and each run's."""
+    runs = {name: [s.token_s[k - 1] for s in samples] for name, k in timed.items()}
     return {f"{name}_s": spread(values) for name, values in runs.items()} | {"token_s_samples": runs}
 
 
-def row(spec, budget, why, runs, samples, entries, accuracy, shown) -> dict:
-    """One (method, budget): its speed-ups and KV ratio against the unpruned run, and its accuracies."""
+def row(spec, budget, why, runs, samples, entries, accuracy, timed: dict[str, int]) -> dict:
+    """One (method, budget): its speed-ups (of the `timed` tokens; none shown: None) and KV ratio against the
+    unpruned run, and its accuracies."""
     label = f"{spec} @ {budget:.0%}"
     key = round(budget, 4)
     out = {
@@ -205,11 +221,10 @@ def row(spec, budget, why, runs, samples, entries, accuracy, shown) -> dict:
     out["visual_per_layer"] = run["trace"]["mean_visual_per_layer"] if run["trace"] else None
     out["kv_ratio"] = ratios(base, run)["kv_ratio"]
     out["flops_speedup_total"] = ratios(base, run)["flops_speedup_total"]
-    for name, k in TIMES.items():
-        speedup = base[f"{name}_s"]["median"] / run[f"{name}_s"]["median"]
-        per_round = [a.token_s[k - 1] / b.token_s[k - 1] for a, b in rounds]
-        out[f"{name}_speedup"] = speedup if shown else None
-        out[f"{name}_speedup_rounds"] = spread(per_round) if shown else None
+    for name in ("ttft", "short", "long"):
+        k = timed.get(name)
+        out[f"{name}_speedup"] = base[f"{name}_s"]["median"] / run[f"{name}_s"]["median"] if k else None
+        out[f"{name}_speedup_rounds"] = spread([a.token_s[k - 1] / b.token_s[k - 1] for a, b in rounds]) if k else None
     return out
 
 
@@ -231,6 +246,11 @@ def fmt_ratio(value: float | None, rounds: dict | None) -> str:
     return f"{value:.2f} [{rounds['min']:.2f}-{rounds['max']:.2f}]" if rounds["n"] > 1 else f"{value:.2f}"
 
 
+def time_heads(result: dict) -> dict[str, str]:
+    tokens = result["answer_tokens"]
+    return {"ttft": "TTFT", "short": f"e2e@{tokens['short']}", "long": f"e2e@{tokens['long']}"}
+
+
 def fmt_acc(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -247,9 +267,9 @@ def print_frontier(result: dict) -> None:
     console.print(escape(f"st3 frontier: {meta['model']['source']} ({meta['shape_text']}), {meta['dtype']}, on "
                          f"{meta['device_name']} ({meta['threads']} threads), {meta['config']['clock']} clock; "
                          f"{spread_label(meta['config']['repeats'])}"))  # fmt: skip
+    heads = time_heads(result)
     table = _table("speed-up vs unpruned (x faster; [min-max] of the per-round ratios) and accuracy",
-                   ("method", "budget", "TTFT x", f"e2e@{SHORT} x", f"e2e@{LONG} x", "KV peak", "QA acc",
-                    "caption acc"))  # fmt: skip
+                   ("method", "budget", *(f"{h} x" for h in heads.values()), "KV peak", "QA acc", "caption acc"))
     unpruned = result["unpruned"]
     table.add_row("unpruned", "100%", "1", "1", "1", "1", fmt_acc(unpruned["qa"]), fmt_acc(unpruned["caption"]))
     for r in result["rows"]:
@@ -257,15 +277,15 @@ def print_frontier(result: dict) -> None:
             table.add_row(escape(r["method"]), f"{r['budget']:.0%}", "unreachable", "", "", "", fmt_acc(r["qa"]),
                           fmt_acc(r["caption"]))  # fmt: skip
             continue
-        cells = [fmt_ratio(r[f"{name}_speedup"], r[f"{name}_speedup_rounds"]) for name in TIMES]
+        cells = [fmt_ratio(r[f"{name}_speedup"], r[f"{name}_speedup_rounds"]) for name in heads]
         table.add_row(escape(r["method"]), f"{r['budget']:.0%}", *cells, f"{r['kv_ratio']:.2f}", fmt_acc(r["qa"]),
                       fmt_acc(r["caption"]))  # fmt: skip
     console.print(table)
     if result["times_shown"]:
-        times = _table("measured seconds, median [min-max]", ("method", "TTFT s", f"e2e@{SHORT} s", f"e2e@{LONG} s"))
+        seconds = _table("measured seconds, median [min-max]", ("method", *(f"{h} s" for h in heads.values())))
         for label, run in result["runs"].items():
-            times.add_row(escape(label), *(escape(fmt_spread(run[f"{name}_s"])) for name in TIMES))
-        console.print(times)
+            seconds.add_row(escape(label), *(escape(fmt_spread(run[f"{name}_s"])) for name in heads))
+        console.print(seconds)
     for r in result["rows"]:
         if not r["reachable"]:
             console.print(escape(f"unreachable: {r['method']} at {r['budget']:.0%}: {r['unreachable']}"))
@@ -282,11 +302,12 @@ def write_plot(result: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     markers = "osD^vP*Xhp<>"
-    fig, axes = plt.subplots(1, len(TIMES), figsize=(5.5 * len(TIMES), 4.5), sharey=True, squeeze=False)
-    titles = {"ttft": "time to first token", f"e2e{SHORT}": f"short answer ({SHORT} tokens)",
-              f"e2e{LONG}": f"long answer ({LONG} tokens)"}  # fmt: skip
+    tokens = result["answer_tokens"]
+    titles = {"ttft": "time to first token", "short": f"short answer ({tokens['short']} tokens)",
+              "long": f"long answer ({tokens['long']} tokens)"}  # fmt: skip
+    fig, axes = plt.subplots(1, len(titles), figsize=(5.5 * len(titles), 4.5), sharey=True, squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
-    for ax, name in zip(axes[0], TIMES):
+    for ax, name in zip(axes[0], titles):
         for i, method in enumerate(methods):
             points = [(r[f"{name}_speedup"], r["qa"], r["budget"]) for r in result["rows"]
                       if r["method"] == method and r.get(f"{name}_speedup") is not None and r["qa"] is not None]
