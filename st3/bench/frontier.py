@@ -97,25 +97,29 @@ def default_methods(accuracy: dict) -> list[str]:
     return list(labels) if accuracy["sources"] else st3.methods()
 
 
-def check_specs(specs: list[str]) -> None:
-    """Refuse an unknown method, a bad knob or ':match' before a 13 GB model is built."""
+def check_specs(specs: list[str], explicit: bool) -> dict[str, str]:
+    """Why each spec cannot be built ({spec: reason}), found before a 13 GB model is built: a spec given with -m
+    is refused (ValueError); one read from an accuracy file (a method renamed since) is reported in its rows."""
     import st3
     from st3.spec import parse
 
+    refused = {}
     for spec in specs:
         choice = parse(spec)
         if choice.match:
             raise ValueError(f"method spec {spec!r}: the budget knob is always matched here; drop ':match'")
-        if choice.name not in st3.methods():
-            raise ValueError(f"method {spec!r}: not registered; available: {', '.join(st3.methods())}")
         try:
             st3.get(choice.name, **choice.knobs)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"method {spec!r}: {error}") from None
+        except (KeyError, TypeError, ValueError) as error:
+            refused[spec] = f"method {spec!r}: {error}"
+            if explicit:
+                raise ValueError(refused[spec]) from None
+    return refused
 
 
-def configure(specs: list[str], budgets: list[float], shape, visual: int, text: int) -> list[tuple]:
-    """(label, budget, method or None, why unreachable) for every spec at every budget, as `st3 eval` matches."""
+def configure(specs: list[str], budgets: list[float], shape, visual: int, text: int, refused: dict) -> list[tuple]:
+    """(label, budget, method or None, why unreachable) for every spec at every budget, as `st3 eval` matches;
+    `refused`: specs that cannot be built, and why."""
     from st3.budget import at_budget
     from st3.spec import parse
 
@@ -123,6 +127,9 @@ def configure(specs: list[str], budgets: list[float], shape, visual: int, text: 
     for spec in specs:
         choice = parse(spec)
         for budget in budgets:
+            if spec in refused:
+                out.append((spec, budget, None, refused[spec]))
+                continue
             try:
                 method = at_budget(choice.name, choice.knobs, budget, shape, visual, text)
                 method.validate_for(shape.num_layers)
@@ -140,7 +147,7 @@ def run_frontier(config: FrontierConfig) -> dict:
         torch.set_num_threads(config.threads)
     accuracy = read_accuracy(config.accuracy)
     specs = config.methods or default_methods(accuracy)
-    check_specs(specs)
+    refused = check_specs(specs, explicit=config.methods is not None)
     started = time.time()
     device = resolve_device(config.device)
     load_start = time.perf_counter()
@@ -150,7 +157,7 @@ def run_frontier(config: FrontierConfig) -> dict:
     inputs = bench_inputs(model, 1, config.text_before, config.text_after)
     visual = int(adapter.visual_mask(inputs["input_ids"]).sum())
     text = inputs["input_ids"].shape[1] - visual
-    plans = configure(specs, config.budgets, adapter.shape, visual, text)
+    plans = configure(specs, config.budgets, adapter.shape, visual, text, refused)
     entries = [Resolved(UNPRUNED, UNPRUNED, None, {})] + [
         Resolved(f"{spec} @ {budget:.0%}", spec, method, method.knobs()) for spec, budget, method, _ in plans if method
     ]

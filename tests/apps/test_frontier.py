@@ -22,6 +22,7 @@ ACCURACY = {
         {"method": "spread", "budget": 0.5, "task": "caption", "accuracy": 0.5},
         {"method": "spread", "budget": 0.11, "task": "qa", "accuracy": 0.4},
         {"method": "pyramiddrop", "budget": 0.5, "task": "qa", "accuracy": 0.7},
+        {"method": "nosuch", "budget": 0.5, "task": "qa", "accuracy": 0.1},  # e.g. a method renamed since
     ],
     "notes": ["pyramiddrop at 11%: PyramidDrop cannot reach visual_per_layer=35.64 through keep"],
 }  # fmt: skip
@@ -43,13 +44,14 @@ def result(accuracy_file):
 
 def test_methods_of_the_accuracy_file_at_every_budget_joined(result):
     rows = {(r["method"], r["budget"]): r for r in result["rows"]}
-    assert list(rows) == [("spread", 0.5), ("spread", 0.11), ("pyramiddrop", 0.5), ("pyramiddrop", 0.11)]
+    assert list(rows) == [(m, b) for m in ("spread", "pyramiddrop", "nosuch") for b in (0.5, 0.11)]
     assert (rows["spread", 0.5]["qa"], rows["spread", 0.5]["caption"]) == (0.85, 0.5)
     assert (rows["spread", 0.11]["qa"], rows["spread", 0.11]["caption"]) == (0.4, None)
     assert result["unpruned"] == {"qa": 0.9, "caption": 0.8}
     unreachable = rows["pyramiddrop", 0.11]
     assert not unreachable["reachable"] and "cannot reach" in unreachable["unreachable"]
     assert unreachable["accuracy_note"].startswith("pyramiddrop at 11%")
+    assert "unknown method 'nosuch'" in rows["nosuch", 0.5]["unreachable"] and rows["nosuch", 0.5]["qa"] == 0.1
     assert list(result["runs"]) == ["unpruned", "spread @ 50%", "spread @ 11%", "pyramiddrop @ 50%"]
     for (_, budget), row in rows.items():  # the timed run keeps the budget st3 eval's accuracy was measured at
         if row["reachable"]:
@@ -99,7 +101,7 @@ def test_cli_without_repeats_shows_no_times(accuracy_file, tmp_path):
 
 @pytest.mark.parametrize(
     ("args", "error"),
-    [(["-m", "spread:match"], "always matched"), (["-m", "nosuch"], "not registered"), (["--budget", "1"], "(0, 1)")],
+    [(["-m", "spread:match"], "always matched"), (["-m", "nosuch"], "unknown method"), (["--budget", "1"], "(0, 1)")],
 )
 def test_cli_refuses_before_building(args, error):
     run = CliRunner().invoke(app, ["frontier", "--model", "tiny", *args])
