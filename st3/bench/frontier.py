@@ -68,6 +68,8 @@ class FrontierConfig(BenchConfig):
         for budget in self.budgets:
             if not 0.0 < budget < 1.0:
                 raise ValueError(f"--budget: each must be in (0, 1) (1 is the unpruned model), got {budget}")
+        if len({f"{b:.0%}" for b in self.budgets}) != len(self.budgets):
+            raise ValueError(f"--budget: each must differ from the others in whole percents, got {self.budgets}")
 
 
 def read_accuracy(paths: list[str]) -> dict:
@@ -226,8 +228,8 @@ def row(spec, budget, why, runs, samples, entries, accuracy, timed: dict[str, in
     rounds = list(zip(samples[0], samples[index]))  # the same round's unpruned and method runs
     out["knobs"] = run["knobs"]
     out["visual_per_layer"] = run["trace"]["mean_visual_per_layer"] if run["trace"] else None
-    out["kv_ratio"] = ratios(base, run)["kv_ratio"]
-    out["flops_speedup_total"] = ratios(base, run)["flops_speedup_total"]
+    against = ratios(base, run)
+    out["kv_ratio"], out["flops_speedup_total"] = against["kv_ratio"], against["flops_speedup_total"]
     for name in ("ttft", "short", "long"):
         k = timed.get(name)
         out[f"{name}_speedup"] = base[f"{name}_s"]["median"] / run[f"{name}_s"]["median"] if k else None

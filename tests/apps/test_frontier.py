@@ -101,7 +101,8 @@ def test_cli_without_repeats_shows_no_times(accuracy_file, tmp_path):
 
 @pytest.mark.parametrize(
     ("args", "error"),
-    [(["-m", "spread:match"], "always matched"), (["-m", "nosuch"], "unknown method"), (["--budget", "1"], "(0, 1)")],
+    [(["-m", "spread:match"], "always matched"), (["-m", "nosuch"], "unknown method"), (["--budget", "1"], "(0, 1)"),
+     (["--budget", "0.33", "--budget", "0.333"], "whole percents")],
 )
 def test_cli_refuses_before_building(args, error):
     run = CliRunner().invoke(app, ["frontier", "--model", "tiny", *args])
