@@ -112,6 +112,39 @@ def bench(
 
 
 @app.command()
+def frontier(
+    model: str = typer.Option("llava-1.5-7b", help="Shape to time (`st3.models.SPECS`, see st3 bench --model)."),
+    layers: int = typer.Option(0, help="Keep only the first N decoder layers (quick runs; reported)."),
+    method: list[str] = typer.Option(
+        [], "--method", "-m", help="Repeatable: name or name:knob=value,... (the budget knob is matched), as in the "
+        "accuracy file. Default: every method the --accuracy files scored (else every registered method).",
+    ),
+    budget: list[float] = typer.Option([0.5, 0.33, 0.22, 0.11], help="Shares of visual tokens per layer (st3 eval's)."),
+    accuracy: list[str] = typer.Option([], help="An `st3 eval --json` file whose accuracies are joined; repeatable."),
+    repeats: int = typer.Option(3, help="Timed rounds (each runs every configuration once, interleaved)."),
+    warmup: int = typer.Option(1, help="Untimed warm-up rounds."),
+    dtype: str = typer.Option("bf16", help="fp32, bf16 or fp16."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    clock: str = typer.Option("wall", help="wall, process or thread (CPU time: robust on a shared CPU)."),
+    json_out: str = typer.Option("", "--json", help="Write everything (settings, machine, every run) to this path."),
+    plot: str = typer.Option("", help="Write a PNG of QA accuracy vs measured speed-up to this path."),
+) -> None:
+    """Accuracy (from st3 eval) vs measured speed-up (TTFT, 8- and 64-token answers) and KV at matched budgets."""
+    from st3.bench.frontier import FrontierConfig, main
+    from st3.spec import dtype_name
+
+    try:
+        config = FrontierConfig(model=model, layers=layers or None, methods=list(method) or None, repeats=repeats,
+                                warmup=warmup, dtype=dtype_name(dtype, ("fp32", "bf16", "fp16")), device=device,
+                                threads=threads or None, clock=clock, budgets=list(budget),
+                                accuracy=list(accuracy))  # fmt: skip
+        main(config, json_path=json_out or None, plot_path=plot or None)
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+@app.command()
 def plan(
     method: str = typer.Option("st3", "--method", "-m", help=METHOD),
     knob: list[str] = typer.Option([], "--knob", help=KNOB),

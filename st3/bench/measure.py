@@ -114,6 +114,8 @@ class Sample:
     (an unpruned cache only grows)."""
     trace: dict | None = field(default=None, repr=False)
     """The method's trace summary, plus visual tokens per layer over decode steps."""
+    token_s: list[float] = field(default_factory=list, repr=False)
+    """Seconds from the start of generate to each token's logits: token k's end-to-end time (st3 frontier)."""
 
     @property
     def e2e_tokens_per_s(self) -> float:
@@ -182,6 +184,7 @@ def measure_generate(
         kv_bytes_per_layer=per_layer,
         kv_bytes_peak=trace["kv_bytes_peak"] if trace else sum(per_layer),
         trace=trace,
+        token_s=[stamp - timed.start for stamp in stamps.stamps],
     )
 
 

@@ -152,6 +152,8 @@ def run_block(model, config: BenchConfig, batch_size: int, new_tokens: int, meth
     }
 
 
+PER_RUN_ONLY = ("trace", "kv_bytes_per_layer", "token_s")
+"""Sample fields kept out of the per-sample rows of the JSON (the last run's trace and KV are summarised)."""
 METRICS = ("prefill_s", "decode_s_per_token", "e2e_s", "e2e_tokens_per_s", "decode_tokens_per_s")
 
 
@@ -178,7 +180,7 @@ def summarise(entry: Resolved, samples: list[Sample], vanilla_flops: dict[str, i
         "kv_bytes_per_layer": last.kv_bytes_per_layer,
         "flops": flops,
         "trace": trace,
-        "samples": [{k: v for k, v in row.items() if k not in ("trace", "kv_bytes_per_layer")} for row in rows],
+        "samples": [{k: v for k, v in row.items() if k not in PER_RUN_ONLY} for row in rows],
     }
 
 
