@@ -2,11 +2,16 @@
 dynamic and a static cache, at a real model's shape (random weights; speed does not depend on them).
 
     python benchmarks/stock_speed.py [--model llava-1.5-7b] [--layers 4] [--keep 64] [--new-tokens 8]
-                                     [--repeats 3] [--warmup 1] [--dtype bf16] [--json out.json]
+                                     [--repeats 3] [--warmup 1] [--dtype bf16] [--device cpu] [--json out.json]
+                                     [--compile [--compile-mode reduce-overhead]] [--quantize int8]
 
 Entries run interleaved (A B C ... A B C) after untimed warm-up rounds; medians of wall-clock seconds per
 generate (image encoding included), and the ratio of each to the model alone with the same cache.
-No torch.compile here: compiling a 7B-shaped decoder with inductor on a small CPU takes longer than the run.
+`--compile` compiles `model.forward` (what users do with a static cache; `reduce-overhead` adds CUDA graphs on a
+GPU) and times the static-cache entries only, the model alone and the method on the stock decoder (st3's own loop
+refuses a compiled forward); the warm-up rounds then include compilation. `--quantize int8` quantizes the decoder's
+linear layers with torchao's int8 weight-only config first (needs torchao). Compiling a 7B-shaped decoder with
+inductor on a small CPU takes longer than the run: the compiled entries are meant for a GPU (benchmarks/run_gpu.sh).
 """
 
 from __future__ import annotations
@@ -38,10 +43,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--compile", action="store_true", help="torch.compile(model.forward), static caches only")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode (e.g. reduce-overhead)")
+    parser.add_argument("--quantize", default="none", choices=("none", "int8"), help="int8: torchao weight-only")
     parser.add_argument("--json")
     args = parser.parse_args()
-    model = build_model(spec_for(args.model), DTYPES[args.dtype])
+    model = build_model(spec_for(args.model), DTYPES[args.dtype], device=args.device)
     truncate(model, args.layers)
+    if args.quantize == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model.model.language_model, Int8WeightOnlyConfig())
+    entries = [e for e in ENTRIES if e[1] == "static" or not args.compile]
+    if args.compile:
+        model.forward = torch.compile(model.forward, mode=args.compile_mode)
     inputs = bench_inputs(model, 1)
 
     def run(entry: tuple[str, str]) -> float:
@@ -57,9 +73,11 @@ def main() -> None:
                 method = st3.get(args.method, **{st3.get(args.method).budget_knob: args.keep})
                 with method(model, decoder=path):
                     model.generate(**inputs, **kwargs)
+        if args.device != "cpu":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    samples = interleaved(ENTRIES, run, args.repeats, args.warmup)
+    samples = interleaved(entries, run, args.repeats, args.warmup)
     medians = {entry: spread(values)["median"] for entry, values in samples.items()}
     rows = []
     for (path, cache), median in medians.items():
