@@ -14,6 +14,8 @@ unsupported and what is.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +83,26 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+@contextmanager
+def loaded(*modules: nn.Module) -> Iterator[None]:
+    """Load, for direct calls into their submodules, the weights accelerate keeps off the device until one of
+    `modules` runs its forward: a module offloaded whole (`preload_module_classes`) holds its submodules' weights on
+    the meta device, and they have no hook of their own. st3 re-projects queries and keys without running the layer,
+    so it loads them as that forward would, and offloads them again after. A module offloaded submodule by submodule
+    (what `from_pretrained(device_map=...)` does) needs nothing here: each submodule's own hook loads its weights."""
+    done = []
+    try:
+        for module in modules:
+            hook = getattr(module, "_hf_hook", None)  # accelerate's AlignDevicesHook
+            if getattr(hook, "offload", False) and getattr(hook, "place_submodules", False):
+                hook.pre_forward(module)
+                done.append((hook, module))
+        yield
+    finally:
+        for hook, module in reversed(done):
+            hook.post_forward(module, None)
 
 
 def _row_coupled(layer: nn.Module) -> str | None:
@@ -263,12 +285,14 @@ class Adapter:
 
     # ----------------------------------------------------------------------------------- re-projection
     def _project(self, layer: int, proj: str, norm: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s `proj` rows of `hidden`, per head, on `hidden`'s device (the layer may run on another)."""
         decoder_layer = self.layers[layer]
         attn = decoder_layer.self_attn
-        rows = getattr(attn, proj)(decoder_layer.input_layernorm(hidden)).view(*hidden.shape[:2], -1, attn.head_dim)
-        if hasattr(attn, norm):
-            rows = getattr(attn, norm)(rows)
-        return rows.transpose(1, 2)
+        with loaded(decoder_layer, attn):
+            rows = getattr(attn, proj)(decoder_layer.input_layernorm(hidden)).view(*hidden.shape[:2], -1, attn.head_dim)
+            if hasattr(attn, norm):
+                rows = getattr(attn, norm)(rows)
+        return rows.transpose(1, 2).to(hidden.device)
 
     def project_queries(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotated query rows [B, heads, R, head_dim] of layer `layer` for its input rows `hidden` [B, R, H]."""

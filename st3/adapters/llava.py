@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import st3.adapters.build as build
-from st3.adapters.base import Adapter, Grid, MaskRule, tower_square
+from st3.adapters.base import Adapter, Grid, MaskRule, loaded, tower_square
 
 if TYPE_CHECKING:
     from st3.models import ModelSpec
@@ -139,10 +139,11 @@ class LlavaAdapter(Adapter):
     def _cls_attention(self, layer: nn.Module, layer_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the [CLS] query's attention to each patch [N, P], heads averaged; the patches' keys [N, heads, P, D])."""
         attn = layer.self_attn
-        normed = layer.layer_norm1(layer_input)
-        images, tokens, _ = normed.shape
-        query = attn.q_proj(normed[:, :1]).view(images, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        keys = attn.k_proj(normed).view(images, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
+        with loaded(layer, attn):
+            normed = layer.layer_norm1(layer_input)
+            images, tokens, _ = normed.shape
+            query = attn.q_proj(normed[:, :1]).view(images, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            keys = attn.k_proj(normed).view(images, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
         probs = torch.softmax((query @ keys.transpose(-1, -2)).float() * attn.scale, dim=-1)  # [N, heads, 1, 1+P]
         return probs.mean(1)[:, 0, 1:], keys[:, :, 1:]
 
@@ -172,7 +173,7 @@ class LlavaAdapter(Adapter):
         flat = replaced.reshape(-1)
         if bool(flat.any()):
             projected = self.model.model.multi_modal_projector(merged[replaced].unsqueeze(0))[0]
-            hidden[positions[0][flat], positions[1][flat]] = projected.to(hidden.dtype)
+            hidden[positions[0][flat], positions[1][flat]] = projected.to(hidden.device, hidden.dtype)
         kept = torch.zeros_like(visual)
         kept[positions] = keep.reshape(-1)
         return hidden, kept

@@ -363,7 +363,7 @@ class PrunableLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         order = _host_index(indices)
-        self._batch(lambda t: t[indices], lambda v: [v[i] for i in order])
+        self._batch(lambda t: t[indices.to(t.device)], lambda v: [v[i] for i in order])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a pruned KV cache cannot be cropped; run the prompt again instead")

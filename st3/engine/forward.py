@@ -8,6 +8,11 @@ It replaces the decoder stack's `forward` while a method is applied. Compared wi
 - at the layers the method names, ranks the visual tokens by re-projected attention and gathers the
   surviving rows of the hidden states (prefill), or drops entries from a layer's KV cache (decode).
 Everything model-specific is the adapter's; every decision (how many, which) is the method's (`Policy`).
+
+A model split over devices (accelerate's `device_map`) runs as the stock loop runs it: each layer's hook moves its
+inputs to its device. The rows of a prefill follow the hidden states to the device of the layer that produced them;
+decode-time scoring and eviction run on the device of the layer's cache; what is read from another device (the
+layer before's keys, a projection) is moved there where it is read.
 """
 
 from __future__ import annotations
@@ -123,6 +128,9 @@ class Engine:
             previous = rows.hidden
             rotary = self.adapter.layer_rotary(index, rows.cos, rows.sin)
             hidden = decoder_layer(rows.hidden, attention_mask=masks[rule], position_embeddings=rotary, **call)
+            if hidden.device != rows.valid.device:  # the layer ran on another device: the rows follow its output
+                rows, masks = rows.to(hidden.device), {}
+                counts = rows.counts()
             rows.hidden = self.adapter.after_layer(index, hidden, rows.carried)
             cache.layers[index].end_prefill(
                 rows.columns, rows.valid, rows.visual, counts.real, counts.held, self.method.accumulates, width
@@ -198,7 +206,7 @@ class Engine:
         """Let the method merge visual tokens from the vision tower's view; return the surviving rows."""
         if "features" not in self.vision:
             raise ValueError(f"{type(self.method).__name__} needs the image itself: pass pixel_values to the model")
-        saliency, keys, features = self.adapter.vision_saliency(self.vision)
+        saliency, keys, features = (t.to(rows.hidden.device) for t in self.adapter.vision_saliency(self.vision))
         self.vision.clear()
         keep, replaced, merged = self.method.compress(saliency, keys, features)
         rows.hidden, kept = self.adapter.place_compressed(rows.hidden, rows.visual, keep, replaced, merged)
@@ -223,15 +231,15 @@ class Engine:
             valid=rows.valid,
             grids=self.trace.image_grids,
             previous_keys=lambda: self._previous_keys(index, rows, cache),
-            normed=lambda: self.adapter.final_norm(rows.hidden),
+            normed=lambda: self.adapter.final_norm(rows.hidden).to(rows.hidden.device),
             columns=rows.columns,
-            prompt=lambda: prompt,
+            prompt=lambda: tuple(t.to(rows.hidden.device) for t in prompt),
         )
 
     def _previous_keys(self, index: int, rows: Rows, cache) -> torch.Tensor:
         """The rows' keys at layer index - 1 (cached: nothing was removed since it ran); at layer 0 its own."""
         if index > 0:
-            return cache.layers[index - 1].keys
+            return cache.layers[index - 1].keys.to(rows.hidden.device)
         return self.adapter.project_keys(0, rows.hidden, rows.cos, rows.sin)
 
     def _prefill_scores(
@@ -244,9 +252,9 @@ class Engine:
         `previous` holds the rows' inputs to the scored layer: nothing was removed since layer index - 1 ran.
         """
         scored = index if own else max(index - 1, 0)
-        adapter = self.adapter
+        adapter, previous = self.adapter, previous.to(rows.hidden.device)
         if scored < index:
-            keys = cache.layers[scored].keys
+            keys = cache.layers[scored].keys.to(rows.hidden.device)
         else:
             keys = adapter.project_keys(scored, rows.hidden, rows.cos, rows.sin)
         last = rows.last()
@@ -327,8 +335,9 @@ class Engine:
         return layer.held, layer.real, [c[m] for c, m in zip(layer.columns, layer.valid & layer.visual)]
 
     def _current_attention(self, index: int, layer: PrunableLayer, layer_input, cos, sin) -> torch.Tensor:
-        """Attention [B, S] the token being written gives each slot of `layer` (its own included)."""
-        queries = self.adapter.project_queries(index, layer_input, cos, sin)
+        """Attention [B, S] the token being written gives each slot of `layer` (its own included), on its device."""
+        device = layer.keys.device
+        queries = self.adapter.project_queries(index, layer_input.to(device), cos.to(device), sin.to(device))
         scaling = self.adapter.attention_scaling(index)
         visible = layer.valid if layer.padded else None
         if layer.window is not None:  # the new row's window over original columns (it is at next_column - 1 now)
@@ -340,9 +349,10 @@ class Engine:
                budgets: dict) -> tuple[torch.Tensor, View]:  # fmt: skip
         """Drop from `layer`'s cache the visual entries beyond `budget`, chosen by the method's eviction rule;
         return (kept, view) for the step's count check. Layers of one step with equal budgets share a tensor."""
-        keep = budgets.get(tuple(budget))
+        key = (tuple(budget), layer.keys.device)
+        keep = budgets.get(key)
         if keep is None:
-            keep = budgets[tuple(budget)] = torch.tensor(budget, device=layer.keys.device)
+            keep = budgets[key] = torch.tensor(budget, device=layer.keys.device)
         memo = [current]
 
         def attention(rows: torch.Tensor | None = None) -> torch.Tensor:

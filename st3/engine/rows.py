@@ -59,6 +59,16 @@ class Rows:
             blocks=None if self.blocks is None else gather(self.blocks, index, 1),
         )
 
+    def to(self, device: torch.device) -> Rows:
+        """These rows on `device` (a model split over devices: the rows follow the hidden states)."""
+        move = (self.hidden, self.cos, self.sin, self.position_ids, self.columns, self.valid, self.visual)
+        return Rows(
+            *(t.to(device) for t in move),
+            carried={name: value.to(device) for name, value in self.carried.items()},
+            image_end=self.image_end.to(device),
+            blocks=None if self.blocks is None else self.blocks.to(device),
+        )
+
     def without_visual(self, kept: torch.Tensor) -> Rows:
         """Drop the visual rows not in `kept` (and padding)."""
         return self.keep((self.valid & ~self.visual) | kept)

@@ -278,8 +278,9 @@ def as_selector(spec: Selector | Method | str | None) -> Selector | None:
 
 def _check_counts(pairs: list[tuple[torch.Tensor, View]], rule) -> None:
     """Raise unless each (selected, view) keeps min(keep, candidates) per sample; one sync for all pairs."""
-    want = torch.cat([torch.minimum(view.keep, view.candidates.sum(-1)) for _, view in pairs])
-    got = torch.cat([(selected & view.candidates).sum(-1) for selected, view in pairs])
+    device = pairs[0][0].device  # layers of a model split over devices evict on their own devices
+    want = torch.cat([torch.minimum(view.keep, view.candidates.sum(-1)).to(device) for _, view in pairs])
+    got = torch.cat([(selected & view.candidates).sum(-1).to(device) for selected, view in pairs])
     if not torch.equal(got, want):
         raise RuntimeError(f"{type(rule).__name__} kept {got.tolist()} visual tokens, not {want.tolist()}")
 
