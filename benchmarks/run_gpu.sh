@@ -6,9 +6,12 @@
 #   benchmarks/run_gpu.sh 3 OUTDIR   # vLLM serving with the st3 plugin (docs/vllm.md): req/s and TTFT at
 #                                    # concurrency 1, 8, 32; needs `pip install "st3[vllm]"` and the scenes package,
 #                                    # and llava-hf/llava-1.5-7b-hf in the local Hugging Face cache
+#   benchmarks/run_gpu.sh 4 OUTDIR   # fast paths (issue 32): the stock decoder under torch.compile with a static
+#                                    # cache (CUDA graphs), int8 weights (if torchao is installed), the
+#                                    # split-model offload test, and the speed-accuracy frontier at full depth
 # Each run writes NAME.json, NAME.png and NAME.txt (the terminal tables) under OUTDIR.
 set -u
-PART=${1:?part 1, 2 or 3}
+PART=${1:?part 1, 2, 3 or 4}
 R=${2:-benchmarks/results}
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
@@ -39,6 +42,32 @@ if [ "$PART" = 3 ]; then
         --settings none stratified:0.5 stratified:0.22 lattice:0.5 lattice:0.22 \
         --prompt $'<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image in detail.<|im_end|>\n<|im_start|>assistant\n' \
         --json "$R/gpu-vllm-qwen2.5-vl-7b.json" 2>&1 | grep -v -E "INFO|WARNING" | tail -n 30
+    stamp done
+    exit 0
+fi
+if [ "$PART" = 4 ]; then
+    stamp "offload: a model split over CPU and GPU (accelerate), equal to the same model on one device"
+    ${PYTHON:-python3} -m pytest -q -p no:cacheprovider tests/engine/test_offload.py -k split 2>&1 | tail -n 5
+    for mode in default reduce-overhead; do
+        stamp "stock decoder under torch.compile ($mode), static cache: LLaVA-1.5-7B, spread keeping 64 of 576"
+        ${PYTHON:-python3} benchmarks/stock_speed.py --device cuda --layers 32 --new-tokens 64 --repeats 3 --warmup 2 \
+            --compile --compile-mode $mode --json "$R/gpu-stock-compile-$mode.json" 2>&1 | grep -v -E "^W[0-9]" | tail -n 5
+    done
+    stamp "stock decoder, eager, dynamic and static caches (the compiled runs' baseline)"
+    ${PYTHON:-python3} benchmarks/stock_speed.py --device cuda --layers 32 --new-tokens 64 --repeats 3 --warmup 1 \
+        --json "$R/gpu-stock-eager.json" 2>&1 | tail -n 6
+    if ${PYTHON:-python3} -c "import torchao" 2>/dev/null; then
+        stamp "int8 weight-only (torchao): the model alone vs spread, st3's loop and the stock decoder"
+        ${PYTHON:-python3} benchmarks/stock_speed.py --device cuda --layers 32 --new-tokens 64 --repeats 3 --warmup 1 \
+            --quantize int8 --json "$R/gpu-stock-int8.json" 2>&1 | tail -n 6
+    else
+        stamp "int8 weight-only: skipped (torchao is not installed)"
+    fi
+    stamp "speed-accuracy frontier at LLaVA-1.5-7B's full depth (scenes accuracy joined)"
+    $ST3 frontier --device cuda --accuracy benchmarks/scenes-selectors.json --repeats 3 --warmup 1 \
+        --json "$R/gpu-frontier-llava-1.5-7b.json" --plot "$R/gpu-frontier-llava-1.5-7b.png" \
+        > "$R/gpu-frontier-llava-1.5-7b.txt" 2>&1
+    tail -n 60 "$R/gpu-frontier-llava-1.5-7b.txt"
     stamp done
     exit 0
 fi
