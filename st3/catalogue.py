@@ -124,6 +124,13 @@ CATALOGUE: dict[str, tuple[str, str]] = {
         'images and frames by token counts; every n-th visual token where the model gives no grid).',
         'keep=192, layer=2, selector=lattice()',
     ),
+    'psigmoid': (
+        "P-Sigmoid (arXiv 2412.00556), st3's form: from `start_layer` on, the share of the visual tokens "
+        'kept entering layer l is floor + (1 - floor) * sigmoid(steepness * (midpoint - l / L)) (default '
+        'rule: attention).',
+        'midpoint=0.5, steepness=10.0, floor=0.0, start_layer=2, min_keep=1, '
+        "selector=attention(query='last', scored_at='before')",
+    ),
     'pyramiddrop': (
         'Keep a fixed share of the remaining visual tokens at each stage boundary.',
         "keep=0.5, stages=None, variant='official', selector=attention(query='last', scored_at='own')",
