@@ -88,12 +88,14 @@ class Trace:
     def prefill_visual_positions(self) -> list[list[torch.Tensor]]:
         """[layer][sample]: sorted columns of the prompt's visual tokens whose key/value the layer holds after
         prefill (merged rows apart: `prefill_merged_positions`)."""
-        return [[c[m & (c >= 0)].cpu() for c, m in zip(cols, visual & valid)] for cols, valid, visual in self._prefill_log]
+        log = self._prefill_log
+        return [[c[m & (c >= 0)].cpu() for c, m in zip(cols, visual & valid)] for cols, valid, visual in log]
 
     @property
     def prefill_merged_positions(self) -> list[list[list[int]]]:
         """[layer][sample]: ids of the merged rows (`merged`) whose key/value the layer holds after prefill."""
-        return [[c[m & (c < 0)].tolist() for c, m in zip(cols, visual & valid)] for cols, valid, visual in self._prefill_log]
+        log = self._prefill_log
+        return [[c[m & (c < 0)].tolist() for c, m in zip(cols, visual & valid)] for cols, valid, visual in log]
 
     @property
     def merged(self) -> dict[int, list[dict[int, list[int]]]]:

@@ -38,6 +38,8 @@ def reference_logits(model, inputs: dict, trace, fed: torch.Tensor | None = None
     For a method that merges tokens before the decoder (VisionZip), the merged embeddings are recomputed
     independently (`visionzip_embeddings`) and the kept columns must equal the trace's.
     """
+    if trace.merged:  # rows were added (SparseVLM's recycling): the reference that inserts them
+        return merged_reference_logits(model, inputs, trace, fed)
     model = eager_copy(model)
     rewrite = None
     if method is not None and method.compresses_vision:
