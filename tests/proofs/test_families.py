@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from cases import CASES as METHODS
-from cases import NEW_TOKENS, generate, new_tokens
+from cases import NEW_TOKENS, TINY, generate, new_tokens
 from reference import attention_weights, full_positions, reference_logits, visual_token_ids
 
 import st3
@@ -39,6 +39,7 @@ from st3.adapters import (
 )
 from st3.compat import cache_kwargs as compat_cache
 from st3.compat import cache_of
+from st3.plan import plan
 from st3.testing import tiny_llava
 
 #: Each family's example batch (its adapter's `example_samples`; the comments there give the visual-token counts).
@@ -385,6 +386,8 @@ def test_sparsevlm_recycling_equals_its_reference(family):
         assert sorted(merged) == [1, 3]
         sizes = {len(rows) for rows in merged[1]}  # merged rows per sample entering layer 1
         assert sizes == MERGED_PER_SAMPLE.get(family, sizes)
+        if family == "llava":  # 36 visual tokens per sample, so the planner's sample is each of them
+            assert method.trace.visual_per_layer == plan(method, TINY, visual=36).prefill_visual
         fed = new_tokens(out, inputs)[:, :-1]
         reference = reference_logits(model, inputs, method.trace, fed, method)
         for step, logits in enumerate(out.logits):
