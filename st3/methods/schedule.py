@@ -110,7 +110,7 @@ class SparseVLM(Schedule):
     default (the top 30 % of them by the raters' score, about one row per 10; docs/methods.md). LLaVA-style
     decoders only (1-D positions, plain causal masks)."""
 
-    _scored: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _scores: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def validate(self) -> None:
         super().validate()
@@ -125,17 +125,13 @@ class SparseVLM(Schedule):
     def choose(self, view: View) -> torch.Tensor:
         if not self.recycle:
             return super().choose(view)
-        scores = self.rule.score(view)  # kept for `merge_pruned`, which ranks the pruned tokens by the same scores
-        self._scored = (view, scores)
-        kept = top_k_mask(scores, view.candidates, view.keep)
-        return kept & view.candidates
+        self._scores = self.rule.score(view)  # `merge_pruned`, called next, ranks the pruned tokens by them too
+        return top_k_mask(self._scores, view.candidates, view.keep)
 
     def merge_pruned(self, view: View, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not self.recycle:
             return None
-        scored, scores = self._scored
-        assert scored is view, "merge_pruned follows choose on the same view"
-        self._scored = None
+        scores, self._scores = self._scores, None
         return recycle(view.hidden(), scores, view.candidates & ~kept)
 
     def merged_rows(self, pruned: int) -> int:
