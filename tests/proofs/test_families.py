@@ -413,6 +413,24 @@ def test_sparsevlm_recycling_equals_its_reference(family):
         ]
 
 
+@pytest.mark.parametrize("evict", ["attention", "spread"])
+def test_merged_rows_are_evicted_like_visual_tokens_while_decoding(evict):
+    """A decode schedule ranks the merged rows with the prompt's visual tokens and evicts some of them; the run
+    still equals the reference that inserts them."""
+    sdpa, _, inputs = models("llava")
+    vta = st3.VTA(steps=4, every=1, min_keep=2, evict=evict)
+    method = st3.SparseVLM(recycle=True, counts=((1, 20), (2, 10)), record_positions=True, decode=vta)
+    out = generate(sdpa, inputs, method)
+    trace = method.trace
+    assert trace.evicted and any(i < 0 for held in trace.prefill_merged_positions[2] for i in held)
+    merged = [[int((c < 0).sum()) for c in step[2]] for step in trace.decode_visual_positions]  # held at layer 2
+    assert min(merged[0]) > 0 and merged[-1] != merged[0]  # attended at first, some evicted by the end
+    reference = reference_logits(sdpa, inputs, trace, new_tokens(out, inputs)[:, :-1], method)
+    start = inputs["input_ids"].shape[1] - 1
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, reference[:, start + step], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_beams_and_sampling_run(family):
     model, _, inputs = models(family)
