@@ -156,9 +156,10 @@ CATALOGUE: dict[str, tuple[str, str]] = {
         'guide=None, layer=None, keep=0.4',
     ),
     'sparsevlm': (
-        'SparseVLM v1.5 (arXiv 2410.04417) without recycling: text raters rank the visual tokens entering'
-        ' layers 3, 7 and 16, which keep the official counts for the budget `retain` (300 / 200 / 110 at '
-        '192).',
+        'SparseVLM v1.5 (arXiv 2410.04417): text raters rank the visual tokens entering layers 3, 7 and '
+        '16, which keep the official counts for the budget `retain` (300 / 200 / 110 at 192); with '
+        '`recycle`, part of the pruned tokens are merged into a few new visual rows (DPC-kNN clusters), '
+        'as the official does.',
         'retain=192, recycle=False, counts=None, scale=1.0, selector=sparsevlm()',
     ),
     'spread': (

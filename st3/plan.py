@@ -49,7 +49,9 @@ def plan(method: Method, shape: Shape, visual: int = 576, text: int = 60, new_to
     held, prefill_visual = method.tokens_before_decoder(visual), []
     for layer in range(layers):
         keep = method.prefill_keep(layer, layers, torch.tensor([held]))
-        held = held if keep is None else min(held, int(keep[0]))
+        if keep is not None:
+            kept = min(held, int(keep[0]))
+            held = kept + method.merged_rows(held - kept)
         prefill_visual.append(held)
 
     current, decode_visual = list(prefill_visual), []

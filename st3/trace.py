@@ -39,8 +39,14 @@ class Trace:
     _decode_log: list[tuple[list[list[int]], list[list[int]]]] = field(default_factory=list, repr=False)
     """[step]: (visual tokens attended, keys attended), each [layer][sample], host counts the engine keeps.
     The per-layer lists are shared between steps until they change: never edit them in place."""
+    _merge_log: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=list, repr=False
+    )
+    """(layer, ids [B, M], valid [B, M], members [B, M, S], columns [B, S]) of each layer entering which the method
+    added merged rows (`merged`)."""
     decode_visual_positions: list[list[list[torch.Tensor]]] | None = None
-    """[step][layer][sample]: columns of those visual tokens (only with `record_positions=True`)."""
+    """[step][layer][sample]: columns of those visual tokens (only with `record_positions=True`); merged rows
+    have their negative ids (`merged`)."""
     windows: list[int | None] | None = None
     """Each layer's sliding window in columns (None: full attention), where the engine knows them."""
     evicted: bool = False
@@ -65,6 +71,12 @@ class Trace:
         """Record the rows one layer processed during prefill, each [B, S] (kept as tensors)."""
         self._prefill_log.append((columns, valid, visual))
 
+    def log_merged(self, layer: int, ids: torch.Tensor, valid: torch.Tensor, members: torch.Tensor,
+                   columns: torch.Tensor) -> None:  # fmt: skip
+        """Record the merged rows added entering `layer`: their ids, which are real, and each one's members (the
+        slots, whose ids are `columns`, that it averages)."""
+        self._merge_log.append((layer, ids, valid, members, columns))
+
     def log_decode_step(self, attended: list[tuple[list[int], list[int], list[torch.Tensor] | None]]) -> None:
         """Record, per layer, what one decode forward attended to: (visual tokens, keys) per sample (host counts),
         and the visual columns per sample where positions are recorded."""
@@ -74,8 +86,27 @@ class Trace:
 
     @property
     def prefill_visual_positions(self) -> list[list[torch.Tensor]]:
-        """[layer][sample]: sorted columns of the visual tokens whose key/value the layer holds after prefill."""
-        return [[c[m].cpu() for c, m in zip(cols, visual & valid)] for cols, valid, visual in self._prefill_log]
+        """[layer][sample]: sorted columns of the prompt's visual tokens whose key/value the layer holds after
+        prefill (merged rows apart: `prefill_merged_positions`)."""
+        log = self._prefill_log
+        return [[c[m & (c >= 0)].cpu() for c, m in zip(cols, visual & valid)] for cols, valid, visual in log]
+
+    @property
+    def prefill_merged_positions(self) -> list[list[list[int]]]:
+        """[layer][sample]: ids of the merged rows (`merged`) whose key/value the layer holds after prefill."""
+        log = self._prefill_log
+        return [[c[m & (c < 0)].tolist() for c, m in zip(cols, visual & valid)] for cols, valid, visual in log]
+
+    @property
+    def merged(self) -> dict[int, list[dict[int, list[int]]]]:
+        """{layer: [sample]{id: member ids}}: the rows a method merged entering each layer (SparseVLM's recycling),
+        each with the ids it averages (prompt columns, or the negative ids of earlier merged rows). A merged row
+        takes the position of its prompt's last visual token and sits before the instruction."""
+        out = {}
+        for layer, ids, valid, members, columns in self._merge_log:
+            out[layer] = [{int(i): columns[b][m].tolist() for i, ok, m in zip(ids[b], valid[b], members[b]) if ok}
+                          for b in range(ids.shape[0])]  # fmt: skip
+        return out
 
     @property
     def prefill_rows(self) -> list[list[int]]:

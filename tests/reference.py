@@ -38,6 +38,8 @@ def reference_logits(model, inputs: dict, trace, fed: torch.Tensor | None = None
     For a method that merges tokens before the decoder (VisionZip), the merged embeddings are recomputed
     independently (`visionzip_embeddings`) and the kept columns must equal the trace's.
     """
+    if trace.merged:  # rows were added (SparseVLM's recycling): the reference that inserts them
+        return merged_reference_logits(model, inputs, trace, fed)
     model = eager_copy(model)
     rewrite = None
     if method is not None and method.compresses_vision:
@@ -214,3 +216,90 @@ def masked_forward(model, inputs: dict, trace, fed: torch.Tensor | None, rewrite
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@torch.no_grad()
+def merged_reference_logits(model, inputs: dict, trace, fed: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, L + T, V] of the masked reference of a run that merged visual rows (SparseVLM's recycling),
+    for 1-D-position, plain causal decoders; columns of padding are zeros.
+
+    Each sample alone, eager, layer by layer over the whole sequence (prompt + fed tokens) with the model's own
+    decoder layers, rotary and norm: entering each layer where the trace says rows were merged, each merged row
+    is computed here as the mean of its members' rows (`trace.merged`) and inserted before the instruction, with
+    the position of the prompt's last visual token; every row then attends causally (in row order) to the rows
+    before it, a visual key (merged ones included) only where the trace says that layer held it when the row
+    was processed. Nothing of st3's engine is used.
+    """
+    model = eager_copy(model)
+    lm = decoder(model)
+    ids, attention = inputs["input_ids"], inputs["attention_mask"]
+    batch, prompt_len = ids.shape
+    steps = 0 if fed is None else fed.shape[1]
+    full = ids if not steps else torch.cat([ids, fed], 1)
+    attention = attention if not steps else torch.cat([attention, torch.ones_like(fed)], 1)
+    visual = torch.isin(ids, torch.tensor(visual_token_ids(model.config)))
+    embeds = _decoder_inputs(model, inputs)  # [B, L, d]: the prompt's rows as the decoder receives them
+    if steps:
+        embeds = torch.cat([embeds, model.get_input_embeddings()(fed).to(embeds.dtype)], 1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    merged = trace.merged
+    out = torch.zeros(batch, full.shape[1], model.config.get_text_config().vocab_size)
+    for b in range(batch):
+        real = attention[b].bool().nonzero().squeeze(-1).tolist()
+        rows = list(real)  # each row's id: its column, or a merged row's negative id
+        hidden = embeds[b, real]
+        pos = positions[b, real]
+        image_end = int(visual[b].nonzero().max())
+        for index, layer in enumerate(lm.layers):
+            for merged_id, members in merged.get(index, [{}] * batch)[b].items():
+                row = sum(hidden[rows.index(m)] for m in members) / (len(members) + 1e-6)
+                at = next(i for i, r in enumerate(rows) if r > image_end)
+                rows.insert(at, merged_id)
+                hidden = torch.cat([hidden[:at], row[None], hidden[at:]])
+                pos = torch.cat([pos[:at], positions[b, image_end, None], pos[at:]])
+            held = set(trace.prefill_visual_positions[index][b].tolist()) | set(
+                trace.prefill_merged_positions[index][b]
+            )
+            seen = []
+            for r in rows:
+                if r >= prompt_len:
+                    t = r - prompt_len
+                    seen.append(set(trace.decode_visual_positions[t][index][b].tolist()))
+                else:
+                    seen.append(held)
+            keys_visual = torch.tensor([r < 0 or (r < prompt_len and bool(visual[b, r])) for r in rows])
+            n = len(rows)
+            allowed = torch.ones(n, n, dtype=torch.bool).tril()
+            for q in range(n):
+                hidden_keys = keys_visual & ~torch.tensor([r in seen[q] for r in rows])
+                allowed[q] &= ~hidden_keys
+            mask = torch.zeros(n, n, dtype=hidden.dtype).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+            rotary = lm.rotary_emb(hidden[None], pos[None])
+            result = layer(hidden[None], attention_mask=mask[None, None], position_ids=pos[None],
+                           position_embeddings=rotary)  # fmt: skip
+            hidden = (result[0] if isinstance(result, tuple) else result)[0]
+        logits = model.lm_head(lm.norm(hidden))
+        keep = [i for i, r in enumerate(rows) if r >= 0]
+        out[b, [rows[i] for i in keep]] = logits[keep].float()
+    return out
+
+
+def _decoder_inputs(model, inputs: dict) -> torch.Tensor:
+    """The decoder's input embeddings [B, L, d] for `inputs` (images scattered in), from the model's own forward."""
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    def grab(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"]
+        raise Stop
+
+    hook = decoder(model).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**inputs, use_cache=False)
+    except Stop:
+        pass
+    finally:
+        hook.remove()
+    return captured["embeds"]

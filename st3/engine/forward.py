@@ -116,11 +116,16 @@ class Engine:
             rows = self._compress_before_decoder(rows)
         call = self.adapter.layer_call_kwargs(cache, self.adapter.layer_kwargs(kwargs))
         counts, masks, previous = rows.counts(), {}, rows.hidden
+        first, made = rows, None  # the prompt's rows (merged rows take a position from them); merged so far
         for index, decoder_layer in enumerate(layers):
             keep = self.method.prefill_keep(index, len(layers), counts.visual)
             if keep is not None and bool((keep < counts.visual).any()):
                 view = self._prefill_view(index, rows, previous, cache, keep, prompt)
-                rows = rows.without_visual(self.method.choose(view))
+                kept = self.method.choose(view)
+                merged = self.method.merge_pruned(view, kept)
+                rows = rows.without_visual(kept)
+                if merged is not None and merged[0].shape[1] > 0:
+                    rows, made = self._insert_merged(index, rows, first, view, merged, made)
                 counts, masks = rows.counts(), {}
             rule = rules[index]
             if rule not in masks:  # the layers of one rule hold the same rows until the next removal: one mask
@@ -215,6 +220,34 @@ class Engine:
             f"{keep.shape[1]} per image reach it ({int(replaced[0].sum())} of them merges of several patches)"
         )
         return rows.without_visual(kept)
+
+    def _insert_merged(self, index: int, rows: Rows, first: Rows, view: View, merged: tuple, made) -> tuple:
+        """`rows` plus the method's merged rows (hidden [B, M, d], members [B, M, S] over the view's slots), placed
+        before each sample's instruction with the position of its prompt's last visual token; their ids are
+        -1 - i, i counting the sample's merged rows of this prefill. Returns (rows, merged so far [B])."""
+        hidden, members = merged
+        self._check_merging(rows)
+        valid = members.any(-1)  # each sample's real merged rows come first
+        made = valid.new_zeros(valid.shape[0], dtype=torch.long) if made is None else made
+        ids = -made[:, None] - valid.long().cumsum(-1)
+        self.trace.log_merged(index, ids, valid, members, view.columns)
+        return rows.insert_merged(hidden, valid, ids, first.source_row()), made + valid.sum(-1)
+
+    def _check_merging(self, rows: Rows) -> None:
+        """Refuse merged rows where a row needs more than a 1-D position and a slot under plain causal masks."""
+        why = None
+        if rows.position_ids.dim() != 2:
+            why = "its rotary positions are M-RoPE (t, h, w), and a merged token has no place in the image grid"
+        elif rows.carried:
+            why = f"its visual rows carry decoder inputs of their own ({', '.join(rows.carried)})"
+        elif not self.adapter.causal_only():
+            why = "its masks have sliding windows or image blocks, counted in prompt columns a merged token has none of"
+        if why is not None:
+            raise ValueError(
+                f"{type(self.method).__name__} merges pruned visual tokens into new rows, which st3 runs on "
+                f"decoders with 1-D positions and plain causal masks only; {self.adapter.model_name}: {why}. Apply it "
+                "without merging (st3.SparseVLM: recycle=False)"
+            )
 
     def _prefill_view(self, index: int, rows: Rows, previous: torch.Tensor, cache, keep: torch.Tensor,
                       prompt: tuple) -> View:  # fmt: skip

@@ -44,6 +44,10 @@ class Policy(Protocol):
     def choose(self, view: View) -> torch.Tensor:
         """Prefill: BoolTensor [B, S], the candidates of `view` to keep."""
 
+    def merge_pruned(self, view: View, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Prefill, after `choose` kept `kept`: merged visual rows to add, (hidden [B, M, d], members [B, M, S]
+        BoolTensor over the view's slots; a row without members is filler), or None."""
+
     def compress(
         self, saliency: torch.Tensor, keys: torch.Tensor, features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

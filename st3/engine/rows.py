@@ -69,6 +69,46 @@ class Rows:
             blocks=None if self.blocks is None else self.blocks.to(device),
         )
 
+    def insert_merged(self, hidden: torch.Tensor, valid: torch.Tensor, columns: torch.Tensor, source: tuple) -> Rows:
+        """These rows plus merged visual rows (`hidden` [B, M, d], the real ones `valid` [B, M], first), each
+        sample's placed right before its instruction (after its visual rows and earlier merged rows), in order.
+
+        columns [B, M]: their ids (negative: no prompt column); `source`: (cos, sin, position_ids) of one row per
+        sample ([B, 1, ...], [..., B, 1]) whose position they take (`source_row`). Filler rows go first, as in `keep`.
+        """
+        batch, slots = self.valid.shape
+        width = hidden.shape[1]
+        at = slots - (self.text().sum(-1, keepdim=True))  # each sample's first instruction slot
+        stride = width + 1
+        order = torch.arange(slots, device=at.device) * stride + width  # existing slot s, after anything put at s
+        order = order.expand(batch, slots)
+        new = torch.arange(width, device=at.device)
+        new = torch.where(valid, at * stride + new, new - stride)  # before slot `at`; filler: first of all
+        index = torch.sort(torch.cat([order, new], -1), dim=-1, stable=True).indices
+
+        def grown(old: torch.Tensor, added: torch.Tensor, dim: int = 1) -> torch.Tensor:
+            return gather(torch.cat([old, added.to(old.dtype)], dim), index, dim)
+
+        cos, sin, positions = source
+        expand = (batch, width, *cos.shape[2:])
+        return Rows(
+            hidden=grown(self.hidden, hidden),
+            cos=grown(self.cos, cos.expand(expand)),
+            sin=grown(self.sin, sin.expand(expand)),
+            position_ids=grown(self.position_ids, positions.expand(*positions.shape[:-1], width), -1),
+            columns=grown(self.columns, columns),
+            valid=grown(self.valid, valid),
+            visual=grown(self.visual, valid),
+            carried={},
+            image_end=self.image_end,
+        )
+
+    def source_row(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cos, sin, position_ids) of each sample's last visual row, one row each (its first where it has none);
+        read before any row leaves, while slots are columns."""
+        at = self.image_end.clamp(min=0)
+        return gather(self.cos, at, 1), gather(self.sin, at, 1), gather(self.position_ids, at, -1)
+
     def without_visual(self, kept: torch.Tensor) -> Rows:
         """Drop the visual rows not in `kept` (and padding)."""
         return self.keep((self.valid & ~self.visual) | kept)

@@ -148,6 +148,15 @@ class Method:
         _check_counts([(selected, view)], rule)
         return selected & view.candidates
 
+    def merge_pruned(self, view: View, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Prefill, after `choose` kept `kept` of `view`: visual rows to add, made of pruned ones (hidden [B, M, d],
+        members [B, M, S] over the view's slots), or None (every method but SparseVLM's recycling)."""
+        return None
+
+    def merged_rows(self, pruned: int) -> int:
+        """How many rows `merge_pruned` adds for a sample where a layer pruned `pruned` visual tokens (the planner)."""
+        return 0
+
     def evict(self, view: View) -> torch.Tensor:
         """Decode: the cached visual entries to keep, by the eviction rule.
 

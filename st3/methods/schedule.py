@@ -11,14 +11,16 @@ G-Search schedule (arXiv 2412.00556) is such a list of counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from st3.methods.base import Method, check, register
-from st3.selectors import Selector
+from st3.selectors import Selector, View
 from st3.selectors import SparseVLM as SparseVLMRule
+from st3.selectors.base import top_k_mask
+from st3.selectors.sparsevlm import recycle, recycled_counts
 
 #: SparseVLM v1.5's counts per `RETAIN_TOKN` (its equivalent budget), kept leaving layers 2, 6, 15 of LLaVA-1.5-7B
 #: (so entering 3, 7, 16) of its 576 visual tokens (official score.py:7-21, at commit 26a5f48).
@@ -97,25 +99,46 @@ def format_counts(counts: tuple[tuple[int, int], ...]) -> str:
 @register("sparsevlm")
 @dataclass(kw_only=True)
 class SparseVLM(Schedule):
-    """SparseVLM v1.5 (arXiv 2410.04417) without recycling: text raters rank the visual tokens entering layers
-    3, 7 and 16, which keep the official counts for the budget `retain` (300 / 200 / 110 at 192)."""
+    """SparseVLM v1.5 (arXiv 2410.04417): text raters rank the visual tokens entering layers 3, 7 and 16, which
+    keep the official counts for the budget `retain` (300 / 200 / 110 at 192); with `recycle`, part of the pruned
+    tokens are merged into a few new visual rows (DPC-kNN clusters), as the official does."""
 
     retain: int = 192
     """The official equivalent budget (`RETAIN_TOKN`): 192, 128, 96 or 64 picks its counts (when `counts` is None)."""
     recycle: bool = False
-    """Merge part of the pruned tokens into new rows, as the official v1.5 does by default: not implemented (True is
-    refused; the design is in docs/methods.md)."""
+    """Merge part of the pruned tokens into new rows placed before the instruction, as the official v1.5 does by
+    default (the top 30 % of them by the raters' score, about one row per 10; docs/methods.md). LLaVA-style
+    decoders only (1-D positions, plain causal masks)."""
+
+    _scores: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def validate(self) -> None:
         super().validate()
         allowed = sorted(SPARSEVLM_COUNTS)
         check(self.retain in allowed, "retain", f"must be one of {allowed}, got {self.retain}")
         check(
-            not self.recycle,
+            not self.recycle or self.selector is None or isinstance(self.selector, SparseVLMRule),
             "recycle",
-            "not implemented: the merged tokens would be rows the engine cannot add yet (it only removes rows), and "
-            "no masked reference proves them (design: docs/methods.md, SparseVLM); use recycle=False (the default)",
+            "recycles by the raters' scores: leave selector unset (or st3.selectors.SparseVLM()) with recycle=True",
         )
+
+    def choose(self, view: View) -> torch.Tensor:
+        if not self.recycle:
+            return super().choose(view)
+        self._scores = self.rule.score(view)  # `merge_pruned`, called next, ranks the pruned tokens by them too
+        return top_k_mask(self._scores, view.candidates, view.keep)
+
+    def merge_pruned(self, view: View, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.recycle:
+            return None
+        scores, self._scores = self._scores, None
+        return recycle(view.hidden(), scores, view.candidates & ~kept)
+
+    def merged_rows(self, pruned: int) -> int:
+        return recycled_counts(pruned)[1] if self.recycle else 0
+
+    def chooses_before_decoder(self, num_layers: int) -> bool:
+        return not self.recycle and super().chooses_before_decoder(num_layers)
 
     def default_counts(self) -> tuple[tuple[int, int], ...]:
         return tuple(zip(SPARSEVLM_LAYERS, SPARSEVLM_COUNTS[self.retain]))

@@ -9,6 +9,7 @@ needed).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from cases import CASES as METHODS
-from cases import NEW_TOKENS, generate, new_tokens
+from cases import NEW_TOKENS, TINY, generate, new_tokens
 from reference import attention_weights, full_positions, reference_logits, visual_token_ids
 
 import st3
@@ -38,6 +39,7 @@ from st3.adapters import (
 )
 from st3.compat import cache_kwargs as compat_cache
 from st3.compat import cache_of
+from st3.plan import plan
 from st3.testing import tiny_llava
 
 #: Each family's example batch (its adapter's `example_samples`; the comments there give the visual-token counts).
@@ -346,6 +348,87 @@ def test_eager_and_sdpa_agree(family, name):
     assert torch.equal(a.sequences, b.sequences)
     for x, y in zip(a.logits, b.logits):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------- merged rows (recycling)
+#: Families whose decoders cannot hold merged rows, with a phrase of the refusal (the engine's `_check_merging`).
+RECYCLING_REFUSED = {"qwen2-vl": "M-RoPE", "qwen2.5-vl": "M-RoPE", "qwen3-vl": "M-RoPE", "gemma3": "image blocks"}
+
+
+#: Merged rows per sample entering layer 1 (`recycling`): two clusters on LLaVA (36 tokens each), one or two on
+#: LLaVA-NeXT (30, 37, 51 tokens: filler rows in the batch).
+MERGED_PER_SAMPLE = {"llava": {2}, "llava-next": {1, 2}}
+
+
+def recycling() -> st3.SparseVLM:
+    """SparseVLM with recycling, pruning enough on the tiny models that samples merge 1 or 2 rows (fillers)."""
+    return st3.SparseVLM(recycle=True, counts=((1, 6), (3, 3)), record_positions=True)
+
+
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=() if f == "llava" else pytest.mark.slow) for f in sorted(FAMILIES)]
+)
+def test_sparsevlm_recycling_equals_its_reference(family):
+    """SparseVLM's merged rows: the run equals the layer-by-layer reference that inserts them (eager and sdpa),
+    a padded batch equals its samples one by one (merged ids included), and merging changes the answer's logits;
+    families whose rows need more than a 1-D position and a causal slot refuse it, saying why."""
+    sdpa, eager, inputs = models(family)
+    if family in RECYCLING_REFUSED:
+        with pytest.raises(ValueError, match=f"merges pruned visual tokens .*{RECYCLING_REFUSED[family]}"):
+            generate(sdpa, inputs, recycling())
+        return
+    start = inputs["input_ids"].shape[1] - 1
+    runs = []
+    for model in (sdpa, eager):
+        method = recycling()
+        out = generate(model, inputs, method)
+        merged = method.trace.merged
+        assert sorted(merged) == [1, 3]
+        sizes = {len(rows) for rows in merged[1]}  # merged rows per sample entering layer 1
+        assert sizes == MERGED_PER_SAMPLE.get(family, sizes)
+        if family == "llava":  # 36 visual tokens per sample, so the planner's sample is each of them
+            assert method.trace.visual_per_layer == plan(method, TINY, visual=36).prefill_visual
+        fed = new_tokens(out, inputs)[:, :-1]
+        reference = reference_logits(model, inputs, method.trace, fed, method)
+        for step, logits in enumerate(out.logits):
+            torch.testing.assert_close(logits, reference[:, start + step], atol=1e-4, rtol=0)
+        runs.append((out, method.trace))
+    (out, trace), (eager_out, _) = runs
+    assert torch.equal(out.sequences, eager_out.sequences)
+    plain = generate(sdpa, inputs, dataclasses.replace(recycling(), recycle=False))
+    assert not torch.allclose(plain.logits[0], out.logits[0], atol=1e-3)  # the merged rows count
+    for b in range(3):
+        single = FAMILIES[family].single(inputs, b)
+        method = recycling()
+        alone = generate(sdpa, single, method)
+        assert torch.equal(new_tokens(out, inputs)[b], new_tokens(alone, single)[0])
+        for x, y in zip(out.logits, alone.logits):
+            torch.testing.assert_close(x[b], y[0], atol=1e-4, rtol=0)
+        pad = inputs["input_ids"].shape[1] - single["input_ids"].shape[1]
+        unpadded = {layer: {i: [c - pad if c >= 0 else c for c in members] for i, members in rows[b].items()}
+                    for layer, rows in trace.merged.items()}  # fmt: skip
+        assert unpadded == {layer: rows[0] for layer, rows in method.trace.merged.items()}
+        assert [held[b] for held in trace.prefill_merged_positions] == [
+            held[0] for held in method.trace.prefill_merged_positions
+        ]
+
+
+@pytest.mark.parametrize("evict", ["attention", "spread"])
+def test_merged_rows_are_evicted_like_visual_tokens_while_decoding(evict):
+    """A decode schedule ranks the merged rows with the prompt's visual tokens and evicts some of them; the run
+    still equals the reference that inserts them."""
+    sdpa, _, inputs = models("llava")
+    vta = st3.VTA(steps=4, every=1, min_keep=2, evict=evict)
+    method = st3.SparseVLM(recycle=True, counts=((1, 20), (2, 10)), record_positions=True, decode=vta)
+    out = generate(sdpa, inputs, method)
+    trace = method.trace
+    assert trace.evicted and any(i < 0 for held in trace.prefill_merged_positions[2] for i in held)
+    merged = [[int((c < 0).sum()) for c in step[2]] for step in trace.decode_visual_positions]  # held at layer 2
+    assert min(merged[0]) > 0 and merged[-1] != merged[0]  # attended at first, some evicted by the end
+    reference = reference_logits(sdpa, inputs, trace, new_tokens(out, inputs)[:, :-1], method)
+    start = inputs["input_ids"].shape[1] - 1
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, reference[:, start + step], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -15,15 +15,16 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 import st3
-from st3.accounting import prefill_flops
+from st3.accounting import Shape, prefill_flops
 from st3.adapters import adapter_for
 from st3.adapters.llava import cls_saliency
 from st3.methods.sgl import aggregate
 from st3.models import ModelSpec, llava_config
+from st3.plan import plan
 from st3.selectors import SparseVLM as SparseVLMRule
 from st3.selectors import View
 from st3.selectors.base import quantised, top_k_mask
-from st3.selectors.sparsevlm import raters
+from st3.selectors.sparsevlm import dpc_knn, raters, recycle, recycled_counts
 from st3.testing import IMAGE_TOKEN, PAD_TOKEN, tiny_inputs, tiny_llava, tiny_qwen_inputs, tiny_qwen_vl
 
 HERE = Path(__file__).parents[1] / "fixtures" / "systems"
@@ -134,9 +135,10 @@ def test_cls_rankers_validate_keep():
 
 # ---------------------------------------------------------------------------------------------- SparseVLM
 def _sparsevlm_run(data: dict, run: dict, decoder: inputs.ToyDecoder, embeds: torch.Tensor):
-    """Replay an official v1.5 run on the toy decoder with st3's rule choosing at each pruning layer; the rows
-    entering the next layer are the official ones (its kept tokens, then its merged tokens, built from the
-    fixture's clusters: st3 does not recycle). Yields (step, st3's kept ids, its scores, its raters' columns)."""
+    """Replay an official run on the toy decoder with st3's rule choosing and st3's recycling merging at each
+    pruning layer; the rows entering the next layer are the official order (its kept tokens, then the merged
+    tokens, then the text), the merged ones st3's own. Yields (step, st3's kept ids, its scores, its raters, its
+    clusters: [(id, member ids)] in order)."""
     prefix, visual = data["inputs"]["prefix"], data["inputs"]["visual"]
     ids: list = [None] * prefix + list(range(visual)) + [None] * data["inputs"]["text"]
     columns = list(range(len(ids)))  # merged rows get -1: they have no column of the prompt
@@ -156,37 +158,42 @@ def _sparsevlm_run(data: dict, run: dict, decoder: inputs.ToyDecoder, embeds: to
 
             view = View(
                 layer=layer + 1, candidates=candidates, keep=torch.tensor([len(step["kept"])]), attention=received,
-                hidden=lambda h=hidden: h, keys=lambda: None, valid=torch.ones_like(candidates),
+                hidden=lambda h=out: h, keys=lambda: None, valid=torch.ones_like(candidates),
                 columns=torch.tensor(columns)[None], prompt=lambda: prompt,
             )  # fmt: skip
-            kept = SparseVLMRule().select(view)[0]
+            rule = SparseVLMRule()
+            kept = rule.select(view)
             chosen = raters(view)[0]
-            yield step, [ids[s] for s in kept.nonzero().squeeze(-1).tolist()], probs[chosen].mean(0), chosen
-            # the official rows onward: its kept visual rows, its merged rows after them, then the text
-            slot = {i: s for s, i in enumerate(ids) if i is not None}
+            merged, members = recycle(out, rule.score(view), candidates & ~kept)
+            names = [f"m{layer}.{c}" for c in range(members.shape[1])]
+            clusters = [(n, [ids[s] for s in m.nonzero().squeeze(-1).tolist()]) for n, m in zip(names, members[0])]
+            kept_ids = [ids[s] for s in kept[0].nonzero().squeeze(-1).tolist()]
+            yield step, kept_ids, probs[chosen].mean(0), chosen, clusters
             rows = [s for s, i in enumerate(ids) if i is None and s < prefix]
-            rows += [slot[i] for i in step["kept"]]
-            merged = [out[0, [slot[m] for m in c["members"]]].sum(0) / (len(c["members"]) + 1e-6)
-                      for c in step["clusters"]]  # fmt: skip
+            rows += [s for s in kept[0].nonzero().squeeze(-1).tolist()]
             text = [s for s, i in enumerate(ids) if i is None and s >= prefix]
-            hidden = torch.cat([out[0, rows], *(m[None] for m in merged), out[0, text]])[None]
-            ids = [ids[s] for s in rows] + [c["id"] for c in step["clusters"]] + [None] * len(text)
-            columns = [columns[s] for s in rows] + [-1] * len(merged) + [columns[s] for s in text]
+            hidden = torch.cat([out[0, rows], merged[0], out[0, text]])[None]
+            ids = [ids[s] for s in rows] + names + [None] * len(text)
+            columns = [columns[s] for s in rows] + [-1] * len(names) + [columns[s] for s in text]
         else:
             hidden = out
 
 
 @pytest.mark.parametrize("retain", ["192", "128", "96", "64"])
-def test_sparsevlm_raters_choose_the_official_tokens_at_every_pruning_layer(retain):
+def test_sparsevlm_chooses_and_recycles_the_official_tokens_at_every_pruning_layer(retain):
+    """On the fixture's toy decoder, at every pruning layer of the four v1.5 runs, st3 picks the official raters,
+    keeps the official tokens with the official scores, and recycles them as the official: the same clusters (ids
+    of members, earlier merged tokens included) in the same order, whose means are the rows that go on (so the
+    next layer's choice is checked on st3's own merged rows)."""
     data = json.loads((HERE / "sparsevlm.json").read_text())
     seed = data["inputs"]["seed"]
     embeds, decoder = inputs.sparsevlm_embeds(seed), inputs.ToyDecoder(seed)
     assert inputs.checksum(embeds) == data["inputs"]["checksum_embeds"], "inputs no longer rebuild as recorded"
     run = data["v1.5"]["runs"][retain]
-    method = st3.SparseVLM(retain=int(retain))
+    method = st3.SparseVLM(retain=int(retain), recycle=True)
     assert method.plan(32) == tuple((int(s["layer"]) + 1, len(s["kept"])) for s in run["steps"])  # the counts
     done = 0
-    for step, kept, scores, chosen in _sparsevlm_run(data, run, decoder, embeds):
+    for step, kept, scores, chosen, clusters in _sparsevlm_run(data, run, decoder, embeds):
         text_start = len(chosen) - data["inputs"]["text"]  # the text rows are last, whatever left before them
         assert (chosen.nonzero().squeeze(-1) - text_start).tolist() == run["raters"]
         assert sorted(map(str, kept)) == sorted(map(str, step["kept"])), step["layer"]
@@ -194,8 +201,15 @@ def test_sparsevlm_raters_choose_the_official_tokens_at_every_pruning_layer(reta
             visual = scores[: len(step["raters_attention_mean"]) + data["inputs"]["prefix"]]
             official = torch.tensor(step["raters_attention_mean"])
             torch.testing.assert_close(visual[data["inputs"]["prefix"] :], official, rtol=1e-4, atol=1e-8)
+        official = [(c["id"], sorted(map(str, c["members"]))) for c in step["clusters"]]
+        assert [(name, sorted(map(str, members))) for name, members in clusters] == official, step["layer"]
+        pruned = run["entering"][step["layer"]] - len(step["kept"])
+        assert recycled_counts(pruned) == (len(step["recycled"]), len(step["clusters"]))
         done += 1
     assert done == 3
+    # the visual tokens each layer computes on, the counts plus the merged rows, are what st3's planner predicts
+    shape = Shape(num_layers=32, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=4, head_dim=16)
+    assert plan(method, shape, visual=576).prefill_visual == run["entering"]
 
 
 def test_sparsevlm_knobs_are_checked():
@@ -242,9 +256,33 @@ def test_sparsevlm_raters_in_the_engine_are_chosen_once_from_the_prompt():
     assert all(len(columns) > 0 for columns in seen[0])  # every sample has raters
 
 
-def test_sparsevlm_recycling_is_refused_saying_why():
-    with pytest.raises(ValueError, match=r"^recycle: not implemented: the merged tokens .* docs/methods\.md"):
-        st3.SparseVLM(recycle=True)
+def test_sparsevlm_recycling_needs_its_raters_and_st3s_loop():
+    """Recycling ranks the pruned tokens by the raters' scores (another selector is refused), and it merges rows
+    inside the decoder, so the stock decoder never runs it (even where only layer 0 prunes)."""
+    with pytest.raises(ValueError, match=r"^recycle: recycles by the raters' scores"):
+        st3.SparseVLM(recycle=True, selector="divprune")
+    early = ((0, 10),)
+    assert st3.SparseVLM(counts=early).chooses_before_decoder(6)
+    assert not st3.SparseVLM(counts=early, recycle=True).chooses_before_decoder(6)
+    with pytest.raises(ValueError, match="prunes inside the decoder"):
+        st3.SparseVLM(counts=early, recycle=True)(tiny_llava(), decoder="stock")
+
+
+def test_dpc_knn_clusters_by_density_peaks():
+    """Three tight groups far apart make three clusters (each group's densest row a centre: its nearest denser
+    row is in another group); with one cluster every row joins it; `recycle` clusters the top 30 % (+1) of the
+    pruned rows by score and a merged row is its members' mean (over a count + 1e-6, as the official)."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(n, 8) * 0.01 + offset for n, offset in ((5, 0.0), (4, 3.0), (3, -6.0))])
+    groups = [g.tolist() for g in dpc_knn(x, 3)]
+    assert sorted(map(sorted, groups)) == [[0, 1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11]]
+    assert [g.tolist() for g in dpc_knn(x, 1)] == [list(range(12))]
+    scores = torch.arange(12.0)[None]  # the last rows score highest
+    pruned = torch.ones(1, 12, dtype=torch.bool)
+    pruned[0, -1] = False  # kept
+    merged, members = recycle(x[None], scores, pruned)  # 11 pruned: the top int(3.3) + 1 = 4 recycled, 1 cluster
+    assert members.shape == (1, 1, 12) and members[0, 0].nonzero().squeeze(-1).tolist() == [7, 8, 9, 10]
+    torch.testing.assert_close(merged[0, 0], x[7:11].sum(0) / (4 + 1e-6))
 
 
 # ---------------------------------------------------------------------------------------------------- SGL
