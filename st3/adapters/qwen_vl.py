@@ -91,14 +91,15 @@ class QwenVLAdapter(Adapter):
         ids = inputs["input_ids"]
         layout = []
         for b in range(ids.shape[0]):
-            columns = visual[b].nonzero().squeeze(-1).tolist()
-            blocks, grids = [], []
-            for column in columns:  # contiguous runs of one visual token id
-                if blocks and column == blocks[-1][-1] + 1 and ids[b, column] == ids[b, blocks[-1][-1]]:
-                    blocks[-1].append(column)
-                else:
-                    blocks.append([column])
-            for block in blocks:
+            columns = visual[b].nonzero().squeeze(-1)
+            kinds = ids[b, columns]
+            # A block starts where the column is not the last one + 1 or the token id changes: found in a few
+            # operations, not a Python step per visual token (a 32-frame video has ~10^4 of them).
+            starts = torch.ones_like(columns, dtype=torch.bool)
+            starts[1:] = (columns[1:] != columns[:-1] + 1) | (kinds[1:] != kinds[:-1])
+            first = starts.nonzero().squeeze(-1).tolist()
+            grids = []
+            for block in columns.split([end - start for start, end in zip(first, [*first[1:], len(columns)])]):
                 t, h, w = (len(torch.unique(thw[axis, b, block])) for axis in range(3))
                 if t * h * w != len(block):
                     raise ValueError(f"a block of {len(block)} visual tokens is no {t} x {h} x {w} grid")
@@ -228,15 +229,23 @@ class QwenVLAdapter(Adapter):
         side = 24 * vision.patch_size * vision.spatial_merge_size
         return side, side
 
-    def bench_inputs(self, size, batch_size, text_before, text_after, generator) -> dict[str, torch.Tensor]:
+    def bench_inputs(
+        self, size, batch_size, text_before, text_after, generator, frames: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Text, <vision_start>, the merged image tokens, <vision_end>, text, with flattened patches, the image grid
-        and the token types M-RoPE needs."""
+        and the token types M-RoPE needs. `frames` > 0: a video of that many frames of `size` instead (video tokens,
+        `pixel_values_videos`, `video_grid_thw`): the tower folds each `temporal_patch_size` frames into one grid,
+        so it yields frames / 2 x the image's tokens."""
         config = self.model.config
         vision = config.vision_config
         rows, cols = size[0] // vision.patch_size, size[1] // vision.patch_size
-        visual = self.image_tokens(config, size)
-        image = torch.tensor([config.vision_start_token_id, *[config.image_token_id] * visual,
-                              config.vision_end_token_id])  # fmt: skip
+        if frames < 0 or frames % vision.temporal_patch_size:
+            raise ValueError(f"frames must be a multiple of {vision.temporal_patch_size} (0: an image), got {frames}")
+        video = frames > 0
+        groups = frames // vision.temporal_patch_size if video else 1
+        token, kind = (config.video_token_id, 2) if video else (config.image_token_id, 1)
+        visual = groups * self.image_tokens(config, size)
+        image = torch.tensor([config.vision_start_token_id, *[token] * visual, config.vision_end_token_id])
         special = tuple(QWEN_IDS.values()) if config.image_token_id == QWEN_IDS["image_token_id"] else (3, 4, 5, 6)
         ids, mask = build.bench_prompt(image, batch_size, text_before, text_after, config.text_config.vocab_size,
                                        special, generator)  # fmt: skip
@@ -244,9 +253,11 @@ class QwenVLAdapter(Adapter):
         return {
             "input_ids": ids,
             "attention_mask": mask,
-            "mm_token_type_ids": (ids == config.image_token_id).long(),
-            "pixel_values": torch.randn(batch_size * rows * cols, per_patch, generator=generator),
-            "image_grid_thw": torch.tensor([[1, rows, cols]] * batch_size),
+            "mm_token_type_ids": (ids == token).long() * kind,
+            "pixel_values_videos" if video else "pixel_values": torch.randn(
+                batch_size * groups * rows * cols, per_patch, generator=generator
+            ),
+            "video_grid_thw" if video else "image_grid_thw": torch.tensor([[groups, rows, cols]] * batch_size),
         }
 
 

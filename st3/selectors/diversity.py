@@ -1,7 +1,7 @@
 """Diversity: keep the tokens farthest from each other (DivPrune), in feature and image space (Spread).
 
-Both run one greedy max-min core (`max_min`): the first pick of each group is its most unique token (whose
-nearest other token is farthest), every later pick the token farthest from those already chosen.
+Both run one greedy max-min core (`max_min`): the first pick is the most unique token (whose nearest other token
+is farthest), every later pick the token farthest from those already chosen. Spread runs it per image or frame.
 """
 
 from __future__ import annotations
@@ -16,45 +16,26 @@ from st3.selectors.base import FEATURES, Selector, View, check, features, quanti
 from st3.selectors.layout import grid_layout
 
 
-def max_min(
-    distance: torch.Tensor,
-    candidates: torch.Tensor,
-    keep: torch.Tensor,
-    groups: torch.Tensor | None = None,
-    budgets: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Greedy max-min diversity per sample: BoolTensor [B, S] of min(keep, candidates) chosen slots.
+def max_min(distance: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Greedy max-min diversity per row: BoolTensor [N, S] of min(keep, candidates) chosen slots.
 
-    distance: [B, S, S], symmetric. With `groups` [B, S] (-1: none) and `budgets` [B, G], each group is chosen
-    within itself and takes at most its budget: a group without a pick yet goes first (by its most unique
-    token), then the token farthest from the picks of its own group wins. Ties go to the earlier position.
+    distance: [N, S, S], symmetric. The first pick is the most unique candidate (whose nearest other candidate is
+    farthest), every later one the candidate farthest from the picks so far. Ties go to the earlier position.
     """
-    if groups is None:
-        groups = torch.where(candidates, 0, -1)
-        budgets = keep[:, None]
-    same = (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)
+    same = candidates[:, :, None] & candidates[:, None, :]
     eye = torch.eye(distance.shape[-1], dtype=torch.bool, device=distance.device)
     inf = torch.tensor(float("inf"), dtype=distance.dtype, device=distance.device)
     nearest = torch.where(same & ~eye, distance, inf).amin(-1)
-    nearest = torch.where(torch.isinf(nearest), torch.zeros_like(nearest), nearest)  # a group of one token
-    closest = torch.full_like(nearest, float("inf"))  # distance to the picks of the token's own group
+    nearest = torch.where(torch.isinf(nearest), torch.zeros_like(nearest), nearest)  # a single candidate
+    closest = torch.full_like(nearest, float("inf"))  # distance to the picks so far
     chosen = torch.zeros_like(candidates)
-    taken = torch.zeros_like(budgets)
-    started = torch.zeros_like(budgets, dtype=torch.bool)
     rows = torch.arange(candidates.shape[0], device=candidates.device)
-    group = groups.clamp(min=0)
     for step in range(int(keep.max()) if keep.numel() else 0):
-        open_ = candidates & ~chosen & (budgets.gather(-1, group) > taken.gather(-1, group))
-        fresh = open_ & ~started.gather(-1, group)
-        first = fresh.any(-1, keepdim=True)  # a group without a pick goes first, by its most unique token
-        score = torch.where(first, nearest, closest).masked_fill(~torch.where(first, fresh, open_), float("-inf"))
-        pick = score.argmax(-1)
+        open_ = candidates & ~chosen
+        pick = (closest if step else nearest).masked_fill(~open_, float("-inf")).argmax(-1)
         active = (keep > step) & open_.any(-1)
-        picked = group[rows, pick]
         chosen[rows[active], pick[active]] = True
-        taken[rows[active], picked[active]] += 1
-        started[rows[active], picked[active]] = True
-        closest = torch.minimum(closest, torch.where(same[rows, pick], distance[rows, pick], inf))
+        closest = torch.minimum(closest, distance[rows, pick])
     return chosen
 
 
@@ -110,9 +91,16 @@ class Spread(Selector):
     def select(self, view: View) -> torch.Tensor:
         groups, coords, budgets = layout(view)
         unit = F.normalize(features(view, self.features), dim=-1)
-        cosine = (unit @ unit.transpose(1, 2)).double()  # float32 products: the rounding below is far coarser
+        # Each image or frame chooses within itself: distances are taken inside each (sample, group) block only,
+        # so a video costs frames x (tokens per frame)^2, not (all its tokens)^2.
+        sample, slots, inside, keep = group_blocks(groups, budgets)
+        unit, coords = unit[sample[:, None], slots], coords[sample[:, None], slots]
+        cosine = (unit @ unit.mT).double()  # float32 products: the rounding below is far coarser
         distance = quantised(1.0 - cosine + self.spatial * torch.cdist(coords, coords))
-        return max_min(distance, view.candidates, view.keep, groups, budgets)
+        picked = max_min(distance, inside, keep)
+        chosen = torch.zeros_like(view.candidates)
+        chosen[sample[:, None].expand_as(slots)[picked], slots[picked]] = True
+        return chosen
 
 
 def layout(view: View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,3 +121,20 @@ def layout(view: View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         budgets[b, : len(parts)] = torch.tensor(parts, dtype=torch.long)
     device = candidates.device
     return groups.to(device), coords.to(device), budgets.to(device)
+
+
+def group_blocks(groups: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One row per (sample, group) with a budget: its sample [N], its slots [N, n] (in order, then filler),
+    which of them are real [N, n], and its budget [N]."""
+    rows = [(b, (groups[b] == g).nonzero().squeeze(-1), budget)
+            for b, parts in enumerate(budgets.tolist()) for g, budget in enumerate(parts) if budget > 0]  # fmt: skip
+    rows = [row for row in rows if row[1].numel()]
+    device = groups.device
+    if not rows:
+        empty = torch.zeros(0, 1, dtype=torch.long, device=device)
+        return empty[:, 0], empty, empty.bool(), empty[:, 0]
+    slots = torch.nn.utils.rnn.pad_sequence([where for _, where, _ in rows], batch_first=True)
+    sizes = torch.tensor([len(where) for _, where, _ in rows], device=device)
+    inside = torch.arange(slots.shape[1], device=device) < sizes[:, None]
+    sample = torch.tensor([b for b, _, _ in rows], device=device)
+    return sample, slots, inside, torch.tensor([budget for *_, budget in rows], device=device)
