@@ -231,6 +231,8 @@ def test_the_model_is_restored_exactly(name, model, inputs):
 #: (method, knob): why the generic bad value below is valid for it.
 KNOB_EXCEPTIONS: dict[tuple[str, str], str] = {
     ("random", "seed"): "every integer seeds the draw",
+    ("sgl", "guide"): "a checkpoint path or hub id is checked when it is loaded, as the method is applied (a "
+    "missing one is refused then: tests/rules/test_systems.py)",
     ("vtccls", "start"): "a slice start over the tower's layers: a negative one counts from the end (refused "
     "when applied if it starts after the feature layer: tests/rules/test_systems.py)",
 }
