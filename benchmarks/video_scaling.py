@@ -2,7 +2,7 @@
 bound, from one image to a 32-frame video, at Qwen2.5-VL-7B's shape (random weights; speed does not depend on them).
 
     python benchmarks/video_scaling.py [--layers 3] [--frames 8 16 32] [--frame 16x16] [--new-tokens 4]
-                                       [--repeats 1] [--warmup 1] [--dtype bf16] [--json out.json]
+                                       [--repeats 2] [--warmup 1] [--dtype bf16] [--json out.json]
 
 Cases (grids are merged tokens, rows x cols; one merged token is 28 x 28 pixels): one image of --image 24x24 = 576
 tokens (LLaVA-1.5's count), one of --large 48x60 = 2,880 (LLaVA-NeXT's anyres total, 5 x 576, as one larger
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--frames", type=int, nargs="*", default=[8, 16, 32], help="video lengths, in frames")
     parser.add_argument("--spread-share", type=float, default=1 / 3, help="share of the visual tokens spread keeps")
     parser.add_argument("--new-tokens", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds per case (at least 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of every entry, on the first case")
     parser.add_argument("--text-before", type=int, default=35)
     parser.add_argument("--text-after", type=int, default=40)
@@ -199,8 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="a tiny fp32 Qwen2.5-VL from config (tests; no timing)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    if args.new_tokens < 2 or args.repeats < 1 or args.warmup < 0:
-        parser.error("--new-tokens must be >= 2, --repeats >= 1, --warmup >= 0")
+    if args.new_tokens < 2 or args.repeats < (1 if args.tiny else 2) or args.warmup < (0 if args.tiny else 1):
+        parser.error("--new-tokens must be >= 2, --repeats >= 2 and --warmup >= 1 (a time needs warm-up and repeats; "
+                     "--tiny, which times nothing worth reading, takes 1 and 0)")
     started = time.time()
     if args.tiny:
         model, full_layers = prepare(Qwen25VLAdapter.tiny(layers=args.layers, hidden=64), "sdpa"), args.layers

@@ -18,7 +18,7 @@ def result(tmp_path_factory):
     spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("scaling") / "out.json"
     argv = ["--tiny", "--layers", "3", "--image", "4x4", "--large", "6x8", "--frame", "2x3", "--frames", "2", "4",
-            "--new-tokens", "2", "--warmup", "0", "--json", str(out)]  # fmt: skip
+            "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--json", str(out)]  # fmt: skip
     returned = module.main(argv)
     assert json.loads(out.read_text())["cases"] == json.loads(json.dumps(returned["cases"]))
     return returned
