@@ -431,6 +431,26 @@ def test_merged_rows_are_evicted_like_visual_tokens_while_decoding(evict):
         torch.testing.assert_close(logits, reference[:, start + step], atol=1e-4, rtol=0)
 
 
+def test_merged_rows_follow_beams_and_sampling():
+    """Under beam search a sample's beams equal its beams alone (its merged rows copied with it), and sampling with
+    merged rows is reproducible from the user's seed."""
+    sdpa, _, inputs = models("llava")
+    beams = dict(max_new_tokens=NEW_TOKENS, num_beams=3, num_return_sequences=2, do_sample=False)
+    with torch.no_grad():
+        method = recycling()
+        with method(sdpa):
+            batch = sdpa.generate(**inputs, **beams)
+            assert method.trace.merged
+            alone = sdpa.generate(**FAMILIES["llava"].single(inputs, 2), **beams)
+        drawn = []
+        for _ in range(2):
+            with recycling()(sdpa):
+                torch.manual_seed(5)
+                drawn.append(sdpa.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=20))
+    assert torch.equal(batch[4:6, -NEW_TOKENS:], alone[:, -NEW_TOKENS:])  # sample 2's beams are rows 4 and 5
+    assert torch.equal(drawn[0], drawn[1])
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_beams_and_sampling_run(family):
     model, _, inputs = models(family)
