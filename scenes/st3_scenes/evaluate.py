@@ -71,6 +71,13 @@ def answers(
     return out, totals
 
 
+def prompt_counts(adapter, processor, image) -> tuple[int, int]:
+    """(visual, text) tokens of one prompt about `image`, as the processor lays it out, whatever the family: the
+    counts budgets are matched at (`st3 eval`, `st3 search --form psigmoid`)."""
+    (visual,), (text,) = adapter.token_counts(processor(images=[image], text=[prompt("what?")], return_tensors="pt"))
+    return visual, text
+
+
 def accuracy(model, processor, split: str = "validation", qa: int = 500, captions: int = 100, start: int = 0,
              batch_size: int = 32) -> dict:  # fmt: skip
     """The unpruned model's QA exact match (overall and by kind) over examples [start, start+qa) and caption
@@ -156,9 +163,7 @@ def evaluate(
         "caption": [example(split, first + i, "caption") for i in range(captions)],
     }
     tasks = {task: examples for task, examples in tasks.items() if examples}
-    probe = processor(images=[tasks[next(iter(tasks))][0].image], text=[prompt("what?")], return_tensors="pt")
-    visual = int(adapter.visual_mask(probe["input_ids"]).sum())  # what the processor gave, whatever the family
-    text = probe["input_ids"].shape[1] - visual
+    visual, text = prompt_counts(adapter, processor, tasks[next(iter(tasks))][0].image)
 
     plans = [("unpruned", 1.0)] + [(m, b) for m in methods for b in budgets if b < 1.0]
     rows, notes = [], []

@@ -22,8 +22,7 @@ from st3.adapters import adapter_for
 from st3.budget import OutOfReach, at_budget
 from st3.methods.schedule import format_counts
 from st3.search import as_schedule, counts_of, g_search
-from st3_scenes.evaluate import answers
-from st3_scenes.processor import prompt
+from st3_scenes.evaluate import answers, prompt_counts
 from st3_scenes.tasks import ANSWER_TOKENS, example
 
 
@@ -73,8 +72,7 @@ def fit_psigmoid(model_dir: str, budget: float, qa: int = 200, steepness: tuple[
         raise ValueError(f"budget: a share of the visual tokens, in (0, 1), got {budget}")
     model, processor, examples = _loaded(model_dir, qa, first)
     adapter = adapter_for(model)
-    inputs = processor(images=[examples[0].image], text=[prompt(examples[0].question)], return_tensors="pt")
-    visual, text = adapter.token_counts(inputs)
+    visual, text = prompt_counts(adapter, processor, examples[0].image)
     unpruned = _accuracy(model, processor, examples, None, batch_size)
     trials = []
     grid = [(k, f) for k in steepness for f in floors]

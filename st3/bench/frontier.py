@@ -157,8 +157,7 @@ def run_frontier(config: FrontierConfig) -> dict:
     build_s = time.perf_counter() - load_start
     adapter = adapter_for(model)
     inputs = bench_inputs(model, 1, config.text_before, config.text_after)
-    visual = int(adapter.visual_mask(inputs["input_ids"]).sum())
-    text = inputs["input_ids"].shape[1] - visual
+    (visual,), (text,) = adapter.token_counts(inputs)
     plans = configure(specs, config.budgets, adapter.shape, visual, text, refused)
     entries = [Resolved(UNPRUNED, UNPRUNED, None, {})] + [
         Resolved(f"{spec} @ {budget:.0%}", spec, method, method.knobs()) for spec, budget, method, _ in plans if method

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from st3.methods.base import Method, check, register
+from st3.methods.base import Method, check, register, share
 
 
 @register("psigmoid")
@@ -63,18 +63,15 @@ class PSigmoid(Method):
     def depth_knobs(self) -> dict[str, int]:
         return {"start_layer": self.start_layer}
 
-    def share(self, layer: int, num_layers: int) -> float:
+    def kept_share(self, layer: int, num_layers: int) -> float:
         """s(layer): the share of the prompt's visual tokens kept entering `layer` (1 before `start_layer`)."""
         if layer < self.start_layer:
             return 1.0
-        rise = self.steepness * (self.midpoint - layer / num_layers)
-        sigmoid = 1.0 / (1.0 + math.exp(-rise)) if rise >= 0 else math.exp(rise) / (1.0 + math.exp(rise))
+        sigmoid = 0.5 * (1.0 + math.tanh(self.steepness * (self.midpoint - layer / num_layers) / 2))  # no overflow
         return self.floor + (1.0 - self.floor) * sigmoid
 
     def prefill_keep(self, layer: int, num_layers: int, visual: torch.Tensor) -> torch.Tensor | None:
         if layer < self.start_layer:
             return None
-        held = self.share(layer - 1, num_layers) if layer else 1.0  # the share the sample holds entering `layer`
-        step = self.share(layer, num_layers) / held if held > 0.0 else 0.0
-        keep = torch.ceil(visual.double() * step - 1e-9).long().clamp(min=self.min_keep)
-        return torch.minimum(keep, visual)
+        held = self.kept_share(layer - 1, num_layers) if layer else 1.0  # the share held entering `layer`
+        return share(visual, self.kept_share(layer, num_layers) / held if held > 0.0 else 0.0, self.min_keep)
