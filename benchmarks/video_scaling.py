@@ -39,6 +39,7 @@ from st3.adapters.qwen_vl import Qwen25VLAdapter
 from st3.bench.harness import cpu_bf16_note, environment, interleaved, spread
 from st3.bench.measure import StepClock, generation_config
 from st3.bench.shapes import DTYPES, build_model, prepare, shape_name
+from st3.compare import timed_generate
 from st3.models import spec_for
 from st3.plan import plan
 
@@ -107,20 +108,14 @@ def run_once(model, inputs: dict, new_tokens: int, method: st3.Method | None) ->
     """One generate: prefill, end-to-end and in-layer prefill seconds, and the method's trace summary."""
     sync = model.device.type == "cuda"
     clock, layers = StepClock(sync=sync), LayerClock(adapter_for(model).layers, sync)
-    config = generation_config(model, new_tokens)
     try:
-        start = layers.now()
-        with torch.no_grad():
-            if method is None:
-                model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList([clock]))
-            else:
-                with method(model):
-                    model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList([clock]))
-        end = layers.now()
+        timed = timed_generate(model, inputs, method, sync=sync, generation_config=generation_config(model, new_tokens),
+                               logits_processor=LogitsProcessorList([clock]))  # fmt: skip
     finally:
         for handle in layers.handles:
             handle.remove()
-    return {"prefill_s": clock.stamps[0] - start, "e2e_s": end - start, "layers_s": layers.before(clock.stamps[0]),
+    prefill_end = clock.stamps[0]
+    return {"prefill_s": prefill_end - timed.start, "e2e_s": timed.seconds, "layers_s": layers.before(prefill_end),
             "trace": None if method is None else method.trace.summary()}  # fmt: skip
 
 
